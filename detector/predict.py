@@ -1,0 +1,191 @@
+"""Run the detector on fields of any size: letterboxed at native aspect, tiled when large."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from smear.pipeline.dataset import GROUPS
+from smear.pipeline.offline import ensure_offline
+
+from .config import DetectorConfig
+from .model import DetectorModelInfo, find_detector
+
+log = logging.getLogger(__name__)
+
+# RBC diameter used to bring images from other microscopes to the training scale.
+RBC_DIAMETER_UM = 7.5
+
+
+@dataclass
+class Detections:
+    """Boxes of one image in original pixels: ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``classes`` (N,) index into GROUPS."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+    @staticmethod
+    def empty() -> "Detections":
+        return Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def labels(self) -> list[str]:
+        return [GROUPS[int(c)] for c in self.classes]
+
+
+def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles covering ``length`` with at least ``overlap`` shared pixels."""
+    if length <= tile:
+        return [0]
+    step = max(1, tile - overlap)
+    starts = list(range(0, length - tile, step))
+    starts.append(length - tile)
+    return sorted(set(starts))
+
+
+def merge_tiles(parts: list[tuple[Detections, tuple[int, int, int, int]]], size: tuple[int, int], iou: float,
+                edge_px: float = 2.0) -> Detections:
+    """Merge per-tile detections (each with its tile xyxy in image pixels) into one set.
+
+    A box touching an inner tile edge is cut by that edge; the overlap (larger than any cell)
+    guarantees a neighbouring tile holds the whole cell, so cut boxes are dropped, then
+    class-wise NMS removes the copies of cells seen whole by two tiles.
+    """
+    import torch
+    import torchvision
+
+    w, h = size
+    keep_boxes, keep_scores, keep_classes = [], [], []
+    for det, (tx1, ty1, tx2, ty2) in parts:
+        if not len(det):
+            continue
+        b = det.boxes
+        cut = np.zeros(len(b), bool)
+        if tx1 > 0:
+            cut |= b[:, 0] <= tx1 + edge_px
+        if ty1 > 0:
+            cut |= b[:, 1] <= ty1 + edge_px
+        if tx2 < w:
+            cut |= b[:, 2] >= tx2 - edge_px
+        if ty2 < h:
+            cut |= b[:, 3] >= ty2 - edge_px
+        keep_boxes.append(b[~cut])
+        keep_scores.append(det.scores[~cut])
+        keep_classes.append(det.classes[~cut])
+    if not keep_boxes:
+        return Detections.empty()
+    boxes = np.concatenate(keep_boxes)
+    scores = np.concatenate(keep_scores)
+    classes = np.concatenate(keep_classes)
+    if not len(boxes):
+        return Detections.empty()
+    keep = torchvision.ops.batched_nms(torch.from_numpy(boxes).float(), torch.from_numpy(scores).float(),
+                                       torch.from_numpy(classes), iou).numpy()
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    return Detections(boxes[keep], scores[keep], classes[keep])
+
+
+class Detector:
+    """A loaded detector. ``predict`` takes RGB uint8 arrays and returns :class:`Detections`.
+
+    Example:
+        >>> det = Detector()               # the shipped model
+        >>> found = det.predict([image])[0]
+    """
+
+    def __init__(self, weights: str | Path | None = None, cfg: DetectorConfig | None = None, device: str | None = None):
+        ensure_offline()
+        from ultralytics import YOLO
+
+        self.info: DetectorModelInfo = find_detector(weights)
+        card_cfg = self.info.card.get("config", {})
+        base = cfg or DetectorConfig()
+        self.cfg = base
+        self.imgsz = int(card_cfg.get("imgsz", base.imgsz)) if cfg is None else base.imgsz
+        self.device = device or base.device
+        self.model = YOLO(str(self.info.weights), task="detect")
+        names = self.model.names
+        self._class_map = {}
+        for idx, name in (names.items() if isinstance(names, dict) else enumerate(names)):
+            from smear.pipeline.dataset import _canonical_label
+
+            canon = _canonical_label(str(name))
+            if canon not in GROUPS:
+                raise ValueError(f"{self.info.weights}: detector class '{name}' is not one of {GROUPS}")
+            self._class_map[int(idx)] = GROUPS.index(canon)
+
+    def _run(self, images_bgr: list[np.ndarray], conf: float, iou: float) -> list[Detections]:
+        results = self.model.predict(images_bgr, imgsz=self.imgsz, conf=conf, iou=iou, device=self.device,
+                                     max_det=self.cfg.max_det, verbose=False)
+        out = []
+        for r in results:
+            b = r.boxes
+            if b is None or len(b) == 0:
+                out.append(Detections.empty())
+                continue
+            cls = np.array([self._class_map[int(c)] for c in b.cls.cpu().numpy()], dtype=np.int64)
+            out.append(Detections(b.xyxy.cpu().numpy().astype(np.float32), b.conf.cpu().numpy().astype(np.float32), cls))
+        return out
+
+    def predict(self, images_rgb: Sequence[np.ndarray], conf: float | None = None, iou: float | None = None,
+                scale: float = 1.0) -> list[Detections]:
+        """Detect cells. ``scale`` resizes images first (e.g. 2.0 for a microscope imaging cells half as large)."""
+        import cv2
+
+        conf = self.cfg.conf if conf is None else conf
+        iou = self.cfg.iou if iou is None else iou
+        results: list[Detections | None] = [None] * len(images_rgb)
+        small: list[tuple[int, np.ndarray]] = []
+        for i, img in enumerate(images_rgb):
+            bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+            if scale != 1.0:
+                bgr = cv2.resize(bgr, None, fx=scale, fy=scale,
+                                 interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+            h, w = bgr.shape[:2]
+            if max(h, w) > self.cfg.tile_px:
+                results[i] = self._predict_tiled(bgr, conf, iou)
+            else:
+                small.append((i, bgr))
+        if small:
+            for (i, _), det in zip(small, self._run([b for _, b in small], conf, iou)):
+                results[i] = det
+        if scale != 1.0:
+            for det in results:
+                det.boxes /= scale
+        return results  # type: ignore[return-value]
+
+    def _predict_tiled(self, bgr: np.ndarray, conf: float, iou: float) -> Detections:
+        h, w = bgr.shape[:2]
+        tile, overlap = self.cfg.tile_px, self.cfg.tile_overlap_px
+        windows = [(x, y, min(x + tile, w), min(y + tile, h))
+                   for y in tile_origins(h, tile, overlap) for x in tile_origins(w, tile, overlap)]
+        parts = []
+        for k in range(0, len(windows), 8):
+            chunk = windows[k:k + 8]
+            dets = self._run([bgr[y1:y2, x1:x2] for x1, y1, x2, y2 in chunk], conf, iou)
+            for (x1, y1, x2, y2), d in zip(chunk, dets):
+                if len(d):
+                    d.boxes[:, [0, 2]] += x1
+                    d.boxes[:, [1, 3]] += y1
+                parts.append((d, (x1, y1, x2, y2)))
+        return merge_tiles(parts, (w, h), iou)
+
+    @property
+    def train_pixel_size_um(self) -> float | None:
+        """Pixel size of the training fields, from their median RBC diameter (card), if known."""
+        d = self.info.card.get("rbc_median_diameter_px")
+        return RBC_DIAMETER_UM / float(d) if d else None
+
+    def scale_for_pixel_size(self, pixel_size_um: float) -> float:
+        """Resize factor that brings an image of ``pixel_size_um`` to the training scale."""
+        train = self.train_pixel_size_um
+        if train is None:
+            raise ValueError("this detector's card has no rbc_median_diameter_px; give an explicit scale instead")
+        return pixel_size_um / train

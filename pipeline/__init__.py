@@ -1,0 +1,1 @@
+"""smear pipeline: merging, counts, indicators, reports, evaluation and the CLI."""

@@ -1,0 +1,262 @@
+"""The full pipeline: fields -> detected and classified cells -> counts, ratios, differential, flags.
+
+Merge rule (documented in the README):
+- group: the classifier's group when its probability for that group (summed over WBC subtypes)
+  is >= ``group_override_prob``; otherwise the detector's group;
+- label: the classifier's most probable class within the final group (a WBC subtype, RBC or
+  Platelets);
+- score: detector score x the classifier's probability of the final group, so a cell both
+  stages agree on ranks high and a cell the classifier doubts ranks low;
+- review: set when the classifier gives >= ``review_prob`` to a group other than the detector's.
+Both opinions stay in each cell record.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .config import PipelineConfig
+from .dataset import GROUPS, SUBTYPES, group_of
+from .errors import SmearError
+from .indicators import compute_flags
+from .results import Cell, ImageResult, SlideResult, count_cells, differential_from_counts, ratios_from_counts
+
+log = logging.getLogger(__name__)
+
+
+class Analyzer:
+    """Both stages loaded once; ``analyze_images`` runs them on batches of fields.
+
+    Example:
+        >>> analyzer = Analyzer(PipelineConfig())
+        >>> result = analyzer.analyze_images(["field.jpg"])[0]
+        >>> result.counts["Platelets"]
+    """
+
+    def __init__(self, cfg: PipelineConfig | None = None):
+        import torch
+
+        from smear.classifier.model import load_classifier
+        from smear.detector.config import DetectorConfig
+        from smear.detector.predict import Detector
+
+        self.cfg = cfg or PipelineConfig()
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device)
+        self.detector.cfg = DetectorConfig(**{**_asdict(self.detector.cfg), "conf": self.cfg.conf, "iou": self.cfg.iou})
+        self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device)
+        self._group_index = {g: [i for i, c in enumerate(self.classifier.classes) if group_of(c) == g] for g in GROUPS}
+        self.morphology = None
+        if self.cfg.morphology_weights != "none":
+            try:
+                from smear.classifier.morphology import load_morphology_model
+
+                self.morphology = load_morphology_model(self.cfg.morphology_weights or None, device=self.cfg.device)
+            except (ImportError, SmearError) as e:
+                if self.cfg.morphology_weights:
+                    raise
+                log.debug("no RBC morphology model: %s", e)
+        self.scale = self.cfg.scale
+        if self.cfg.match_training_scale and self.cfg.pixel_size_um > 0:
+            self.scale = self.detector.scale_for_pixel_size(self.cfg.pixel_size_um)
+
+    def info(self) -> dict:
+        """What ``smear info`` prints: the models in use and their test metrics."""
+        det_card = self.detector.info.card
+        cls_card = self.classifier.card
+        out = {
+            "detector": {"weights": str(self.detector.info.weights), "imgsz": self.detector.imgsz,
+                         "classes": list(GROUPS), "model": det_card.get("config", {}).get("model"),
+                         "date": det_card.get("date"), "commit": det_card.get("commit"),
+                         "test_metrics": det_card.get("test_metrics")},
+            "classifier": {"weights": str(self.classifier.folder), "backbone": cls_card["config"]["backbone"],
+                           "crop_size_px": self.classifier.crop_size_px, "crop_margin": self.classifier.crop_margin,
+                           "classes": self.classifier.classes, "date": cls_card.get("date"),
+                           "commit": cls_card.get("commit"), "test_metrics": cls_card.get("test_metrics")},
+        }
+        if self.morphology is not None:
+            out["morphology"] = self.morphology.info()
+        return out
+
+    def merge(self, boxes: np.ndarray, det_scores: np.ndarray, det_classes: np.ndarray, probs: np.ndarray) -> list[Cell]:
+        """Per-cell calls from the two stages' opinions (see the module docstring)."""
+        cfg = self.cfg
+        classes = self.classifier.classes
+        cells = []
+        for box, ds, dc, pr in zip(boxes, det_scores, det_classes, probs):
+            det_group = GROUPS[int(dc)]
+            group_p = {g: float(pr[idx].sum()) for g, idx in self._group_index.items()}
+            cls_group = max(group_p, key=group_p.get)
+            group = cls_group if group_p[cls_group] >= cfg.group_override_prob else det_group
+            idx = self._group_index[group]
+            k = idx[int(np.argmax(pr[idx]))]
+            top = int(np.argmax(pr))
+            review = any(p >= cfg.review_prob for g, p in group_p.items() if g != det_group)
+            cells.append(Cell(
+                box=[round(float(v), 1) for v in box], group=group, label=classes[k],
+                score=round(float(ds) * group_p[group], 4),
+                detector={"label": det_group, "score": round(float(ds), 4)},
+                classifier={"label": classes[top], "score": round(float(pr[top]), 4),
+                            "label_in_group": classes[k], "score_in_group": round(float(pr[k] / max(group_p[group], 1e-9)), 4)},
+                review=review))
+        return cells
+
+    def _finish(self, result: ImageResult) -> ImageResult:
+        counts = count_cells(result.cells)
+        result.counts = counts
+        result.ratios = ratios_from_counts(counts)
+        result.differential = differential_from_counts(counts)
+        unplaced = sum(1 for c in result.cells if c.group == "WBC"
+                       and c.classifier.get("score_in_group", 1.0) < self.cfg.low_confidence_wbc)
+        if self.morphology is not None:
+            from smear.classifier.morphology import summarize_morphology
+
+            result.morphology = summarize_morphology(result.cells)
+        result.flags = compute_flags(counts, result.differential, 1, self.cfg, unplaced, mean_rbc_diameter_um(result.cells, self.cfg))
+        if self.morphology is not None:
+            from smear.classifier.morphology import morphology_flags
+
+            result.flags += morphology_flags(result.morphology, counts, 1)
+        return result
+
+    def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
+        """Analyse RGB uint8 arrays (one field each)."""
+        from smear.classifier.predict import classify_boxes
+
+        dets = self.detector.predict(list(images), conf=self.cfg.conf, iou=self.cfg.iou, scale=self.scale)
+        out = []
+        for img, name, det in zip(images, names, dets):
+            probs = classify_boxes(self.classifier, img, det.boxes) if len(det) else np.zeros((0, len(self.classifier.classes)))
+            cells = self.merge(det.boxes, det.scores, det.classes, probs)
+            if self.morphology is not None:
+                self.morphology.annotate(img, cells)
+            out.append(self._finish(ImageResult(image=name, width=int(img.shape[1]), height=int(img.shape[0]), cells=cells)))
+        return out
+
+    def analyze_images(self, paths: Sequence[str | Path],
+                       on_result: Callable[[ImageResult, np.ndarray | None], None] | None = None,
+                       progress: bool = False) -> list[ImageResult]:
+        """Analyse image files in order; unreadable files give a result with ``error`` set.
+
+        ``on_result(result, image_rgb)`` is called for each file as soon as it is done, in input
+        order (``image_rgb`` is None for a file that failed), so callers can stream outputs.
+        """
+        from .io import read_image
+
+        results: list[ImageResult] = []
+        bar = _progress(len(paths)) if progress else None
+        for start in range(0, len(paths), self.cfg.batch):
+            chunk = paths[start:start + self.cfg.batch]
+            loaded: list[tuple[int, np.ndarray]] = []
+            chunk_results: list[ImageResult] = []
+            for i, p in enumerate(chunk):
+                try:
+                    loaded.append((i, read_image(p)))
+                    chunk_results.append(ImageResult(image=str(p)))
+                except SmearError as e:
+                    chunk_results.append(ImageResult(image=str(p), error=str(e)))
+                except Exception as e:  # noqa: BLE001  one bad file never stops the batch
+                    chunk_results.append(ImageResult(image=str(p), error=f"{p}: {type(e).__name__}: {e}"))
+            if loaded:
+                done = self.analyze_arrays([a for _, a in loaded], [str(chunk[i]) for i, _ in loaded])
+                for (i, _), r in zip(loaded, done):
+                    chunk_results[i] = r
+            images = dict(loaded)
+            for i, r in enumerate(chunk_results):
+                if on_result:
+                    on_result(r, images.get(i))
+                results.append(r)
+                if bar:
+                    bar.update(1)
+        if bar:
+            bar.close()
+        return results
+
+    def aggregate_slide(self, name: str, results: list[ImageResult]) -> SlideResult:
+        """Totals, differential with 95% CIs, estimates and flags over the fields of one slide."""
+        ok = [r for r in results if not r.error]
+        cells = [c for r in ok for c in r.cells]
+        counts = count_cells(cells)
+        slide = SlideResult(slide=name, images=results, counts=counts, ratios=ratios_from_counts(counts),
+                            differential=differential_from_counts(counts), capture_mode=self.cfg.capture_mode)
+        n = len(ok)
+        est: dict = {"mean_per_field": {k: round(v / n, 2) for k, v in counts.items()} if n else {}}
+        if n and self.cfg.platelet_factor_per_field > 0:
+            est["platelets_per_uL"] = round(counts["Platelets"] / n * self.cfg.platelet_factor_per_field)
+        if n and self.cfg.wbc_factor_per_field > 0 and self.cfg.capture_mode == "random":
+            est["wbc_per_uL"] = round(counts["WBC"] / n * self.cfg.wbc_factor_per_field)
+        if n and self.cfg.field_area_um2 > 0:
+            est["per_mm2"] = {k: round(v / n / self.cfg.field_area_um2 * 1e6, 1) for k, v in counts.items()}
+        slide.estimates = est
+        unplaced = sum(1 for c in cells if c.group == "WBC"
+                       and c.classifier.get("score_in_group", 1.0) < self.cfg.low_confidence_wbc)
+        slide.flags = compute_flags(counts, slide.differential, n, self.cfg, unplaced,
+                                    mean_rbc_diameter_um(cells, self.cfg))
+        if self.morphology is not None:
+            from smear.classifier.morphology import morphology_flags, summarize_morphology
+
+            slide.morphology = summarize_morphology(cells)
+            slide.flags += morphology_flags(slide.morphology, counts, n)
+        return slide
+
+
+def mean_rbc_diameter_um(cells: Iterable[Cell], cfg: PipelineConfig) -> float | None:
+    if cfg.pixel_size_um <= 0:
+        return None
+    d = [((c.box[2] - c.box[0]) + (c.box[3] - c.box[1])) / 2 for c in cells if c.group == "RBC"]
+    return float(np.mean(d)) * cfg.pixel_size_um if d else None
+
+
+def _asdict(cfg) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="img", desc="analyze", leave=False)
+    except ImportError:
+        return None
+
+
+def slide_names(paths: Sequence[Path], roots: Sequence[str | Path], slide: str | None) -> list[str]:
+    """Slide of each image: ``--slide NAME`` for all, else the first sub-folder under the given folder, else 'all'."""
+    if slide:
+        return [slide] * len(paths)
+    dirs = [Path(r).resolve() for r in roots if Path(r).is_dir()]
+    out = []
+    for p in paths:
+        rp = Path(p).resolve()
+        name = "all"
+        for d in dirs:
+            try:
+                rel = rp.relative_to(d)
+            except ValueError:
+                continue
+            name = rel.parts[0] if len(rel.parts) > 1 else d.name
+            break
+        out.append(name)
+    return out
+
+
+def analyze_image(path: str | Path, cfg: PipelineConfig | None = None) -> ImageResult:
+    """Analyse one image file with the shipped (or configured) models."""
+    return Analyzer(cfg).analyze_images([path])[0]
+
+
+def analyze_slide(paths: Sequence[str | Path], name: str = "slide", cfg: PipelineConfig | None = None) -> SlideResult:
+    """Analyse the fields of one slide and aggregate them."""
+    analyzer = Analyzer(cfg)
+    results = analyzer.analyze_images(list(paths))
+    for r in results:
+        r.slide = name
+    return analyzer.aggregate_slide(name, results)
+

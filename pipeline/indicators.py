@@ -1,0 +1,174 @@
+"""Disorder indicator flags, per ../shared/docs/clinical-indicators.md.
+
+Every flag names its rule, threshold, observed value, evidence and caveat. Rules that need a
+capture mode or a calibration say so and are skipped without it. Too few cells give an
+``insufficient evidence`` flag instead of a guess. None of this is a diagnosis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import PipelineConfig
+from .dataset import SUBTYPES
+from .results import Flag
+
+# Normal ranges implied by RBC 4.2-6.1 M/uL, WBC 4-11 k/uL, platelets 150-450 k/uL.
+PLATELETS_PER_1000_RBC = (25.0, 107.0)
+WBC_PER_1000_RBC = (0.7, 2.6)
+# Differential percent ranges (adults).
+DIFFERENTIAL_PERCENT = {"Neutrophil": (40.0, 70.0), "Lymphocyte": (20.0, 40.0), "Monocyte": (2.0, 8.0),
+                        "Eosinophil": (1.0, 4.0), "Basophil": (0.5, 1.0)}
+ABSOLUTE_LIMITS = {"Neutrophil": ("neutrophilia", 7700.0), "Lymphocyte": ("lymphocytosis", 4000.0),
+                   "Eosinophil": ("eosinophilia", 500.0), "Basophil": ("basophilia", 200.0)}
+HIGH_NAMES = {"Neutrophil": "neutrophil_percent_high", "Lymphocyte": "lymphocytosis_percent",
+              "Monocyte": "monocyte_percent_high", "Eosinophil": "eosinophil_percent_high",
+              "Basophil": "basophil_percent_high"}
+DECISION_SUPPORT = "Decision support only, not a diagnosis; confirm by manual review and a full blood count."
+
+
+def _evidence(counts: dict[str, int], n_fields: int, **extra: Any) -> dict[str, Any]:
+    ev = {"fields": n_fields, "rbc": counts.get("RBC", 0), "wbc": counts.get("WBC", 0),
+          "platelets": counts.get("Platelets", 0)}
+    ev.update(extra)
+    return ev
+
+
+def platelet_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) -> list[Flag]:
+    flags = []
+    rbc, plt = counts.get("RBC", 0), counts.get("Platelets", 0)
+    if cfg.platelet_factor_per_field > 0:
+        rule = "platelet estimate = mean platelets per field x calibration factor"
+        if n_fields < cfg.min_fields_for_estimate:
+            return [Flag("platelet_estimate", "insufficient evidence", rule, f">= {cfg.min_fields_for_estimate} fields",
+                         f"{n_fields} fields", _evidence(counts, n_fields),
+                         "Too few fields for a platelet estimate. " + DECISION_SUPPORT)]
+        est = plt / n_fields * cfg.platelet_factor_per_field
+        for name, sev, lim, below in (("thrombocytopenia_spontaneous_bleeding_risk", "critical", 10_000, True),
+                                      ("thrombocytopenia_bleeding_risk", "critical", 50_000, True),
+                                      ("thrombocytopenia", "warning", 150_000, True),
+                                      ("thrombocytosis", "warning", 450_000, False)):
+            if (est < lim) if below else (est > lim):
+                flags.append(Flag(name, sev, rule, f"{'<' if below else '>'} {lim:,.0f}/uL", f"{est:,.0f}/uL",
+                                  _evidence(counts, n_fields, factor=cfg.platelet_factor_per_field),
+                                  "Smear estimate from a user-set calibration; platelet clumps or satellitism lower "
+                                  "it falsely. " + DECISION_SUPPORT))
+                break
+        return flags
+    rule = "platelets per 1,000 RBC vs 25-107 (implied by 150-450 k/uL platelets and 4.2-6.1 M/uL RBC)"
+    if rbc < cfg.min_rbc_for_ratio:
+        return [Flag("platelet_ratio", "insufficient evidence", rule, f">= {cfg.min_rbc_for_ratio} RBC needed",
+                     f"{rbc} RBC, {plt} platelets", _evidence(counts, n_fields),
+                     "Too few RBCs to judge the platelet:RBC ratio; analyse more fields of the slide.")]
+    ratio = 1000 * plt / rbc
+    lo, hi = PLATELETS_PER_1000_RBC
+    if ratio < lo or ratio > hi:
+        flags.append(Flag("thrombocytopenia_pattern" if ratio < lo else "thrombocytosis_pattern", "warning", rule,
+                          f"{'< ' + str(lo) if ratio < lo else '> ' + str(hi)} per 1,000 RBC",
+                          f"{ratio:.1f} per 1,000 RBC", _evidence(counts, n_fields),
+                          "Ratio from detected cells without a calibration; missed RBCs or platelets, clumps and "
+                          "thick or thin smear areas shift it. " + DECISION_SUPPORT))
+    return flags
+
+
+def wbc_count_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) -> list[Flag]:
+    if cfg.capture_mode != "random":
+        return []  # WBC-centred fields always over-represent WBCs: no count flag means anything there.
+    wbc, rbc = counts.get("WBC", 0), counts.get("RBC", 0)
+    caveat = "Needs randomly chosen fields; " + DECISION_SUPPORT
+    if cfg.wbc_factor_per_field > 0:
+        rule = "WBC estimate = mean WBC per field x calibration factor"
+        if n_fields < cfg.min_fields_for_estimate:
+            return [Flag("wbc_estimate", "insufficient evidence", rule, f">= {cfg.min_fields_for_estimate} fields",
+                         f"{n_fields} fields", _evidence(counts, n_fields), caveat, "random")]
+        est = wbc / n_fields * cfg.wbc_factor_per_field
+        if est > 11_000 or est < 4_000:
+            return [Flag("leukocytosis" if est > 11_000 else "leukopenia", "warning", rule,
+                         "> 11,000/uL" if est > 11_000 else "< 4,000/uL", f"{est:,.0f}/uL",
+                         _evidence(counts, n_fields, factor=cfg.wbc_factor_per_field),
+                         "Smear estimates are within about 20-30%. " + caveat, "random")]
+        return []
+    rule = "WBC per 1,000 RBC vs 0.7-2.6 (implied by 4-11 k/uL WBC and 4.2-6.1 M/uL RBC)"
+    if rbc < cfg.min_rbc_for_ratio:
+        return [Flag("wbc_ratio", "insufficient evidence", rule, f">= {cfg.min_rbc_for_ratio} RBC needed",
+                     f"{rbc} RBC, {wbc} WBC", _evidence(counts, n_fields), caveat, "random")]
+    ratio = 1000 * wbc / rbc
+    lo, hi = WBC_PER_1000_RBC
+    if ratio > hi or ratio < lo:
+        return [Flag("leukocytosis_pattern" if ratio > hi else "leukopenia_pattern", "warning", rule,
+                     f"> {hi} per 1,000 RBC" if ratio > hi else f"< {lo} per 1,000 RBC", f"{ratio:.2f} per 1,000 RBC",
+                     _evidence(counts, n_fields), caveat, "random")]
+    return []
+
+
+def differential_flags(counts: dict[str, int], differential: dict[str, Any], n_fields: int, cfg: PipelineConfig,
+                       wbc_estimate: float | None = None) -> list[Flag]:
+    n = differential.get("n_wbc", 0)
+    if n == 0:
+        return []
+    flags = []
+    rule = "WBC differential percent vs adult reference ranges"
+    if n < cfg.min_wbc_for_differential:
+        observed = {s: f"{differential[s]['count']} ({differential[s]['percent']}%, 95% CI "
+                       f"{differential[s]['ci95'][0]}-{differential[s]['ci95'][1]}%)" for s in SUBTYPES}
+        return [Flag("differential", "insufficient evidence", rule, f">= {cfg.min_wbc_for_differential} WBCs",
+                     observed, _evidence(counts, n_fields, classified_wbc=n),
+                     f"Only {n} WBCs: the evidence is thin; counts are shown with 95% confidence intervals. "
+                     "A differential rests on at least 100 WBCs.")]
+    for s in SUBTYPES:
+        pct = differential[s]["percent"]
+        lo, hi = DIFFERENTIAL_PERCENT[s]
+        if pct is not None and pct > hi:
+            flags.append(Flag(HIGH_NAMES[s], "warning", rule, f"> {hi}%", f"{pct}% (95% CI {differential[s]['ci95'][0]}-"
+                              f"{differential[s]['ci95'][1]}%)", _evidence(counts, n_fields, classified_wbc=n),
+                              "Percentages only: absolute counts matter more (needs a WBC count). " + DECISION_SUPPORT))
+    if wbc_estimate is not None:
+        for s, (name, lim) in ABSOLUTE_LIMITS.items():
+            absolute = wbc_estimate * (differential[s]["percent"] or 0) / 100
+            if absolute > lim:
+                sev = "warning"
+                extra = ""
+                if s == "Eosinophil":
+                    extra = " (mild)" if absolute <= 1500 else " (moderate)" if absolute <= 5000 else " (severe)"
+                flags.append(Flag(name, sev, f"absolute {s.lower()} count = WBC estimate x percent", f"> {lim:,.0f}/uL",
+                                  f"{absolute:,.0f}/uL{extra}", _evidence(counts, n_fields, classified_wbc=n),
+                                  "From a calibrated smear estimate. " + DECISION_SUPPORT, "random"))
+    return flags
+
+
+def unplaced_wbc_flag(n_unplaced: int, n_wbc: int, counts: dict[str, int], n_fields: int) -> list[Flag]:
+    """WBCs the classifier cannot place with confidence: the only indirect blast sign BCCD allows."""
+    if n_wbc == 0 or n_unplaced == 0:
+        return []
+    frac = n_unplaced / n_wbc
+    if n_unplaced >= 3 and frac >= 0.10 or n_unplaced >= 1 and n_wbc < 3 and frac >= 0.5:
+        return [Flag("unplaced_wbc", "warning", "WBCs whose best subtype probability is low",
+                     ">= 10% of WBCs (and >= 3) or most of a few", f"{n_unplaced} of {n_wbc} WBCs",
+                     _evidence(counts, n_fields, unplaced_wbc=n_unplaced),
+                     "The model was trained without blasts or abnormal WBCs (BCCD has none), so it cannot name them; "
+                     "unplaced WBCs are only an indirect sign worth a look. Not a leukemia finding.")]
+    return []
+
+
+def rbc_size_flags(mean_diameter_um: float | None, n_rbc: int, counts: dict[str, int], n_fields: int) -> list[Flag]:
+    if mean_diameter_um is None or n_rbc < 30:
+        return []
+    rule = "mean RBC diameter (box side x pixel size) vs 6-9 um"
+    if mean_diameter_um < 6.0 or mean_diameter_um > 9.0:
+        return [Flag("microcytosis_pattern" if mean_diameter_um < 6 else "macrocytosis_pattern", "warning", rule,
+                     "< 6 um" if mean_diameter_um < 6 else "> 9 um", f"{mean_diameter_um:.2f} um",
+                     _evidence(counts, n_fields), "Size from detection boxes and a user-set pixel size; anemia is "
+                     "defined by haemoglobin, which no image measures. " + DECISION_SUPPORT)]
+    return []
+
+
+def compute_flags(counts: dict[str, int], differential: dict[str, Any], n_fields: int, cfg: PipelineConfig,
+                  n_unplaced_wbc: int = 0, mean_rbc_diameter_um: float | None = None) -> list[Flag]:
+    """All flags for a set of fields (one image or a whole slide)."""
+    wbc_estimate = None
+    if cfg.capture_mode == "random" and cfg.wbc_factor_per_field > 0 and n_fields >= cfg.min_fields_for_estimate:
+        wbc_estimate = counts.get("WBC", 0) / n_fields * cfg.wbc_factor_per_field
+    return (platelet_flags(counts, n_fields, cfg) + wbc_count_flags(counts, n_fields, cfg)
+            + differential_flags(counts, differential, n_fields, cfg, wbc_estimate)
+            + unplaced_wbc_flag(n_unplaced_wbc, counts.get("WBC", 0), counts, n_fields)
+            + rbc_size_flags(mean_rbc_diameter_um, counts.get("RBC", 0), counts, n_fields))

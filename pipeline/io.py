@@ -1,0 +1,70 @@
+"""Reading images of any common format into RGB uint8, and finding image files."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import ImageReadError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as RGB uint8 (H, W, 3).
+
+    EXIF orientation is honoured; grayscale is expanded, alpha dropped, 16-bit scaled to 8-bit.
+
+    Raises:
+        ImageReadError: naming the file and the problem.
+    """
+    import cv2
+
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p}: file not found")
+    if not p.is_file():
+        raise ImageReadError(f"{p}: not a file")
+    if p.stat().st_size == 0:
+        raise ImageReadError(f"{p}: empty file")
+    # ANYDEPTH|ANYCOLOR keeps 16-bit data and still applies EXIF orientation (UNCHANGED would not).
+    img = cv2.imread(str(p), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if img is None:
+        raise ImageReadError(f"{p}: cannot decode as an image (supported: {', '.join(IMAGE_SUFFIXES)})")
+    if img.dtype == np.uint16:
+        img = (img / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        scale = 255.0 if float(np.nanmax(img)) <= 1.0 else 1.0
+        img = np.clip(np.nan_to_num(img) * scale, 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if img.shape[2] == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files, folders (recursively, images only, sorted) and globs -> a list of paths in input order.
+
+    A path that matches nothing is kept, so it is reported as an error in its place.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        s = str(item)
+        p = Path(s)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        elif any(ch in s for ch in "*?[") and not p.exists():
+            matches = sorted(Path(m) for m in glob.glob(s, recursive=True))
+            out.extend(m for m in matches if m.is_file()) if matches else out.append(p)
+        else:
+            out.append(p)
+    return out

@@ -1,0 +1,39 @@
+"""Keep ultralytics and torchvision offline: no weight, font or asset downloads at run time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+_DONE = False
+
+
+def ensure_offline() -> None:
+    """Set the offline switches and give ultralytics a local font before it is imported.
+
+    ultralytics fetches Arial.ttf for its plots when the font is missing from its config
+    folder; we copy matplotlib's DejaVuSans there instead (same role, shipped in a package).
+    """
+    global _DONE
+    if _DONE:
+        return
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TORCH_HOME", os.path.expanduser("~/.cache/torch"))
+    try:
+        import matplotlib
+
+        dejavu = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        from ultralytics.utils import SETTINGS, USER_CONFIG_DIR  # noqa: F401  (imports after env is set)
+
+        for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+            target = Path(USER_CONFIG_DIR) / name
+            if not target.exists() and dejavu.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(dejavu, target)
+        SETTINGS.update({"sync": False, "hub": False}) if hasattr(SETTINGS, "update") else None
+    except Exception:  # noqa: BLE001  ultralytics missing or read-only config dir: nothing to provide
+        pass
+    _DONE = True

@@ -1,0 +1,161 @@
+"""Typed results: ``Cell``, ``Flag``, ``ImageResult``, ``SlideResult``; JSON, CSV and HTML are views of these."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .dataset import GROUPS, SUBTYPES
+
+
+@dataclass
+class Cell:
+    """One detected cell. ``box`` is xyxy in original pixels."""
+
+    box: list[float]
+    group: str
+    label: str
+    score: float
+    detector: dict[str, Any]
+    classifier: dict[str, Any]
+    review: bool = False
+    morphology: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["morphology"] is None:
+            d.pop("morphology")
+        return d
+
+
+@dataclass
+class Flag:
+    """A warning sign with its reasoning. Never a diagnosis.
+
+    ``severity`` is ``critical``, ``warning`` or ``insufficient evidence``.
+    """
+
+    name: str
+    severity: str
+    rule: str
+    threshold: Any
+    observed: Any
+    evidence: dict[str, Any]
+    caveat: str
+    capture_mode: str = "any"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n, in percent."""
+    if n == 0:
+        return (0.0, 100.0)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (round(100 * max(0.0, centre - half), 1), round(100 * min(1.0, centre + half), 1))
+
+
+def count_cells(cells: list[Cell]) -> dict[str, int]:
+    """Counts per final label plus the three groups (RBC, WBC, Platelets)."""
+    counts = {c: 0 for c in ("RBC", "Platelets", *SUBTYPES, "WBC")}
+    for c in cells:
+        if c.label in counts and c.label != "WBC":
+            counts[c.label] += 1
+        if c.group == "WBC":
+            counts["WBC"] += 1
+    return counts
+
+
+def ratios_from_counts(counts: dict[str, int]) -> dict[str, float | None]:
+    rbc = counts.get("RBC", 0)
+    return {
+        "platelets_per_1000_rbc": round(1000 * counts.get("Platelets", 0) / rbc, 1) if rbc else None,
+        "wbc_per_1000_rbc": round(1000 * counts.get("WBC", 0) / rbc, 1) if rbc else None,
+    }
+
+
+def differential_from_counts(counts: dict[str, int]) -> dict[str, Any]:
+    """WBC differential over subtype-classified WBCs: count, percent and 95% CI per subtype."""
+    n = sum(counts.get(s, 0) for s in SUBTYPES)
+    out: dict[str, Any] = {"n_wbc": n}
+    for s in SUBTYPES:
+        k = counts.get(s, 0)
+        out[s] = {"count": k, "percent": round(100 * k / n, 1) if n else None, "ci95": list(wilson_interval(k, n))}
+    return out
+
+
+@dataclass
+class ImageResult:
+    """Everything smear says about one field; ``error`` set (and no cells) when it could not be read."""
+
+    image: str
+    width: int | None = None
+    height: int | None = None
+    cells: list[Cell] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    ratios: dict[str, Any] = field(default_factory=dict)
+    differential: dict[str, Any] = field(default_factory=dict)
+    flags: list[Flag] = field(default_factory=list)
+    error: str | None = None
+    slide: str | None = None
+    morphology: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "image": self.image, "width": self.width, "height": self.height,
+            "cells": [c.to_dict() for c in self.cells], "counts": self.counts, "ratios": self.ratios,
+            "differential": self.differential, "flags": [f.to_dict() for f in self.flags], "error": self.error,
+            "slide": self.slide,
+        }
+        if self.morphology is not None:
+            d["morphology"] = self.morphology
+        return d
+
+    def summary_row(self) -> dict[str, Any]:
+        """One flat row for summary.csv."""
+        row: dict[str, Any] = {"image": self.image, "slide": self.slide or "", "width": self.width,
+                               "height": self.height, "error": self.error or ""}
+        for c in ("RBC", "WBC", "Platelets", *SUBTYPES):
+            row[f"n_{c}"] = self.counts.get(c, 0) if not self.error else ""
+        for k, v in self.ratios.items():
+            row[k] = v if v is not None else ""
+        row["n_review"] = sum(c.review for c in self.cells)
+        row["flags"] = "; ".join(f"{f.name} ({f.severity})" for f in self.flags)
+        return row
+
+
+@dataclass
+class SlideResult:
+    """All fields of one slide, aggregated."""
+
+    slide: str
+    images: list[ImageResult]
+    counts: dict[str, int] = field(default_factory=dict)
+    ratios: dict[str, Any] = field(default_factory=dict)
+    differential: dict[str, Any] = field(default_factory=dict)
+    estimates: dict[str, Any] = field(default_factory=dict)
+    flags: list[Flag] = field(default_factory=list)
+    capture_mode: str = "wbc-centred"
+    morphology: dict[str, Any] | None = None
+
+    @property
+    def n_fields(self) -> int:
+        return sum(1 for r in self.images if not r.error)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"slide": self.slide, "n_fields": self.n_fields, "n_failed": sum(1 for r in self.images if r.error),
+             "capture_mode": self.capture_mode, "counts": self.counts, "ratios": self.ratios,
+             "differential": self.differential, "estimates": self.estimates,
+             "flags": [f.to_dict() for f in self.flags], "images": [r.image for r in self.images]}
+        if self.morphology is not None:
+            d["morphology"] = self.morphology
+        return d
+
+
+__all__ = ["Cell", "Flag", "ImageResult", "SlideResult", "GROUPS", "count_cells", "ratios_from_counts",
+           "differential_from_counts", "wilson_interval"]
