@@ -157,8 +157,9 @@ def read_voc(source: Path, images: Path | None = None) -> list[AnnotatedImage]:
             raise SmearError(f"{x}: not valid VOC XML ({e})") from None
         filename = (root.findtext("filename") or "").strip() or None
         stem = x.stem
-        if images is not None:
-            img = image_index.get(filename or "") or image_index.get(stem)
+        if images is not None:  # the XML's own sub-folder first, so same-named fields of two slides stay apart
+            img = _find_image(images / x.parent.relative_to(ann_dir), stem, filename) \
+                or image_index.get(filename or "") or image_index.get(stem)
         else:
             rel_parent = x.parent.relative_to(ann_dir)
             img = (_find_image(default_images / rel_parent, stem, filename) if default_images.is_dir() else None) \
@@ -227,6 +228,33 @@ def read_yolo(data_yaml: Path) -> list[AnnotatedImage]:
     return out
 
 
+def read_yolo_folder(source: Path, images: Path | None = None) -> list[AnnotatedImage]:
+    """Read a plain folder of YOLO ``.txt`` files plus ``classes.txt`` (LabelImg's YOLO layout, ``smear annotate``).
+
+    Each ``sub/name.txt`` belongs to the image ``sub/name.*`` under ``images`` (default: next to the txt).
+    """
+    import cv2
+
+    names = dict(enumerate(n.strip() for n in (source / "classes.txt").read_text().splitlines() if n.strip()))
+    out = []
+    for txt in sorted(t for t in source.rglob("*.txt") if t != source / "classes.txt"):
+        rel = txt.relative_to(source).with_suffix("")
+        img = _find_image((images or source) / rel.parent, rel.name, None)
+        im = cv2.imread(str(img), cv2.IMREAD_UNCHANGED) if img is not None else None
+        h, w = (im.shape[:2] if im is not None else (0, 0))
+        ai = AnnotatedImage(rel.as_posix(), img or (images or source) / rel.parent / f"{rel.name}.jpg", w, h)
+        for line in txt.read_text().splitlines():
+            parts = line.split()
+            if len(parts) < 5 or not w:
+                continue
+            c, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:5])
+            score = float(parts[5]) if len(parts) > 5 else None
+            ai.boxes.append(Box(_canonical_label(names.get(c, str(c))), (cx - bw / 2) * w, (cy - bh / 2) * h,
+                                (cx + bw / 2) * w, (cy + bh / 2) * h, score=score))
+        out.append(ai)
+    return out
+
+
 def read_coco(path: Path, images: Path | None = None) -> list[AnnotatedImage]:
     """Read a COCO detection JSON; images are looked up under ``images`` or next to the JSON."""
     d = json.loads(path.read_text())
@@ -246,7 +274,8 @@ def read_coco(path: Path, images: Path | None = None) -> list[AnnotatedImage]:
 
 
 def read_source(source: Path, images: Path | None = None) -> list[AnnotatedImage]:
-    """Read any supported labelled source: VOC folder, YOLO ``data.yaml`` or COCO ``.json``."""
+    """Read any supported labelled source: VOC folder, YOLO ``data.yaml``, COCO ``.json``, or a YOLO txt folder
+    with ``classes.txt``."""
     source = Path(source)
     if not source.exists():
         raise SmearError(f"{source}: source not found (expected a VOC folder, a YOLO data.yaml or a COCO .json)")
@@ -256,6 +285,8 @@ def read_source(source: Path, images: Path | None = None) -> list[AnnotatedImage
         return read_coco(source, images)
     if source.is_dir() and (source / "data.yaml").is_file() and not any(source.rglob("*.xml")):
         return read_yolo(source / "data.yaml")
+    if source.is_dir() and (source / "classes.txt").is_file() and not any(source.rglob("*.xml")):
+        return read_yolo_folder(source, images)
     return read_voc(source, images)
 
 
@@ -329,8 +360,9 @@ def assign_subtypes(ai: AnnotatedImage, subtypes: dict[str, list[str]]) -> Audit
         return None
     for b in wbcs:
         b.label = "WBC"
+    # Reason kind first (before the colon), so the summary groups these notes into one line.
     return AuditRow(ai.image_id, "WBC", "", "note",
-                    f"{len(wbcs)} WBC box(es) vs labels {labels or 'none'}: subtype not assignable, kept as WBC")
+                    f"subtype not assignable: {len(wbcs)} WBC box(es) vs labels {labels or 'none'}; kept as WBC")
 
 
 def assign_splits(images: list[AnnotatedImage], cfg: DataConfig) -> None:

@@ -1,0 +1,108 @@
+"""Issue 5 speed targets, on this machine: smear analyze vs the detector alone vs the study's approach.
+
+Prints, for the BCCD test images (72):
+- end-to-end images/s of the full pipeline (read, detect, classify, merge, flags), outputs not written;
+- the same images through ultralytics predict alone (detector only), and the ratio of the two;
+- the study's approach: the same detector plus every crop classified by ResNet50 at 224 px (same
+  head, random weights: speed does not depend on the weights), and how many times slower it is.
+Writes a tidy per-run table to benchmarks/results/speed_analyze.csv.
+
+    python benchmarks/speed_analyze.py [--images N] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/bccd")
+    ap.add_argument("--images", type=int, default=72)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="timed passes (the best is kept)")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from smear.classifier.model import CellClassifier
+    from smear.classifier.predict import crops_from_boxes, to_tensor
+    from smear.pipeline.analyze import Analyzer
+    from smear.pipeline.config import PipelineConfig
+    from smear.pipeline.io import read_image
+    from smear.pipeline.paths import resolve_path
+
+    root = resolve_path(args.data)
+    ids = (root / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]
+    paths = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
+    analyzer = Analyzer(PipelineConfig(threads=args.threads))
+    yolo = analyzer.detector.model
+    imgsz = analyzer.detector.imgsz
+    import cv2
+
+    def run_pipeline() -> int:
+        return sum(len(r.cells) for r in analyzer.analyze_images(paths))
+
+    def run_detector_alone() -> int:
+        n = 0
+        for k in range(0, len(paths), analyzer.cfg.batch):
+            ims = [cv2.imread(str(p)) for p in paths[k:k + analyzer.cfg.batch]]
+            for r in yolo.predict(ims, imgsz=imgsz, conf=analyzer.cfg.conf, iou=analyzer.cfg.iou, verbose=False,
+                                  device="cpu"):
+                n += len(r.boxes)
+        return n
+
+    resnet = CellClassifier("resnet50", 7, 128, 0.5, "none").eval()
+    study_model = type(analyzer.classifier)(resnet, analyzer.classifier.classes, 224, analyzer.classifier.crop_margin)
+
+    @torch.inference_mode()
+    def run_study() -> int:
+        n = 0
+        for p in paths:
+            img = read_image(p)
+            det = analyzer.detector.predict([img])[0]
+            crops = crops_from_boxes(study_model, img, det.boxes)
+            for k in range(0, len(crops), 32):
+                resnet(to_tensor(crops[k:k + 32]))
+            n += len(crops)
+        return n
+
+    run_pipeline()  # warm-up (model load, first-call allocations)
+    rows = []
+    for name, fn in (("detector_alone", run_detector_alone), ("smear_analyze", run_pipeline),
+                     ("study_resnet50_224", run_study)):
+        best = None
+        for rep in range(args.repeats if name != "study_resnet50_224" else 1):
+            t0 = time.perf_counter()
+            cells = fn()
+            dt = time.perf_counter() - t0
+            rows.append({"run": name, "repeat": rep, "images": len(paths), "cells": cells, "seconds": round(dt, 3),
+                         "images_per_s": round(len(paths) / dt, 3), "threads": args.threads})
+            best = dt if best is None else min(best, dt)
+    out = Path(__file__).parent / "results" / "speed_analyze.csv"
+    out.parent.mkdir(exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    best = {n: min(r["seconds"] for r in rows if r["run"] == n) for n in {r["run"] for r in rows}}
+    n = len(paths)
+    print(f"images: {n}, threads: {args.threads}, classifier: {analyzer.classifier.card['config']['backbone']} "
+          f"@ {analyzer.classifier.crop_size_px} px, detector imgsz {imgsz}")
+    print(f"detector alone (ultralytics predict): {best['detector_alone']:.2f} s  ({n / best['detector_alone']:.2f} img/s)")
+    print(f"smear analyze, end to end:           {best['smear_analyze']:.2f} s  ({n / best['smear_analyze']:.2f} img/s)"
+          f"  -> {best['smear_analyze'] / best['detector_alone']:.2f}x the detector alone (target <= 1.3x, >= 4 img/s)")
+    print(f"study approach (ResNet50 @ 224 px):  {best['study_resnet50_224']:.2f} s  "
+          f"({n / best['study_resnet50_224']:.2f} img/s) -> smear is "
+          f"{best['study_resnet50_224'] / best['smear_analyze']:.1f}x faster (target >= 5x)")
+    print(f"rows: {out}")
+
+
+if __name__ == "__main__":
+    main()
