@@ -70,16 +70,19 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: got {value!r}, expected an integer")
         try:
             f = float(value)
-        except (TypeError, ValueError):
+            if f != int(f):  # int() of inf / nan raises: also not an integer
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{name}: got {value!r}, expected an integer") from None
-        if f != int(f):
-            raise ConfigError(f"{name}: got {value!r}, expected an integer")
         return int(f)
     if tp is float:
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: got {value!r}, expected a number") from None
+        if f != f:  # NaN passes every range comparison
+            raise ConfigError(f"{name}: got {value!r}, expected a number")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name}: got {value!r}, expected text")
@@ -132,7 +135,10 @@ def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. epochs=40)")
         key, value = item.split("=", 1)
-        out[key.strip().lstrip("-")] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            out[key.strip().lstrip("-")] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:  # not a YAML scalar (e.g. 'name=[x'): keep the text, the loader checks its type
+            out[key.strip().lstrip("-")] = value
     return out
 
 

@@ -61,10 +61,18 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         s = str(item)
         p = Path(s)
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(_images_under(p))
         elif any(ch in s for ch in "*?[") and not p.exists():
-            matches = sorted(Path(m) for m in glob.glob(s, recursive=True))
-            out.extend(m for m in matches if m.is_file()) if matches else out.append(p)
+            # A pattern may match folders ('slides/*'): they expand like folder inputs. Nothing found: keep
+            # the pattern, so it is reported in its place instead of vanishing.
+            found: list[Path] = []
+            for m in sorted(Path(m) for m in glob.glob(s, recursive=True)):
+                found.extend(_images_under(m) if m.is_dir() else [m] if m.is_file() else [])
+            out.extend(dict.fromkeys(found)) if found else out.append(p)  # '**' matches nested folders twice
         else:
             out.append(p)
     return out
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)

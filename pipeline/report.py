@@ -139,11 +139,11 @@ def _flag_table(flags) -> str:
     for f in flags:
         cls = {"critical": "crit", "warning": "warn"}.get(f.severity, "info")
         ev = ", ".join(f"{k}: {v}" for k, v in f.evidence.items())
-        observed = f.observed if not isinstance(f.observed, dict) else "<br>".join(
-            f"{k}: {v}" for k, v in f.observed.items())
+        observed = html.escape(str(f.observed)) if not isinstance(f.observed, dict) else "<br>".join(
+            html.escape(f"{k}: {v}") for k, v in f.observed.items())
         rows.append(f"<tr class='{cls}'><td><b>{html.escape(f.name)}</b></td><td>{html.escape(f.severity)}</td>"
                     f"<td>{html.escape(str(f.rule))}</td><td>{html.escape(str(f.threshold))}</td>"
-                    f"<td>{observed if isinstance(f.observed, dict) else html.escape(str(observed))}</td>"
+                    f"<td>{observed}</td>"
                     f"<td>{html.escape(ev)}</td><td>{html.escape(f.caveat)}</td></tr>")
     return ("<table><tr><th>flag</th><th>severity</th><th>rule</th><th>threshold</th><th>observed</th>"
             "<th>evidence</th><th>caveat</th></tr>" + "".join(rows) + "</table>")

@@ -1,0 +1,192 @@
+"""The ``smear`` CLI through typer's CliRunner, plus one real subprocess call of the installed script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+from typer.testing import CliRunner
+
+from conftest import draw_field, write_voc
+from smear.pipeline.cli import app
+from smear.pipeline.dataset import crop_cell
+from smear.pipeline.errors import ConfigError
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+def _write_field(path: Path, seed: int) -> Path:
+    img, _ = draw_field(seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_help_lists_every_command():
+    r = invoke("--help")
+    assert r.exit_code == 0, r.output
+    for cmd in ("analyze", "classify", "annotate", "benchmark", "info", "data", "detector", "classifier"):
+        assert cmd in r.output
+    assert "smear analyze field.jpg" in r.output  # help made of worked examples
+
+
+@pytest.mark.parametrize("sub,commands", [("data", ["prepare"]), ("detector", ["train", "evaluate", "export"]),
+                                          ("classifier", ["train", "evaluate"])])
+def test_sub_app_help(sub, commands):
+    r = invoke(sub, "--help")
+    assert r.exit_code == 0, r.output
+    for c in commands:
+        assert c in r.output
+
+
+def test_data_prepare_prints_counts_and_audit(tmp_path):
+    voc = write_voc(tmp_path / "voc", n_images=4, extra_objects={"BloodImage_00000": [("RBC", (50, 50, 40, 90))]})
+    out = tmp_path / "prepared"
+    r = invoke("data", "prepare", "--source", voc, "--out", out, "subtypes_csv=")
+    assert r.exit_code == 0, r.output
+    assert "images: 4 (train 2, val 1, test 1)" in r.stdout
+    assert "boxes per class: RBC 48, WBC 4, Platelets 8" in r.stdout
+    assert "audit" in r.stdout and "dropped: degenerate box" in r.stdout
+    assert (out / "yolo" / "data.yaml").is_file() and (out / "crops" / "manifest.csv").is_file()
+    assert (out / "audit.csv").is_file() and (out / "summary.json").is_file()
+
+
+def test_data_prepare_with_config_file_and_missing_image(tmp_path):
+    voc = write_voc(tmp_path / "voc", n_images=3)
+    (voc / "JPEGImages" / "BloodImage_00001.jpg").unlink()
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(f"source: {voc}\nsubtypes_csv: ''\ncrop_size_px: 32\n")
+    out = tmp_path / "prepared"
+    r = invoke("data", "prepare", "--config", cfg, "--out", out)
+    assert r.exit_code == 1  # the set is written, but a failed image is not a success
+    assert "images: 2" in r.stdout
+    assert "BloodImage_00001" in r.stderr and "could not be read" in r.stderr
+    crop = next((out / "crops").rglob("*.png"))
+    assert cv2.imread(str(crop)).shape == (32, 32, 3)
+
+
+def test_bad_config_key_raises_config_error_in_runner(tmp_path):
+    r = invoke("data", "prepare", "--source", tmp_path, "--out", tmp_path / "o", "epoch=3")
+    assert r.exit_code != 0
+    assert isinstance(r.exception, ConfigError)  # main() turns it into one line; see the subprocess test
+    assert "unknown DataConfig key 'epoch'" in str(r.exception)
+
+
+@pytest.fixture(scope="module")
+def analyze_args(tiny_detector, tiny_classifier) -> list[str]:
+    return ["--set", f"detector_weights={tiny_detector}", "--set", f"classifier_weights={tiny_classifier}",
+            "--set", "morphology_weights=none", "--set", "threads=1", "--conf", "0.0001"]
+
+
+def test_analyze_writes_outputs_and_fails_on_broken_input(tmp_path, analyze_args):
+    good = _write_field(tmp_path / "in" / "f1.png", 1)
+    bad = tmp_path / "in" / "f2.jpg"
+    bad.write_bytes(b"garbage")
+    good2 = _write_field(tmp_path / "in" / "f3.bmp", 3)
+    missing = tmp_path / "in" / "nope.png"
+    out = tmp_path / "out"
+    r = invoke("analyze", good, bad, good2, missing, *analyze_args, "--output", out)
+    assert r.exit_code == 1, r.output
+    assert "2 of 4 file(s) failed" in r.stderr and "f2.jpg" in r.stderr and "nope.png" in r.stderr
+    assert "f1.png" in r.stdout and "slide all: 2 fields" in r.stdout
+    records = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert [Path(x["image"]).name for x in records] == ["f1.png", "f2.jpg", "f3.bmp", "nope.png"]
+    assert [bool(x["error"]) for x in records] == [False, True, False, True]
+    assert all(x["slide"] == "all" for x in records)
+    assert (out / "summary.csv").read_text().count("\n") == 5
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["00000_f1.png", "00002_f3.png"]
+    html = (out / "report.html").read_text()
+    assert "http" not in html
+    assert json.loads((out / "slides.json").read_text())[0]["n_fields"] == 2
+
+
+def test_analyze_json_and_slides_from_subfolders(tmp_path, analyze_args):
+    _write_field(tmp_path / "slides" / "A" / "1.png", 1)
+    _write_field(tmp_path / "slides" / "B" / "2.png", 2)
+    r = invoke("analyze", tmp_path / "slides", *analyze_args, "--json", "--capture-mode", "random")
+    assert r.exit_code == 0, r.output
+    records = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert [x["slide"] for x in records] == ["A", "B"]
+    assert all(x["error"] is None and x["cells"] for x in records)
+
+
+def test_analyze_bad_option_value(tmp_path, analyze_args):
+    f = _write_field(tmp_path / "f.png", 1)
+    r = invoke("analyze", f, *analyze_args, "--capture-mode", "sideways")
+    assert r.exit_code != 0 and isinstance(r.exception, ConfigError)
+    assert "'random'" in str(r.exception)
+
+
+def test_analyze_nothing_found(tmp_path, analyze_args):
+    (tmp_path / "empty").mkdir()
+    r = invoke("analyze", tmp_path / "empty", *analyze_args)
+    assert r.exit_code == 1 and "no images found" in r.stderr
+
+
+def test_classify_crops_with_a_broken_file(tmp_path, tiny_classifier):
+    img, boxes = draw_field(seed=0)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for k, (label, box) in enumerate(boxes[:3]):
+        crop = crop_cell(img, box, 0.15, 64)
+        cv2.imwrite(str(crops / f"cell{k}.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    (crops / "cell9.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    r = invoke("classify", crops, "--weights", tiny_classifier, "--output", out)
+    assert r.exit_code == 1, r.output
+    assert "1 file(s) failed" in r.stderr and "cell9.jpg" in r.stderr
+    records = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [Path(x["image"]).name for x in records] == ["cell0.png", "cell1.png", "cell2.png", "cell9.jpg"]
+    assert "empty file" in records[3]["error"] and "label" not in records[3]
+    for x in records[:3]:
+        assert x["label"] in x["probs"] and abs(sum(x["probs"].values()) - 1) < 0.01 and 0 < x["score"] <= 1
+    # without --output: a table on stdout
+    r = invoke("classify", crops / "cell0.png", "--weights", tiny_classifier)
+    assert r.exit_code == 0 and "cell0.png" in r.stdout and "label" in r.stdout
+
+
+def _smear_script() -> str:
+    local = Path(sys.executable).parent / "smear"
+    found = str(local) if local.is_file() else shutil.which("smear")
+    if not found:
+        pytest.fail("the 'smear' console script is not installed; run pip install -e .")
+    return found
+
+
+def test_installed_console_script(tmp_path):
+    smear = _smear_script()
+    env = {**os.environ, "COLUMNS": "120"}
+    t0 = time.perf_counter()
+    r = subprocess.run([smear, "--help"], capture_output=True, text=True, timeout=60, env=env)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 0 and "analyze" in r.stdout
+    assert elapsed < 10, f"'smear --help' took {elapsed:.1f}s; heavy imports belong inside commands"
+
+    r = subprocess.run([smear, "data", "prepare", "--source", str(tmp_path), "--out", str(tmp_path / "o"),
+                        "extra_bad_key=1"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("smear: error:") and "extra_bad_key" in lines[0]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_import_does_not_load_torch():
+    code = ("import sys, smear.pipeline.cli; "
+            "print(sorted(m for m in ('torch', 'ultralytics', 'torchvision') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -1,0 +1,314 @@
+"""The analysis pipeline: the merge rule, an end-to-end run on tiny untrained models, outputs, slides."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import draw_field
+from smear.pipeline.analyze import Analyzer, slide_names
+from smear.pipeline.config import PipelineConfig, build_config
+from smear.pipeline.dataset import CELL_CLASSES, GROUPS, SUBTYPES, group_of
+from smear.pipeline.report import ResultWriter, format_table, render_html
+from smear.pipeline.results import Cell, ImageResult
+
+
+# ---------------------------------------------------------------- merge rule (no models)
+
+class _FakeClassifier:
+    classes = list(CELL_CLASSES)
+
+
+def merger(**cfg) -> Analyzer:
+    a = Analyzer.__new__(Analyzer)
+    a.cfg = build_config(PipelineConfig, cfg)
+    a.classifier = _FakeClassifier()
+    a._group_index = {g: [i for i, c in enumerate(CELL_CLASSES) if group_of(c) == g] for g in GROUPS}
+    return a
+
+
+def probs(**p: float) -> np.ndarray:
+    v = np.array([p.get(c, 0.0) for c in CELL_CLASSES], dtype=np.float64)
+    assert abs(v.sum() - 1) < 1e-9
+    return v
+
+
+def merge_one(a: Analyzer, det_group: str, pr: np.ndarray, det_score: float = 0.8) -> Cell:
+    (cell,) = a.merge(np.array([[10.0, 20.0, 50.0, 70.0]]), np.array([det_score]), np.array([GROUPS.index(det_group)]),
+                      pr[None])
+    return cell
+
+
+def test_confident_classifier_overrides_detector_group():
+    c = merge_one(merger(), "WBC", probs(RBC=0.95, Neutrophil=0.05))
+    assert (c.group, c.label, c.review) == ("RBC", "RBC", True)
+    assert c.detector == {"label": "WBC", "score": 0.8}
+    assert c.classifier["label"] == "RBC" and c.classifier["score"] == 0.95
+    assert c.score == pytest.approx(0.8 * 0.95, abs=1e-4)
+    assert c.box == [10.0, 20.0, 50.0, 70.0]
+
+
+def test_group_probability_sums_over_subtypes():
+    # no single WBC class reaches 0.9, but the WBC group does
+    c = merge_one(merger(), "RBC", probs(Neutrophil=0.5, Lymphocyte=0.45, RBC=0.05))
+    assert (c.group, c.label, c.review) == ("WBC", "Neutrophil", True)
+    assert c.classifier["score_in_group"] == pytest.approx(0.5 / 0.95, abs=1e-4)
+    assert c.score == pytest.approx(0.8 * 0.95, abs=1e-4)
+
+
+def test_override_at_exactly_the_threshold():
+    c = merge_one(merger(), "WBC", probs(RBC=0.9, Neutrophil=0.1))
+    assert c.group == "RBC"
+
+
+def test_unsure_classifier_keeps_detector_group_and_labels_within_it():
+    c = merge_one(merger(), "WBC", probs(RBC=0.6, Monocyte=0.25, Neutrophil=0.15))
+    assert c.group == "WBC" and c.label == "Monocyte"          # best class inside the detector's group
+    assert c.classifier["label"] == "RBC"                      # the classifier's own opinion stays recorded
+    assert c.classifier["label_in_group"] == "Monocyte"
+    assert c.review is True                                    # 0.6 for another group
+    assert c.score == pytest.approx(0.8 * 0.4, abs=1e-4)
+
+
+def test_agreeing_stages_no_review():
+    c = merge_one(merger(), "WBC", probs(Lymphocyte=0.6, Neutrophil=0.3, RBC=0.1))
+    assert (c.group, c.label, c.review) == ("WBC", "Lymphocyte", False)
+    c = merge_one(merger(), "Platelets", probs(Platelets=0.7, Lymphocyte=0.3))
+    assert (c.group, c.label, c.review) == ("Platelets", "Platelets", False)
+
+
+def test_review_below_override():
+    c = merge_one(merger(), "Platelets", probs(Lymphocyte=0.4, Neutrophil=0.3, Platelets=0.3))
+    assert (c.group, c.label, c.review) == ("Platelets", "Platelets", True)   # WBC 0.7: not overriding, but doubted
+    c = merge_one(merger(), "Platelets", probs(Lymphocyte=0.25, Neutrophil=0.2, Platelets=0.55))
+    assert c.review is False                                                 # WBC 0.45 < review_prob 0.5
+
+
+def test_thresholds_come_from_config():
+    pr = probs(RBC=0.85, Basophil=0.15)
+    assert merge_one(merger(), "WBC", pr).group == "WBC"
+    assert merge_one(merger(group_override_prob=0.8), "WBC", pr).group == "RBC"
+    pr = probs(RBC=0.3, Eosinophil=0.7)
+    assert merge_one(merger(), "WBC", pr).review is False
+    assert merge_one(merger(review_prob=0.25), "WBC", pr).review is True
+
+
+def test_merge_many_cells_and_empty():
+    a = merger()
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 20]], dtype=np.float32)
+    cells = a.merge(boxes, np.array([0.9, 0.4]), np.array([0, 2]),
+                    np.stack([probs(RBC=1.0), probs(Platelets=0.99, RBC=0.01)]))
+    assert [(c.group, c.label) for c in cells] == [("RBC", "RBC"), ("Platelets", "Platelets")]
+    assert a.merge(np.zeros((0, 4)), np.zeros(0), np.zeros(0), np.zeros((0, len(CELL_CLASSES)))) == []
+
+
+# ---------------------------------------------------------------- end to end (tiny untrained models)
+
+@pytest.fixture(scope="module")
+def analyzer(tiny_detector, tiny_classifier) -> Analyzer:
+    cfg = build_config(PipelineConfig, {"detector_weights": str(tiny_detector), "classifier_weights": str(tiny_classifier),
+                                        "morphology_weights": "none", "conf": 0.0001, "threads": 1, "batch": 2})
+    return Analyzer(cfg)
+
+
+def _write_field(path: Path, seed: int) -> Path:
+    img, _ = draw_field(seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(analyzer, tmp_path_factory):
+    """A field, a broken file, a second field (two batches of 2) streamed into a ResultWriter."""
+    d = tmp_path_factory.mktemp("inputs")
+    a = _write_field(d / "a.png", 1)
+    bad = d / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    b = _write_field(d / "b.jpg", 2)
+    out = tmp_path_factory.mktemp("out")
+    writer = ResultWriter(out)
+    streamed = []
+
+    def on_result(result, image):
+        streamed.append((result.image, image is None))
+        writer.add(result, image)
+
+    paths = [a, bad, b]
+    results = analyzer.analyze_images(paths, on_result=on_result)
+    for r in results:
+        r.slide = "s1"
+    slide = analyzer.aggregate_slide("s1", results)
+    writer.close(results, [slide])
+    return {"paths": paths, "results": results, "slide": slide, "out": out, "streamed": streamed}
+
+
+def test_results_in_input_order_and_broken_file_reported(run):
+    results = run["results"]
+    assert [r.image for r in results] == [str(p) for p in run["paths"]]
+    assert run["streamed"] == [(str(run["paths"][0]), False), (str(run["paths"][1]), True),
+                               (str(run["paths"][2]), False)]
+    bad = results[1]
+    assert bad.error and "broken.jpg" in bad.error and bad.cells == [] and bad.flags == []
+    for r in (results[0], results[2]):
+        assert r.error is None and (r.width, r.height) == (640, 480)
+        assert len(r.cells) > 0  # conf=0.0001 on an untrained model: plenty of boxes
+
+
+def test_cells_counts_and_flags_consistent(run):
+    r = run["results"][0]
+    for c in r.cells:
+        assert c.group in GROUPS and group_of(c.label) == c.group
+        assert c.label in CELL_CLASSES
+        assert 0 <= c.score <= 1 and len(c.box) == 4
+        assert c.detector["label"] in GROUPS and c.classifier["label"] in CELL_CLASSES
+    assert r.counts["WBC"] == sum(c.group == "WBC" for c in r.cells)
+    assert r.counts["RBC"] == sum(c.label == "RBC" for c in r.cells)
+    assert r.differential["n_wbc"] == sum(r.counts[s] for s in SUBTYPES)
+    for f in r.flags:
+        for key in ("name", "severity", "rule", "threshold", "observed", "evidence", "caveat"):
+            assert getattr(f, key) not in (None, "")
+    json.dumps(r.to_dict())  # serialisable
+
+
+def test_analyze_arrays_matches_files(analyzer, run):
+    img = cv2.cvtColor(cv2.imread(str(run["paths"][0])), cv2.COLOR_BGR2RGB)
+    (r,) = analyzer.analyze_arrays([img], ["x"])
+    assert r.counts == run["results"][0].counts
+
+
+def test_slide_aggregation(run):
+    s = run["slide"]
+    ok = [r for r in run["results"] if not r.error]
+    assert s.n_fields == 2
+    for k in ("RBC", "WBC", "Platelets", *SUBTYPES):
+        assert s.counts[k] == sum(r.counts[k] for r in ok)
+    assert s.estimates["mean_per_field"]["RBC"] == pytest.approx(s.counts["RBC"] / 2, abs=0.01)
+    d = s.to_dict()
+    assert d["n_failed"] == 1 and d["images"] == [str(p) for p in run["paths"]]
+    assert d["capture_mode"] == "wbc-centred"
+
+
+def test_slide_estimates_with_calibration(analyzer, run):
+    import dataclasses
+
+    calibrated = Analyzer.__new__(Analyzer)
+    calibrated.__dict__.update(analyzer.__dict__)
+    calibrated.cfg = dataclasses.replace(analyzer.cfg, platelet_factor_per_field=15000.0, capture_mode="random",
+                                         wbc_factor_per_field=2000.0, field_area_um2=5000.0)
+    s = calibrated.aggregate_slide("s", run["results"])
+    assert s.estimates["platelets_per_uL"] == round(s.counts["Platelets"] / 2 * 15000)
+    assert s.estimates["wbc_per_uL"] == round(s.counts["WBC"] / 2 * 2000)
+    assert s.estimates["per_mm2"]["RBC"] == pytest.approx(s.counts["RBC"] / 2 / 5000 * 1e6, abs=0.1)
+    names = [f.name for f in s.flags]
+    assert "platelet_estimate" in names and "wbc_estimate" in names  # 2 fields < 10: insufficient evidence
+
+
+def test_writer_outputs(run):
+    out = run["out"]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    records = [json.loads(ln) for ln in lines]
+    assert [r["image"] for r in records] == [str(p) for p in run["paths"]]
+    assert records[1]["error"] and records[1]["cells"] == []
+    assert records[0]["error"] is None and len(records[0]["cells"]) == len(run["results"][0].cells)
+
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == [str(p) for p in run["paths"]]
+    assert rows[1]["error"] and rows[1]["n_RBC"] == ""
+    assert int(rows[0]["n_RBC"]) == run["results"][0].counts["RBC"] and rows[0]["error"] == ""
+
+    overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
+    assert overlays == ["00000_a.png", "00002_b.png"]
+    ov = cv2.imread(str(out / "overlays" / "00000_a.png"))
+    assert ov is not None and ov.shape == (480, 640, 3)
+
+    slides = json.loads((out / "slides.json").read_text())
+    assert slides[0]["slide"] == "s1" and slides[0]["n_fields"] == 2
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_report_html_is_self_contained(run):
+    text = (run["out"] / "report.html").read_text()
+    assert text.startswith("<!doctype html>") and text.rstrip().endswith("</html>")
+    refs = re.findall(r"""(?:src|href)\s*=\s*['"]?([^'"\s>]+)""", text, flags=re.I)
+    assert refs, "expected embedded thumbnails"
+    assert all(r.startswith("data:") or r.startswith("#") for r in refs), refs
+    assert "http" not in " ".join(refs) and "<link" not in text.lower() and "<script src" not in text.lower()
+    assert text.count("data:image/jpeg;base64,") == 2
+    assert "broken.jpg" in text and "not a diagnosis" in text
+    assert "Slide s1" in text
+
+
+def test_render_html_escapes_names():
+    r = ImageResult(image="/data/<i>x.png", error="<b>bad</b>")
+    text = render_html([r], [], None)
+    assert "<i>x" not in text and "&lt;i&gt;x.png" in text and "&lt;b&gt;bad" in text
+
+
+def test_flag_table_escapes_observed_values():
+    from smear.pipeline.results import Flag, SlideResult
+
+    flag = Flag("x", "warning", "rule <r>", "< 5", {"a<b": "<script>"}, {"fields": 1}, "caveat & more")
+    slide = SlideResult("s", [], counts={"RBC": 0}, flags=[flag], differential={"n_wbc": 0})
+    text = render_html([], [slide], None)
+    assert "<script>" not in text and "a&lt;b: &lt;script&gt;" in text and "rule &lt;r&gt;" in text
+
+
+def test_slide_of_failed_images_only():
+    a = merger()
+    a.morphology = None
+    results = [ImageResult(image="x.png", error="x.png: file not found")]
+    s = a.aggregate_slide("s", results)
+    assert s.n_fields == 0 and s.estimates == {"mean_per_field": {}}
+    assert all(f.severity == "insufficient evidence" for f in s.flags)
+    assert s.to_dict()["n_failed"] == 1
+
+
+def test_format_table(run):
+    table = format_table(run["results"]).splitlines()
+    assert len(table) == 4 and table[0].startswith("image")
+    assert "ERROR" in table[2] and "a.png" in table[1]
+
+
+def test_slide_names_one_slide_per_subfolder(tmp_path):
+    root = tmp_path / "slides"
+    files = [_write_field(root / "patient1" / "f1.png", 1), _write_field(root / "patient1" / "deep" / "f2.png", 2),
+             _write_field(root / "patient2" / "f3.png", 3), _write_field(root / "loose.png", 4)]
+    other = _write_field(tmp_path / "elsewhere" / "x.png", 5)
+    from smear.pipeline.io import expand_inputs
+
+    paths = expand_inputs([root, other])
+    assert set(paths) == set(files) | {other}
+    got = dict(zip(paths, slide_names(paths, [str(root), str(other)], None)))
+    assert got[files[0]] == got[files[1]] == "patient1"
+    assert got[files[2]] == "patient2"
+    assert got[files[3]] == "slides"  # a field directly in the given folder: the folder is the slide
+    assert got[other] == "all"
+    assert slide_names(paths, [str(root)], "S9") == ["S9"] * len(paths)
+
+
+def test_analyze_slides_end_to_end(analyzer, tmp_path):
+    root = tmp_path / "slides"
+    _write_field(root / "A" / "1.png", 1)
+    _write_field(root / "A" / "2.png", 2)
+    _write_field(root / "B" / "3.png", 3)
+    from smear.pipeline.io import expand_inputs
+
+    paths = expand_inputs([root])
+    names = slide_names(paths, [root], None)
+    results = analyzer.analyze_images(paths)
+    groups: dict[str, list] = {}
+    for r, n in zip(results, names):
+        r.slide = n
+        groups.setdefault(n, []).append(r)
+    slides = {n: analyzer.aggregate_slide(n, rs) for n, rs in groups.items()}
+    assert set(slides) == {"A", "B"}
+    assert slides["A"].n_fields == 2 and slides["B"].n_fields == 1
+    assert slides["A"].counts["RBC"] == sum(r.counts["RBC"] for r in groups["A"])
