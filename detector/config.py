@@ -38,7 +38,8 @@ class DetectorConfig:
     conf: float = param(0.25, "minimum detection score kept at inference", range=(0.0, 1.0))
     iou: float = param(0.5, "NMS IoU threshold at inference", range=(0.05, 1.0))
     max_det: int = param(1000, "maximum detections per image (or tile)", range=(1, 100000))
-    tile_px: int = param(1280, "images with a side longer than this are tiled at inference", range=(256, 100000))
-    tile_overlap_px: int = param(96, "overlap between tiles; larger than the largest cell", range=(0, 4096))
+    tile_px: int = param(640, "tile side at inference; images with a side > 1.5 x this are tiled", range=(128, 100000))
+    tile_overlap_px: int = param(256, "overlap between tiles; larger than the largest cell (WBCs reach ~250 px)",
+                                 range=(0, 4096))
     project: str = param("runs/detector", "folder that receives training runs")
     name: str = param("train", "run name (a folder under project)")

@@ -149,7 +149,7 @@ class Detector:
                 bgr = cv2.resize(bgr, None, fx=scale, fy=scale,
                                  interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
             h, w = bgr.shape[:2]
-            if max(h, w) > self.cfg.tile_px:
+            if max(h, w) > 1.5 * self.cfg.tile_px:
                 results[i] = self._predict_tiled(bgr, conf, iou)
             else:
                 small.append((i, bgr))

@@ -71,3 +71,63 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
     }
     (run_dir / "card.json").write_text(json.dumps(card, indent=2))
     return run_dir
+
+
+def rbc_median_diameter_px(data_yaml: Path, split: str = "train") -> float | None:
+    """Median RBC box side (mean of width and height) in the training labels: the detector's scale."""
+    import statistics
+
+    import cv2
+    import yaml
+
+    cfg = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(cfg.get("path") or Path(data_yaml).parent)
+    names = cfg["names"]
+    rbc = [int(k) for k, v in (names.items() if isinstance(names, dict) else enumerate(names)) if v == "RBC"]
+    sizes = []
+    for lbl in sorted((root / "labels" / split).glob("*.txt")):
+        imgs = list((root / "images" / split).glob(lbl.stem + ".*"))
+        if not imgs:
+            continue
+        im = cv2.imread(str(imgs[0]))
+        if im is None:
+            continue
+        h, w = im.shape[:2]
+        for line in lbl.read_text().splitlines():
+            p = line.split()
+            if len(p) >= 5 and int(p[0]) in rbc:
+                sizes.append((float(p[3]) * w + float(p[4]) * h) / 2)
+    return round(statistics.median(sizes), 1) if sizes else None
+
+
+def package_detector(run_dir: Path, dest: Path, extra: dict | None = None) -> Path:
+    """Copy a run's best weights into a self-describing model folder (weights.pt, card.json, card.md)."""
+    import csv
+
+    from smear.pipeline.modelcard import write_card
+
+    run_dir = Path(run_dir)
+    card = json.loads((run_dir / "card.json").read_text()) if (run_dir / "card.json").is_file() else {}
+    best = run_dir / "weights" / "best.pt"
+    if not best.is_file():
+        raise SmearError(f"{best}: no best weights in the run folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, dest / "weights.pt")  # ultralytics strips the optimiser and stores fp16
+    rows = list(csv.DictReader(open(run_dir / "results.csv"))) if (run_dir / "results.csv").is_file() else []
+    if rows:
+        key = "metrics/mAP50-95(B)"
+        b = max(rows, key=lambda r: 0.1 * float(r["metrics/mAP50(B)"]) + 0.9 * float(r[key]))  # ultralytics' fitness
+        card["val_metrics_best_epoch"] = {"epoch": int(float(b["epoch"])), "mAP50": float(b["metrics/mAP50(B)"]),
+                                          "mAP50_95": float(b[key]), "precision": float(b["metrics/precision(B)"]),
+                                          "recall": float(b["metrics/recall(B)"])}
+        card["epochs_run"] = len(rows)
+        card["train_minutes"] = round(float(rows[-1]["time"]) / 60, 1)
+    data = Path(card.get("data", "")) if card.get("data") else None
+    if data and data.is_file():
+        card["rbc_median_diameter_px"] = rbc_median_diameter_px(data)
+    card.update(extra or {})
+    write_card(dest, card, f"Detector {dest.name}")
+    for name in ("results.csv", "results.png"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, dest / name)
+    return dest

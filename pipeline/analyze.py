@@ -13,6 +13,7 @@ Both opinions stay in each cell record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -42,14 +43,13 @@ class Analyzer:
         import torch
 
         from smear.classifier.model import load_classifier
-        from smear.detector.config import DetectorConfig
         from smear.detector.predict import Detector
 
         self.cfg = cfg or PipelineConfig()
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device)
-        self.detector.cfg = DetectorConfig(**{**_asdict(self.detector.cfg), "conf": self.cfg.conf, "iou": self.cfg.iou})
+        self.detector.cfg = dataclasses.replace(self.detector.cfg, conf=self.cfg.conf, iou=self.cfg.iou)
         self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device)
         self._group_index = {g: [i for i, c in enumerate(self.classifier.classes) if group_of(c) == g] for g in GROUPS}
         self.morphology = None
@@ -215,12 +215,6 @@ def mean_rbc_diameter_um(cells: Iterable[Cell], cfg: PipelineConfig) -> float | 
         return None
     d = [((c.box[2] - c.box[0]) + (c.box[3] - c.box[1])) / 2 for c in cells if c.group == "RBC"]
     return float(np.mean(d)) * cfg.pixel_size_um if d else None
-
-
-def _asdict(cfg) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def slide_names(paths: Sequence[Path], roots: Sequence[str | Path], slide: str | None) -> list[str]:

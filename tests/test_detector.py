@@ -1,0 +1,64 @@
+"""Detector stage: tiling and cross-tile merging, offline behaviour, model lookup errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smear.detector.predict import Detections, merge_tiles, tile_origins
+from smear.pipeline.errors import ModelNotFoundError
+
+
+def test_tile_origins_cover_with_overlap():
+    starts = tile_origins(2000, 640, 256)
+    assert starts[0] == 0 and starts[-1] == 2000 - 640
+    assert all(b - a <= 640 - 256 for a, b in zip(starts, starts[1:]))
+    assert tile_origins(500, 640, 256) == [0]
+
+
+def _det(boxes, scores, classes):
+    return Detections(np.array(boxes, np.float32).reshape(-1, 4), np.array(scores, np.float32),
+                      np.array(classes, np.int64))
+
+
+def test_merge_drops_cut_boxes_and_duplicates():
+    # Image 1000 wide, two tiles [0, 640) and [360, 1000). A cell at x 600..700 is cut by tile 1's
+    # right edge (seen as 600..640) and whole in tile 2; a cell at 400..480 is whole in both.
+    t1 = _det([[600, 10, 640, 90], [400, 10, 480, 90]], [0.9, 0.8], [0, 0])
+    t2 = _det([[600, 10, 700, 90], [401, 11, 481, 91]], [0.85, 0.7], [0, 0])
+    merged = merge_tiles([(t1, (0, 0, 640, 100)), (t2, (360, 0, 1000, 100))], (1000, 100), iou=0.5)
+    assert len(merged) == 2
+    xs = sorted(merged.boxes[:, 0].tolist())
+    assert xs == [400, 600]
+    assert merged.boxes[merged.boxes[:, 0] == 600][0, 2] == 700  # the whole cell, not the cut one
+
+
+def test_merge_keeps_boxes_on_the_image_border():
+    t = _det([[0, 0, 50, 50]], [0.9], [2])
+    merged = merge_tiles([(t, (0, 0, 640, 640))], (640, 640), iou=0.5)
+    assert len(merged) == 1
+
+
+def test_tiled_prediction_matches_untiled_on_repeated_fields(tiny_detector):
+    """A large mosaic is tiled; every returned box lies inside the image and none is cut by a tile edge."""
+    from smear.detector.config import DetectorConfig
+    from smear.detector.predict import Detector
+    from tests.conftest import draw_field
+
+    field, _ = draw_field(seed=3)
+    big = np.tile(field, (3, 3, 1))  # 1440 x 1920
+    det = Detector(tiny_detector, cfg=DetectorConfig(imgsz=320, tile_px=640, tile_overlap_px=256, conf=0.0001,
+                                                     max_det=20))
+    out = det.predict([big])[0]
+    assert len(out) > 0
+    assert (out.boxes[:, 0] >= 0).all() and (out.boxes[:, 2] <= big.shape[1] + 1).all()
+    assert (out.boxes[:, 3] <= big.shape[0] + 1).all()
+
+
+def test_missing_weights_error_says_where_and_how(tmp_path):
+    from smear.detector.model import find_detector
+
+    with pytest.raises(ModelNotFoundError) as e:
+        find_detector(tmp_path / "nothing")
+    msg = str(e.value)
+    assert str(tmp_path / "nothing") in msg and "smear detector train" in msg
