@@ -1,0 +1,95 @@
+"""Grouped 5-fold cross-validation of the crop classifier over BCCD train + val (never test).
+
+Folds are made by source image (sklearn GroupKFold), so no image has crops on both sides.
+Each fold trains the shipped model's recipe for a fixed number of epochs (its chosen best
+epoch; no early stopping on the held-out fold) and predicts the held-out crops. One row per
+held-out crop goes to benchmarks/results/classifier_cv.csv; the summary is computed from it.
+
+    python benchmarks/classifier_cv.py [--folds 5] [--weights classifier/models/bccd-efficientnet-lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def summarize(rows: list[dict]) -> dict:
+    from smear.classifier.evaluate import classification_report
+    from smear.pipeline.dataset import CELL_CLASSES
+
+    rep = classification_report([r["true"] for r in rows], [r["pred"] for r in rows], CELL_CLASSES)
+    per_fold = {}
+    for f in sorted({r["fold"] for r in rows}):
+        fr = [r for r in rows if r["fold"] == f]
+        per_fold[f] = classification_report([r["true"] for r in fr], [r["pred"] for r in fr], CELL_CLASSES).get(
+            "subtype", {}).get("accuracy")
+    return {"groups_accuracy": rep["groups"]["accuracy"], "accuracy": rep["accuracy"], "subtype": rep.get("subtype"),
+            "subtype_accuracy_per_fold": per_fold}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=None, help="model folder whose recipe is cross-validated (default: shipped)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=None, help="phase-2 epochs (default: the model's best epoch)")
+    ap.add_argument("--summary-only", action="store_true", help="recompute the summary from the existing CSV")
+    args = ap.parse_args()
+    out = Path(__file__).parent / "results" / "classifier_cv.csv"
+    if args.summary_only:
+        rows = list(csv.DictReader(open(out)))
+        print(json.dumps(summarize(rows), indent=2))
+        return
+
+    import numpy as np
+    from sklearn.model_selection import GroupKFold
+
+    from smear.classifier.config import ClassifierConfig
+    from smear.classifier.model import load_classifier
+    from smear.classifier.predict import predict_crops
+    from smear.classifier.train import ImageCache, eval_crops, read_manifest, train_classifier
+    from smear.pipeline.config import build_config
+    from smear.pipeline.paths import resolve_path
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    base = load_classifier(args.weights)
+    card_cfg = dict(base.card["config"])
+    cfg = build_config(ClassifierConfig, card_cfg)
+    phase2 = args.epochs if args.epochs is not None else max(1, int(base.card.get("best_epoch", 0)) - cfg.frozen_epochs)
+    rows_all = [r for r in read_manifest(resolve_path(cfg.manifest)) if r.split in ("train", "val")]
+    groups = [r.image_id for r in rows_all]
+    out.parent.mkdir(exist_ok=True)
+    rows: list[dict] = []
+    t0 = time.time()
+    for fold, (tr, te) in enumerate(GroupKFold(n_splits=args.folds).split(rows_all, groups=groups)):
+        fcfg = replace(cfg, epochs=phase2, threads=args.threads, name=f"cv-fold{fold}", project="runs/classifier_cv",
+                       val_split="none")
+        train_rows = [rows_all[i] for i in tr]
+        test_rows = [rows_all[i] for i in te]
+        folder = train_classifier(fcfg, resume=True, train_rows=train_rows, val_rows=[])
+        model = load_classifier(folder)
+        probs = predict_crops(model, eval_crops(test_rows, ImageCache(), model.crop_size_px, model.crop_margin))
+        for r, p in zip(test_rows, probs):
+            rows.append({"fold": fold, "image_id": r.image_id, "x1": r.box[0], "y1": r.box[1], "x2": r.box[2],
+                         "y2": r.box[3], "true": r.label, "pred": model.classes[int(np.argmax(p))],
+                         "score": round(float(np.max(p)), 4)})
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        logging.info("fold %d done (%.1f min so far)", fold, (time.time() - t0) / 60)
+    summary = summarize(rows)
+    summary["recipe"] = {"backbone": cfg.backbone, "crop_size_px": cfg.crop_size_px, "phase2_epochs": phase2,
+                         "folds": args.folds, "minutes": round((time.time() - t0) / 60, 1)}
+    print(json.dumps(summary, indent=2))
+    print(f"rows: {out}")
+
+
+if __name__ == "__main__":
+    main()
