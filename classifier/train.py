@@ -249,3 +249,20 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = False, train_rows: li
     except Exception as e:  # noqa: BLE001  a plot failure must not lose a trained model
         log.warning("training curves not plotted: %s", e)
     return run_dir / "model"
+
+
+def package_classifier(model_folder: Path, dest: Path, extra: dict | None = None) -> Path:
+    """Copy a trained model folder to ``dest`` (e.g. the shipped models folder) with its card (json + md)."""
+    import shutil
+
+    from smear.pipeline.modelcard import write_card
+
+    model_folder = Path(model_folder)
+    card = json.loads((model_folder / "card.json").read_text())
+    card.update(extra or {})
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("weights.pt", "history.json", "curves.png"):
+        if (model_folder / name).is_file():
+            shutil.copyfile(model_folder / name, dest / name)
+    write_card(dest, card, f"Classifier {dest.name}")
+    return dest

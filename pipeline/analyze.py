@@ -25,7 +25,7 @@ from .dataset import GROUPS, SUBTYPES, group_of
 from .errors import SmearError
 from .indicators import compute_flags
 from .progress import progress_bar
-from .results import Cell, ImageResult, SlideResult, count_cells, differential_from_counts, ratios_from_counts
+from .results import Cell, Flag, ImageResult, SlideResult, count_cells, differential_from_counts, ratios_from_counts
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +114,39 @@ class Analyzer:
         result.differential = differential_from_counts(counts)
         unplaced = sum(1 for c in result.cells if c.group == "WBC"
                        and c.classifier.get("score_in_group", 1.0) < self.cfg.low_confidence_wbc)
-        if self.morphology is not None:
-            from smear.classifier.morphology import summarize_morphology
-
-            result.morphology = summarize_morphology(result.cells)
         result.flags = compute_flags(counts, result.differential, 1, self.cfg, unplaced, mean_rbc_diameter_um(result.cells, self.cfg))
         if self.morphology is not None:
-            from smear.classifier.morphology import morphology_flags
-
-            result.flags += morphology_flags(result.morphology, counts, 1)
+            result.morphology, extra = self._morphology_outputs(result.cells, counts, 1)
+            result.flags += extra
         return result
+
+    def _morphology_outputs(self, cells: list[Cell], counts: dict[str, int], n_fields: int) -> tuple[dict, list]:
+        """Morphology shares and flags, gated by a domain check.
+
+        The morphology model learnt one lab's fields (Chula RBC-12, 1000x, ~35-39 px RBCs). Fields
+        whose median RBC is far from that size come from another imaging set-up (BCCD's RBCs are
+        ~100 px and its stain differs; measured: only 13% of BCCD RBCs are called normal), so their
+        morphology flags are withheld with an explanation instead of raised.
+        """
+        from smear.classifier.morphology import morphology_flags, summarize_morphology
+
+        summary = summarize_morphology(cells)
+        diam = [((c.box[2] - c.box[0]) + (c.box[3] - c.box[1])) / 2 for c in cells if c.group == "RBC"]
+        median = float(np.median(diam)) if diam else None
+        ref = float(self.morphology.config.get("cell_diameter_px", 0) or 0)
+        ratio = median / ref if median and ref else None
+        in_domain = self.cfg.pixel_size_um > 0 or (ratio is not None and 0.6 <= ratio <= 1.67)
+        summary["domain"] = {"median_rbc_diameter_px": round(median, 1) if median else None,
+                             "model_rbc_diameter_px": ref or None, "in_domain": in_domain}
+        if in_domain or not diam:
+            return summary, morphology_flags(summary, counts, n_fields)
+        return summary, [Flag(
+            "rbc_morphology", "insufficient evidence", "morphology flags need fields like the model's training fields",
+            f"median RBC diameter {0.6 * ref:.0f}-{1.67 * ref:.0f} px (or a pixel size)", f"{median:.0f} px",
+            {"fields": n_fields, "rbc": counts.get("RBC", 0)},
+            "These fields differ from the morphology model's training images (another magnification or lab); "
+            "the per-cell calls are kept for review but no morphology flag is raised. Give --pixel-size-um if "
+            "the scale is known, or retrain on your own labelled cells.")]
 
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
@@ -139,7 +162,7 @@ class Analyzer:
             cells = self.merge(det.boxes, det.scores, det.classes, probs[start:start + len(det)])
             start += len(det)
             if self.morphology is not None:
-                self.morphology.annotate(img, cells)
+                self.morphology.annotate(img, cells, self.cfg.pixel_size_um or None)
             out.append(self._finish(ImageResult(image=name, width=int(img.shape[1]), height=int(img.shape[0]), cells=cells)))
         return out
 
@@ -203,10 +226,8 @@ class Analyzer:
         slide.flags = compute_flags(counts, slide.differential, n, self.cfg, unplaced,
                                     mean_rbc_diameter_um(cells, self.cfg))
         if self.morphology is not None:
-            from smear.classifier.morphology import morphology_flags, summarize_morphology
-
-            slide.morphology = summarize_morphology(cells)
-            slide.flags += morphology_flags(slide.morphology, counts, n)
+            slide.morphology, extra = self._morphology_outputs(cells, counts, n)
+            slide.flags += extra
         return slide
 
 

@@ -155,21 +155,40 @@ def detector_export(
 
 # ------------------------------------------------------------------ classifier
 
+TASK_HELP = "cells: RBC/platelets/WBC subtypes on BCCD; rbc-morphology: 13 RBC shapes on Chula RBC-12"
+
+
+def _check_task(task: str) -> None:
+    if task not in ("cells", "rbc-morphology"):
+        _fail(f"--task {task!r}: expected cells or rbc-morphology")
+
+
 @classifier_app.command("train")
 def classifier_train(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/classifier.yaml)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/classifier.yaml, "
+                                          "configs/morphology.yaml)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
+    task: str = typer.Option("cells", "--task", help=TASK_HELP),
     overrides: List[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Train the crop classifier (two phases, as in the study; checkpoint every epoch).
 
-    Example: smear classifier train backbone=mobilenet_v2 crop_size_px=128 name=mnv2-128
-    """
-    from smear.classifier.config import ClassifierConfig
-    from smear.classifier.train import train_classifier
+    Examples:
 
-    cfg = _load(ClassifierConfig, config, overrides or [])
-    folder = train_classifier(cfg, resume=resume)
+      smear classifier train backbone=mobilenet_v2 crop_size_px=128 name=mnv2-128
+
+      smear classifier train --task rbc-morphology threads=1
+    """
+    _check_task(task)
+    if task == "rbc-morphology":
+        from smear.classifier.morphology import MorphologyConfig, train_morphology
+
+        folder = train_morphology(_load(MorphologyConfig, config, overrides or []), resume=resume)
+    else:
+        from smear.classifier.config import ClassifierConfig
+        from smear.classifier.train import train_classifier
+
+        folder = train_classifier(_load(ClassifierConfig, config, overrides or []), resume=resume)
     typer.echo(f"model folder: {folder}")
 
 
@@ -180,8 +199,21 @@ def classifier_evaluate(
     manifest: Path = typer.Option(Path("runs/prepared/bccd/crops/manifest.csv"), "--manifest",
                                   help="crop manifest from 'smear data prepare'"),
     output: Optional[Path] = typer.Option(None, "--output", help="folder for metrics.json and PNG plots"),
+    task: str = typer.Option("cells", "--task", help=TASK_HELP),
 ) -> None:
-    """Accuracy, per-class P/R/F1, confusion matrix, ROC/AUC (7 classes and 3 groups) on ground-truth boxes."""
+    """Accuracy, per-class P/R/F1, confusion matrix, ROC/AUC (7 classes and 3 groups) on ground-truth boxes.
+
+    With --task rbc-morphology: per-class P/R/F1, macro-F1, confusion matrix and normal-vs-abnormal ROC
+    on the model's own held-out Chula images.
+    """
+    _check_task(task)
+    if task == "rbc-morphology":
+        from smear.classifier.morphology import evaluate_morphology
+
+        rep = evaluate_morphology(weights, split, output)
+        typer.echo(json.dumps({k: rep[k] for k in ("n", "accuracy", "macro_f1", "normal_vs_abnormal", "per_class")
+                               if k in rep}, indent=2))
+        return
     from smear.classifier.evaluate import evaluate_classifier
 
     m = evaluate_classifier(weights, manifest, split, output)

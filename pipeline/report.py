@@ -46,8 +46,8 @@ def draw_overlay(image_rgb: np.ndarray, result: ImageResult) -> np.ndarray:
 
     img = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR).copy()
     h, w = img.shape[:2]
-    scale = max(0.4, min(w, h) / 900)
-    thick = max(1, round(scale * 2))
+    scale = max(1.0, min(w, h) / 480)  # 1.0 on a 640x480 field, larger on larger images
+    thick = max(1, round(scale * 1.5))
     for c in sorted(result.cells, key=lambda c: c.group != "RBC"):  # RBC first, so others stay on top
         x1, y1, x2, y2 = (int(round(v)) for v in c.box)
         colour = COLOURS.get(c.label, (40, 40, 40))[::-1]
@@ -55,10 +55,12 @@ def draw_overlay(image_rgb: np.ndarray, result: ImageResult) -> np.ndarray:
         if c.review:
             cv2.rectangle(img, (x1 - 3, y1 - 3), (x2 + 3, y2 + 3), (255, 255, 255), 1)
         text = f"{c.label} {c.score:.2f}" if c.group != "RBC" else "RBC"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale, max(1, thick - 1))
+        font = 0.5 * scale
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, max(1, thick - 1))
         ty = y1 - 3 if y1 - th - 4 > 0 else min(h - 2, y2 + th + 3)
+        x1 = max(0, min(x1, w - tw - 3))  # keep the label inside the image
         cv2.rectangle(img, (x1, ty - th - 2), (x1 + tw + 2, ty + base - 1), colour, -1)
-        cv2.putText(img, text, (x1 + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, 0.45 * scale, (255, 255, 255),
+        cv2.putText(img, text, (x1 + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255),
                     max(1, thick - 1), cv2.LINE_AA)
     return img
 

@@ -1,0 +1,118 @@
+"""Does the BCCD detector find Chula RBCs? Point coverage at several input scales.
+
+For each held-out Chula RBC-12 test image (the split saved in the morphology model folder, or
+recomputed from MorphologyConfig defaults) and each scale, the detector runs on the resized
+field; a labelled cell counts as found when its point lies inside a detected RBC box. Chula
+cells are about 35 px across and BCCD cells about 100 px, so scales near 3 should do best.
+
+The detector letterboxes every image (or tile) to its imgsz, so an up-scaled field is tiled at
+``--tile-px`` (default: the detector's imgsz) to keep the scale, with a quarter-tile overlap
+(160 px, more than a cell at scale 4); with tiles larger than imgsz the network would shrink
+the field back and a scale of 2 would behave like 1.
+
+Writes a tidy table (one row per labelled cell and scale) to
+benchmarks/results/chula_detection.csv and prints the fraction found per scale (and per class).
+
+    python benchmarks/chula_detection.py --weights runs/detector/v8n-640-e32/weights/last.pt \
+        [--scales 1 2 3 4] [--images 20] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=None, help="detector .pt or folder; default: the shipped detector")
+    ap.add_argument("--morphology", default=None, help="morphology model folder whose split.json names the test images")
+    ap.add_argument("--data-root", default=None, help="Chula RBC-12 folder (default: MorphologyConfig.data_root)")
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0])
+    ap.add_argument("--images", type=int, default=0, help="first N test images only (0: all)")
+    ap.add_argument("--conf", type=float, default=0.25)
+    ap.add_argument("--tile-px", type=int, default=0, help="tile side at inference (0: the detector's imgsz)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--output", default="benchmarks/results/chula_detection.csv")
+    args = ap.parse_args()
+
+    import json
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from smear.classifier.morphology import MorphologyConfig, read_chula, resolve_morphology_folder, split_images
+    from smear.detector.config import DetectorConfig
+    from smear.detector.predict import Detector
+    from smear.pipeline.dataset import GROUPS
+    from smear.pipeline.io import read_image
+    from smear.pipeline.paths import resolve_path
+
+    mcfg = MorphologyConfig()
+    data = read_chula(resolve_path(args.data_root or mcfg.data_root))
+    try:
+        folder = resolve_morphology_folder(args.morphology)
+        test_ids = json.loads((folder / "split.json").read_text())["test"]
+        split_source = str(folder / "split.json")
+    except Exception:  # noqa: BLE001  no model folder yet: the same rule from the config defaults
+        test_ids = split_images(data, mcfg.val_fraction, mcfg.test_fraction, mcfg.split_seed)["test"]
+        split_source = "MorphologyConfig defaults"
+    test_ids = [i for i in test_ids if i in data][: args.images or None]
+
+    probe = Detector(args.weights)
+    tile = args.tile_px or probe.imgsz
+    det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, conf=args.conf, tile_px=tile,
+                                                    tile_overlap_px=tile // 4))
+    rbc = GROUPS.index("RBC")
+    rows = []
+    t0 = time.time()
+    for image_id in test_ids:
+        cells = data[image_id]
+        img = read_image(cells[0].image)
+        for s in args.scales:
+            d = det.predict([img], conf=args.conf, scale=s)[0]
+            boxes = d.boxes[d.classes == rbc]
+            diam = float(np.median((boxes[:, 2] - boxes[:, 0] + boxes[:, 3] - boxes[:, 1]) / 2)) if len(boxes) else ""
+            for c in cells:
+                inside = bool(len(boxes)) and bool(((boxes[:, 0] <= c.x) & (c.x <= boxes[:, 2])
+                                                    & (boxes[:, 1] <= c.y) & (c.y <= boxes[:, 3])).any())
+                rows.append({"image_id": image_id, "scale": s, "x": c.x, "y": c.y, "label": c.label,
+                             "found": int(inside), "rbc_boxes": len(boxes), "labelled_cells": len(cells),
+                             "median_rbc_box_px": round(diam, 1) if diam != "" else ""})
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    # Summaries from the table only.
+    print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {args.conf}); "
+          f"{len(test_ids)} Chula test images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
+          f"{time.time() - t0:.0f} s")
+    print("scale  found   RBC boxes / labelled cells   median RBC box (px, in the original field)")
+    for s in args.scales:
+        r = [x for x in rows if x["scale"] == s]
+        per_image = {x["image_id"]: x for x in r}
+        boxes = sum(x["rbc_boxes"] for x in per_image.values())
+        labelled = sum(x["labelled_cells"] for x in per_image.values())
+        diams = [x["median_rbc_box_px"] for x in per_image.values() if x["median_rbc_box_px"] != ""]
+        print(f"{s:5g}  {np.mean([x['found'] for x in r]):.3f}   {boxes / labelled:.2f}"
+              f"                         {np.median(diams) if diams else float('nan'):.1f}")
+    by_class: dict[tuple[float, str], list[int]] = defaultdict(list)
+    for x in rows:
+        by_class[(x["scale"], x["label"])].append(x["found"])
+    labels = sorted({x["label"] for x in rows})
+    print("found per class: " + "  ".join(f"{lab}" for lab in labels))
+    for s in args.scales:
+        print(f"  scale {s:g}: " + "  ".join(f"{np.mean(by_class[(s, lab)]):.2f}" for lab in labels))
+    print(f"table: {out}")
+
+
+if __name__ == "__main__":
+    main()

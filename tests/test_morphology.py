@@ -1,0 +1,200 @@
+"""RBC morphology stage: synthetic Chula-like folder, tiny untrained model, no network, no real data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smear.classifier.morphology import (MIN_RBC_FOR_MORPHOLOGY, MORPHOLOGY_CLASSES, MorphologyConfig,
+                                         eval_point_crops, load_morphology_model, morphology_flags, point_crop,
+                                         read_chula, split_images, summarize_morphology)
+from smear.pipeline.errors import ModelNotFoundError, SmearError
+from smear.pipeline.results import Cell, Flag
+
+
+def write_chula(root: Path, n_images: int = 8, cells_per_image: int = 6, unlabelled: int = 2) -> Path:
+    """A tiny Chula-like folder: Dataset/N.jpg (pink discs, ~35 px), Label/N.txt ``x y class``."""
+    import cv2
+
+    (root / "Dataset").mkdir(parents=True)
+    (root / "Label").mkdir()
+    for i in range(1, n_images + unlabelled + 1):
+        rng = random.Random(i)
+        img = np.full((480, 640, 3), (200, 205, 215), np.uint8)
+        lines = []
+        for k in range(cells_per_image):
+            x, y = 40 + 90 * k, rng.randint(40, 440)
+            cv2.circle(img, (x, y), 17, (140, 110, 170), -1)
+            lines.append(f"{x} {y} {(i + k) % len(MORPHOLOGY_CLASSES)}")
+        cv2.imwrite(str(root / "Dataset" / f"{i}.jpg"), img)
+        if i <= n_images:
+            (root / "Label" / f"{i}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def chula(tmp_path) -> Path:
+    return write_chula(tmp_path / "chula")
+
+
+@pytest.fixture(scope="module")
+def tiny_morphology(tmp_path_factory) -> Path:
+    """An untrained morphology folder (mobilenet_v2, no pretrained weights, 32 px input)."""
+    import torch
+
+    from smear.classifier.model import CellClassifier, save_model_folder
+    from smear.pipeline.config import build_config, config_to_dict
+
+    torch.manual_seed(0)
+    cfg = build_config(MorphologyConfig, {"backbone": "mobilenet_v2", "pretrained": "none", "input_size_px": 32})
+    net = CellClassifier(cfg.backbone, len(MORPHOLOGY_CLASSES), cfg.head_hidden, cfg.dropout, "none")
+    folder = tmp_path_factory.mktemp("tiny_morphology")
+    save_model_folder(folder, net, {"kind": "morphology", "classes": list(MORPHOLOGY_CLASSES),
+                                    "config": config_to_dict(cfg)})
+    return folder
+
+
+def _cell(group: str, box=(100, 100, 140, 140)) -> Cell:
+    return Cell(box=list(box), group=group, label=group, score=0.9, detector={}, classifier={})
+
+
+def _cells_with(labels: dict[str, int]) -> list[Cell]:
+    cells = []
+    for lab, n in labels.items():
+        for _ in range(n):
+            c = _cell("RBC")
+            c.morphology = {"label": lab, "score": 0.9}
+            cells.append(c)
+    return cells
+
+
+def test_read_chula_skips_unlabelled_images(chula):
+    data = read_chula(chula)
+    assert sorted(data, key=int) == [str(i) for i in range(1, 9)]
+    assert all(len(v) == 6 for v in data.values())
+    assert {c.label for v in data.values() for c in v} <= set(MORPHOLOGY_CLASSES)
+
+
+def test_read_chula_rejects_other_folders(tmp_path):
+    with pytest.raises(SmearError, match="Dataset/ and Label/"):
+        read_chula(tmp_path)
+
+
+def test_split_is_by_image_and_deterministic():
+    ids = [str(i) for i in range(1, 401)]
+    a = split_images(ids, 0.15, 0.15, seed=0)
+    b = split_images(list(reversed(ids)), 0.15, 0.15, seed=0)
+    assert a == b
+    assert sorted(sum(a.values(), []), key=int) == ids  # every image in exactly one split
+    assert not (set(a["train"]) & set(a["val"]) or set(a["train"]) & set(a["test"]) or set(a["val"]) & set(a["test"]))
+    assert 0.08 < len(a["test"]) / len(ids) < 0.22 and 0.08 < len(a["val"]) / len(ids) < 0.22
+    # Adding images moves none of the old ones.
+    c = split_images(ids + [str(i) for i in range(401, 500)], 0.15, 0.15, seed=0)
+    assert all(set(a[s]) <= set(c[s]) for s in a)
+    assert split_images(ids, 0.15, 0.15, seed=1) != a
+
+
+def test_point_crops_are_centred_and_sized(chula):
+    data = read_chula(chula)
+    cells = data["1"]
+    crops = eval_point_crops(cells, 56, 64)
+    assert len(crops) == len(cells)
+    for crop in crops:
+        assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
+        centre, corner = crop[28:36, 28:36].mean(), crop[:6, :6].mean()
+        assert centre < corner - 20  # the dark disc sits in the middle, background around it
+    edge = point_crop(np.zeros((50, 50, 3), np.uint8) + 100, 0, 0, 40, 32)  # mirrored outside the image
+    assert edge.shape == (32, 32, 3) and edge.min() == 100
+
+
+def test_missing_model_is_a_smear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="morphology"):
+        load_morphology_model(str(tmp_path / "nothing"))
+
+
+def test_annotate_sets_morphology_on_rbc_only(tiny_morphology, field_image):
+    from smear.pipeline.io import read_image
+
+    model = load_morphology_model(str(tiny_morphology))
+    img = read_image(field_image)
+    cells = [_cell("RBC", (100, 100, 180, 180)), _cell("WBC", (300, 200, 420, 320)),
+             _cell("Platelets", (50, 50, 66, 66)), _cell("RBC", (400, 100, 470, 172))]
+    model.annotate(img, cells)
+    assert [c.morphology is not None for c in cells] == [True, False, False, True]
+    for c in cells[::3]:
+        assert c.morphology["label"] in MORPHOLOGY_CLASSES and 0 <= c.morphology["score"] <= 1
+    assert "morphology" not in cells[1].to_dict()
+    info = model.info()
+    assert info["classes"] == list(MORPHOLOGY_CLASSES) and info["weights"] == str(tiny_morphology)
+    model.annotate(img, [])  # no cells: nothing to do
+
+
+def test_crop_side_follows_the_field_median(tiny_morphology):
+    model = load_morphology_model(str(tiny_morphology))
+    crop, ref = model.config["crop_px"], model.config["cell_diameter_px"]
+    boxes = [(0, 0, 70, 70)] * 6 + [(0, 0, 140, 140)]
+    sides = model.crop_sides(boxes)
+    assert sides[0] == sides[-1] == pytest.approx(crop * 70 / ref)  # one scale per field: sizes stay relative
+    assert model.crop_sides([(0, 0, 140, 140)])[0] == pytest.approx(crop * 140 / ref)  # few RBCs: own box
+    assert model.crop_sides(boxes, pixel_size_um=7.5 / ref)[0] == pytest.approx(crop)  # Chula's own scale
+
+
+def test_summary_counts_cells_with_a_call():
+    cells = _cells_with({"normal": 490, "schistocyte": 10}) + [_cell("WBC")]
+    s = summarize_morphology(cells)
+    assert s["n_rbc"] == 500
+    assert s["counts"]["schistocyte"] == 10 and s["percent"]["schistocyte"] == 2.0
+    assert set(MORPHOLOGY_CLASSES) <= set(s["counts"])
+    assert summarize_morphology([])["percent"]["normal"] is None
+
+
+def test_schistocytes_over_one_percent_flag():
+    s = summarize_morphology(_cells_with({"normal": 490, "schistocyte": 10}))
+    flags = morphology_flags(s, {"RBC": 500}, 12)
+    assert [f.name for f in flags] == ["schistocytes"]
+    f = flags[0]
+    assert isinstance(f, Flag) and f.severity == "warning" and f.threshold == "> 1%"
+    assert f.observed.startswith("2.0%") and f.evidence["fields"] == 12 and f.evidence["rbc_with_morphology"] == 500
+    assert "haemoglobin" in f.caveat
+    assert morphology_flags(summarize_morphology(_cells_with({"normal": 496, "schistocyte": 4})), {"RBC": 500}, 1) == []
+
+
+def test_microcytic_hypochromic_pattern_pools_both_labels():
+    s = summarize_morphology(_cells_with({"normal": 440, "microcyte": 30, "hypochromia": 30}))
+    assert [f.name for f in morphology_flags(s, {"RBC": 500}, 3)] == ["microcytic_hypochromic_pattern"]
+
+
+def test_few_rbcs_give_insufficient_evidence():
+    s = summarize_morphology(_cells_with({"normal": 40, "schistocyte": 10}))
+    flags = morphology_flags(s, {"RBC": 50}, 1)
+    assert len(flags) == 1 and flags[0].severity == "insufficient evidence"
+    assert str(MIN_RBC_FOR_MORPHOLOGY) in flags[0].threshold and "50" in flags[0].observed
+    assert morphology_flags(None, {}, 0) == []
+
+
+def test_train_and_evaluate_on_synthetic_data(chula, tmp_path, monkeypatch):
+    from smear.classifier.morphology import evaluate_morphology, main, train_morphology
+    from smear.pipeline.config import build_config
+
+    cfg = build_config(MorphologyConfig, {
+        "data_root": str(chula), "backbone": "mobilenet_v2", "pretrained": "none", "input_size_px": 32,
+        "epochs": 1, "samples_per_epoch": 32, "batch": 16, "val_fraction": 0.25, "test_fraction": 0.25,
+        "project": str(tmp_path / "runs"), "name": "t"})
+    folder = train_morphology(cfg, progress=False)
+    card = json.loads((folder / "card.json").read_text())
+    split = json.loads((folder / "split.json").read_text())
+    assert card["kind"] == "morphology" and card["classes"] == list(MORPHOLOGY_CLASSES)
+    assert (folder / "weights.pt").is_file() and (folder / "card.md").is_file()
+    assert sorted(sum(split.values(), []), key=int) == [str(i) for i in range(1, 9)]
+    assert (tmp_path / "runs" / "t" / "last.pt").is_file()
+    rep = evaluate_morphology(folder, "train", tmp_path / "eval", record=True)
+    assert rep["n"] == 6 * len(split["train"]) and "macro_f1" in rep and "normal_vs_abnormal" in rep
+    assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
+    assert "train_metrics" in json.loads((folder / "card.json").read_text())
+    with pytest.raises(SmearError, match="run folder exists"):
+        train_morphology(cfg, progress=False)
+    assert main(["evaluate", str(folder), "--split", "train"]) == 0

@@ -1,0 +1,73 @@
+"""The shipped models, on the shipped sample fields: what a new user sees after the README's first command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "data" / "samples"
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    from smear.pipeline.analyze import Analyzer
+    from smear.pipeline.config import PipelineConfig
+
+    return Analyzer(PipelineConfig())
+
+
+def test_shipped_models_are_package_data():
+    from smear.classifier.model import resolve_classifier_folder
+    from smear.detector.model import find_detector
+
+    det = find_detector(None)
+    assert det.weights.is_file() and det.card.get("test_metrics")
+    folder = resolve_classifier_folder(None)
+    card = json.loads((folder / "card.json").read_text())
+    assert card["classes"] == ["RBC", "Platelets", "Neutrophil", "Eosinophil", "Lymphocyte", "Monocyte", "Basophil"]
+    assert card.get("test_metrics")
+    for f in (det.weights.parent / "card.md", folder / "card.md"):
+        assert f.is_file()
+
+
+@pytest.mark.parametrize("name,subtype", [("BloodImage_00007.jpg", "Neutrophil"), ("BloodImage_00041.jpg", "Eosinophil"),
+                                          ("BloodImage_00021.jpg", "Lymphocyte")])
+def test_sample_fields_are_read_like_a_technologist_would(analyzer, name, subtype):
+    r = analyzer.analyze_images([SAMPLES / name])[0]
+    assert r.error is None
+    assert r.counts["RBC"] >= 5
+    wbcs = [c for c in r.cells if c.group == "WBC"]
+    assert wbcs, "every BCCD sample field holds a WBC"
+    assert max(wbcs, key=lambda c: c.score).label == subtype
+    assert all(0 <= c.box[0] < c.box[2] <= r.width + 1 and 0 <= c.box[1] < c.box[3] <= r.height + 1 for c in r.cells)
+
+
+def test_info_json_lists_both_models():
+    from typer.testing import CliRunner
+
+    from smear.pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["info", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["detector"]["classes"] == ["RBC", "WBC", "Platelets"] and info["detector"]["imgsz"] > 0
+    assert info["classifier"]["backbone"] and info["classifier"]["crop_size_px"] > 0
+    assert info["detector"]["test_metrics"]["mAP50"] > 0.5
+
+
+def test_readme_command_runs_as_a_subprocess(tmp_path):
+    """The README's first command, minus the install: the real console script on a shipped sample."""
+    exe = Path(sys.executable).parent / "smear"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "smear.pipeline.cli"]
+    out = subprocess.run(cmd + ["analyze", str(SAMPLES / "BloodImage_00007.jpg"), "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "BloodImage_00007.jpg" in out.stdout
+    for name in ("results.jsonl", "summary.csv", "report.html"):
+        assert (tmp_path / name).is_file()
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 1
