@@ -525,6 +525,8 @@ def load_morphology_model(weights: str | None = None, device: str = "cpu") -> Mo
         ModelNotFoundError: no folder there (the message says where it looked and how to make one).
         SmearError: the folder is not a morphology model.
     """
+    import torch
+
     from .model import CellClassifier, ClassifierModel, _load_state
 
     folder = resolve_morphology_folder(weights)
@@ -536,7 +538,7 @@ def load_morphology_model(weights: str | None = None, device: str = "cpu") -> Mo
     net = CellClassifier(cfg["backbone"], len(card["classes"]), cfg["head_hidden"], cfg["dropout"], pretrained="none")
     state = _load_state(folder / "weights.pt")
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    net.eval().to(device)
+    net.eval().to(device).to(memory_format=torch.channels_last)
     model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["input_size_px"]),
                             crop_margin=0.0, card=card, folder=folder)
     return MorphologyModel(model=model, config=cfg, card=card, folder=folder)

@@ -34,7 +34,8 @@ def predict_crops(model: ClassifierModel, crops: Sequence[np.ndarray], batch: in
     device = next(model.net.parameters()).device
     out = []
     for i in range(0, len(crops), batch):
-        logits = model.net(to_tensor(crops[i: i + batch]).to(device))
+        x = to_tensor(crops[i: i + batch]).to(device).contiguous(memory_format=torch.channels_last)
+        logits = model.net(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
     return np.concatenate(out)
 
