@@ -132,18 +132,35 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def predict_rows(model, rows, batch: int = 256) -> np.ndarray:
+    """Probabilities for manifest rows (ground-truth boxes), through the same path as the pipeline."""
+    from .predict import classify_fields
+    from .train import ImageCache
+
+    cache = ImageCache()
+    order: dict[str, list[int]] = {}
+    for k, r in enumerate(rows):
+        order.setdefault(r.image, []).append(k)
+    images = list(order)
+    per_image = classify_fields(model, [cache.get(p) for p in images],
+                                [[rows[k].box for k in order[p]] for p in images], batch)
+    probs = np.zeros((len(rows), len(model.classes)), np.float32)
+    for p, pr in zip(images, per_image):
+        probs[order[p]] = pr
+    return probs
+
+
 def evaluate_classifier(weights: str | Path | None, manifest: str | Path, split: str, output: Path | None = None,
                         batch: int = 256) -> dict:
     """Score a classifier on the ground-truth boxes of a manifest split; write JSON and PNGs to ``output``."""
     from .model import load_classifier
-    from .predict import predict_crops
-    from .train import ImageCache, eval_crops, read_manifest
+    from .train import read_manifest
 
     model = load_classifier(weights)
     rows = [r for r in read_manifest(resolve_path(manifest), tuple(model.classes)) if r.split == split]
     if not rows:
         raise SmearError(f"{manifest}: no labelled crops in split '{split}'")
-    probs = predict_crops(model, eval_crops(rows, ImageCache(), model.crop_size_px, model.crop_margin), batch)
+    probs = predict_rows(model, rows, batch)
     y_true = [r.label for r in rows]
     y_pred = [model.classes[k] for k in probs.argmax(1)]
     rep = classification_report(y_true, y_pred, model.classes, probs)

@@ -171,6 +171,11 @@ class ClassifierModel:
     crop_margin: float
     card: dict = field(default_factory=dict)
     folder: Path | None = None
+    # Cascade: crops the fast model puts (even partly) in one of ``refine_groups`` are re-scored
+    # by ``refiner``, a slower, sharper model with the same classes (see predict.classify_fields).
+    refiner: "ClassifierModel | None" = None
+    refine_groups: tuple[str, ...] = ()
+    refine_min_prob: float = 0.05
 
 
 def shipped_models_dir() -> Path:
@@ -201,8 +206,13 @@ def resolve_classifier_folder(weights: str | Path | None = None) -> Path:
         f"'smear data prepare' then 'smear classifier train', or pass --weights FOLDER")
 
 
-def load_classifier(weights: str | Path | None = None, device: str = "cpu") -> ClassifierModel:
-    """Load a classifier folder (``weights.pt`` + ``card.json``); no network, no ImageNet weights needed."""
+def load_classifier(weights: str | Path | None = None, device: str = "cpu", with_refiner: bool = True) -> ClassifierModel:
+    """Load a classifier folder (``weights.pt`` + ``card.json``); no network, no ImageNet weights needed.
+
+    A card with ``"refiner": {"weights": <folder relative to this one>, "groups": [...], "min_prob": p}``
+    makes a cascade: the refiner re-scores the crops of those groups (``with_refiner=False`` loads
+    this model alone).
+    """
     folder = resolve_classifier_folder(weights)
     card = json.loads((folder / "card.json").read_text())
     cfg = card["config"]
@@ -211,5 +221,15 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu") -> C
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     # channels_last: 1.4-1.8x faster depthwise convolutions on CPU (measured on 2 cores).
     net.eval().to(device).to(memory_format=torch.channels_last)
-    return ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),
-                           crop_margin=float(cfg["crop_margin"]), card=card, folder=folder)
+    model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),
+                            crop_margin=float(cfg["crop_margin"]), card=card, folder=folder)
+    ref = card.get("refiner")
+    if ref and with_refiner:
+        ref_folder = (folder / ref["weights"]).resolve()
+        refiner = load_classifier(ref_folder, device=device, with_refiner=False)
+        if refiner.classes != model.classes:
+            raise SmearError(f"{ref_folder}: refiner classes {refiner.classes} differ from {model.classes}")
+        model.refiner = refiner
+        model.refine_groups = tuple(ref.get("groups", ("WBC",)))
+        model.refine_min_prob = float(ref.get("min_prob", 0.05))
+    return model

@@ -45,10 +45,44 @@ def crops_from_boxes(model: ClassifierModel, image_rgb: np.ndarray, boxes: Seque
     return [crop_cell(image_rgb, b, model.crop_margin, model.crop_size_px) for b in boxes]
 
 
+def _refine_mask(model: ClassifierModel, probs: np.ndarray) -> np.ndarray:
+    """Crops whose probability for a refined group reaches ``refine_min_prob``."""
+    from smear.pipeline.dataset import group_of
+
+    cols = [k for k, c in enumerate(model.classes) if group_of(c) in model.refine_groups]
+    if model.refiner is None or not cols or not len(probs):
+        return np.zeros(len(probs), bool)
+    return probs[:, cols].sum(1) >= model.refine_min_prob
+
+
+def classify_fields(model: ClassifierModel, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Sequence[float]]],
+                    batch: int = 256) -> list[np.ndarray]:
+    """Class probabilities for the boxes of several fields (one array per field), in one pass per model.
+
+    With a cascade, the fast model scores every crop and the refiner re-scores, at its own crop
+    size, the crops that may belong to a refined group (e.g. every possible WBC): the rare cells
+    that need detail get it without paying for it on every RBC.
+    """
+    owners = [(i, b) for i, bs in enumerate(boxes) for b in bs]
+    crops = [c for img, bs in zip(images, boxes) for c in crops_from_boxes(model, img, bs)]
+    probs = predict_crops(model, crops, batch)
+    mask = _refine_mask(model, probs)
+    if mask.any():
+        idx = np.flatnonzero(mask)
+        fine = [crop_cell(images[owners[k][0]], owners[k][1], model.refiner.crop_margin, model.refiner.crop_size_px)
+                for k in idx]
+        probs[idx] = predict_crops(model.refiner, fine, batch)
+    out, start = [], 0
+    for bs in boxes:
+        out.append(probs[start:start + len(bs)])
+        start += len(bs)
+    return out
+
+
 def classify_boxes(model: ClassifierModel, image_rgb: np.ndarray, boxes: Sequence[Sequence[float]],
                    batch: int = 256) -> np.ndarray:
     """Class probabilities for each box of one field."""
-    return predict_crops(model, crops_from_boxes(model, image_rgb, boxes), batch)
+    return classify_fields(model, [image_rgb], [boxes], batch)[0]
 
 
 def crop_from_cell_image(model: ClassifierModel, image_rgb: np.ndarray) -> np.ndarray:
@@ -67,6 +101,7 @@ def classify_files(model: ClassifierModel, paths: Sequence[Path], batch: int = 2
 
     records: list[dict] = []
     pending: list[tuple[int, np.ndarray]] = []
+    imgs: list[np.ndarray] = []
     for p in paths:
         try:
             img = read_image(p)
@@ -75,7 +110,12 @@ def classify_files(model: ClassifierModel, paths: Sequence[Path], batch: int = 2
             continue
         records.append({"image": str(p)})
         pending.append((len(records) - 1, crop_from_cell_image(model, img)))
+        imgs.append(img)
     probs = predict_crops(model, [c for _, c in pending], batch)
+    mask = _refine_mask(model, probs)
+    if mask.any():
+        idx = np.flatnonzero(mask)
+        probs[idx] = predict_crops(model.refiner, [crop_from_cell_image(model.refiner, imgs[k]) for k in idx], batch)
     for (idx, _), pr in zip(pending, probs):
         k = int(pr.argmax())
         records[idx].update({"label": model.classes[k], "score": round(float(pr[k]), 4),

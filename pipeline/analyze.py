@@ -150,17 +150,14 @@ class Analyzer:
 
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
-        from smear.classifier.predict import crops_from_boxes, predict_crops
+        from smear.classifier.predict import classify_fields
 
         dets = self.detector.predict(list(images), conf=self.cfg.conf, iou=self.cfg.iou, scale=self.scale)
         # One classifier pass over the crops of all images in the batch: far fewer small forward calls.
-        crops = [c for img, det in zip(images, dets) for c in crops_from_boxes(self.classifier, img, det.boxes)]
-        probs = predict_crops(self.classifier, crops)
+        probs = classify_fields(self.classifier, images, [d.boxes for d in dets])
         out = []
-        start = 0
-        for img, name, det in zip(images, names, dets):
-            cells = self.merge(det.boxes, det.scores, det.classes, probs[start:start + len(det)])
-            start += len(det)
+        for img, name, det, pr in zip(images, names, dets, probs):
+            cells = self.merge(det.boxes, det.scores, det.classes, pr)
             if self.morphology is not None:
                 self.morphology.annotate(img, cells, self.cfg.pixel_size_um or None)
             out.append(self._finish(ImageResult(image=name, width=int(img.shape[1]), height=int(img.shape[0]), cells=cells)))
