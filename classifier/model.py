@@ -206,6 +206,16 @@ def resolve_classifier_folder(weights: str | Path | None = None) -> Path:
         f"'smear data prepare' then 'smear classifier train', or pass --weights FOLDER")
 
 
+def load_network(folder: Path, card: dict, device: str = "cpu") -> CellClassifier:
+    """The network of a model folder (architecture from ``card.json``, fp16 weights as float32), ready for inference."""
+    cfg = card["config"]
+    net = CellClassifier(cfg["backbone"], len(card["classes"]), cfg["head_hidden"], cfg["dropout"], pretrained="none")
+    state = _load_state(folder / "weights.pt")
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    # channels_last: 1.4-1.8x faster depthwise convolutions on CPU (measured on 2 cores).
+    return net.eval().to(device).to(memory_format=torch.channels_last)
+
+
 def load_classifier(weights: str | Path | None = None, device: str = "cpu", with_refiner: bool = True) -> ClassifierModel:
     """Load a classifier folder (``weights.pt`` + ``card.json``); no network, no ImageNet weights needed.
 
@@ -216,11 +226,7 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu", with
     folder = resolve_classifier_folder(weights)
     card = json.loads((folder / "card.json").read_text())
     cfg = card["config"]
-    net = CellClassifier(cfg["backbone"], len(card["classes"]), cfg["head_hidden"], cfg["dropout"], pretrained="none")
-    state = _load_state(folder / "weights.pt")
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    # channels_last: 1.4-1.8x faster depthwise convolutions on CPU (measured on 2 cores).
-    net.eval().to(device).to(memory_format=torch.channels_last)
+    net = load_network(folder, card, device)
     model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),
                             crop_margin=float(cfg["crop_margin"]), card=card, folder=folder)
     ref = card.get("refiner")

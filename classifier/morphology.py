@@ -525,9 +525,7 @@ def load_morphology_model(weights: str | None = None, device: str = "cpu") -> Mo
         ModelNotFoundError: no folder there (the message says where it looked and how to make one).
         SmearError: the folder is not a morphology model.
     """
-    import torch
-
-    from .model import CellClassifier, ClassifierModel, _load_state
+    from .model import ClassifierModel, load_network
 
     folder = resolve_morphology_folder(weights)
     card = json.loads((folder / "card.json").read_text())
@@ -535,10 +533,7 @@ def load_morphology_model(weights: str | None = None, device: str = "cpu") -> Mo
         raise SmearError(f"{folder}: card.json kind is {card.get('kind')!r}, not 'morphology'; "
                          f"pass an RBC morphology model folder")
     cfg = card["config"]
-    net = CellClassifier(cfg["backbone"], len(card["classes"]), cfg["head_hidden"], cfg["dropout"], pretrained="none")
-    state = _load_state(folder / "weights.pt")
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    net.eval().to(device).to(memory_format=torch.channels_last)
+    net = load_network(folder, card, device)
     model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["input_size_px"]),
                             crop_margin=0.0, card=card, folder=folder)
     return MorphologyModel(model=model, config=cfg, card=card, folder=folder)
