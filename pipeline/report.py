@@ -189,8 +189,10 @@ def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_d
     n_fail = sum(1 for r in results if r.error)
     out.append(f"<p>{len(results)} images, {len(slides)} slide(s), {n_fail} failed.</p>")
     for s in slides:
+        mode_note = (" WBC-centred fields over-represent WBCs, so no WBC count or WBC:RBC flag is raised; the "
+                     "differential and the platelet:RBC ratio still apply." if s.capture_mode == "wbc-centred" else "")
         out.append(f"<h2>Slide {html.escape(s.slide)}</h2><p>{s.n_fields} fields; capture mode "
-                   f"<b>{html.escape(s.capture_mode)}</b>.</p>")
+                   f"<b>{html.escape(s.capture_mode)}</b>.{mode_note}</p>")
         c = s.counts
         out.append("<table><tr>" + "".join(f"<th>{k}</th>" for k in c) + "</tr><tr>"
                    + "".join(f"<td>{v}</td>" for v in c.values()) + "</tr></table>")
@@ -202,7 +204,12 @@ def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_d
         out.append("<h3>WBC differential</h3>" + _differential_chart(s.differential))
         if s.morphology:
             pct = s.morphology.get("percent", {})
-            out.append("<h3>RBC morphology</h3><table><tr>" + "".join(f"<th>{k}</th>" for k in pct) + "</tr><tr>"
+            domain = s.morphology.get("domain") or {}
+            note = ("" if domain.get("in_domain", True) else
+                    "<p class='note'>These fields are unlike the morphology model's training images (median RBC "
+                    f"{domain.get('median_rbc_diameter_px')} px vs {domain.get('model_rbc_diameter_px')} px): shares "
+                    "shown for review only, no morphology flag raised.</p>")
+            out.append("<h3>RBC morphology</h3>" + note + "<table><tr>" + "".join(f"<th>{k}</th>" for k in pct) + "</tr><tr>"
                        + "".join(f"<td>{v}%</td>" for v in pct.values()) + "</tr></table>")
     out.append("<h2>Fields</h2><div class='thumbs'>")
     for i, r in enumerate(results):
