@@ -39,9 +39,10 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="phase-2 epochs (default: the model's best epoch)")
+    ap.add_argument("--tag", default="shipped", help="name of the results table (classifier_cv_TAG.csv)")
     ap.add_argument("--summary-only", action="store_true", help="recompute the summary from the existing CSV")
     args = ap.parse_args()
-    out = Path(__file__).parent / "results" / "classifier_cv.csv"
+    out = Path(__file__).parent / "results" / f"classifier_cv_{args.tag}.csv"
     if args.summary_only:
         rows = list(csv.DictReader(open(out)))
         print(json.dumps(summarize(rows), indent=2))
@@ -68,7 +69,7 @@ def main() -> None:
     rows: list[dict] = []
     t0 = time.time()
     for fold, (tr, te) in enumerate(GroupKFold(n_splits=args.folds).split(rows_all, groups=groups)):
-        fcfg = replace(cfg, epochs=phase2, threads=args.threads, name=f"cv-fold{fold}", project="runs/classifier_cv",
+        fcfg = replace(cfg, epochs=phase2, threads=args.threads, name=f"cv-{args.tag}-fold{fold}", project="runs/classifier_cv",
                        val_split="none")
         train_rows = [rows_all[i] for i in tr]
         test_rows = [rows_all[i] for i in te]

@@ -43,12 +43,24 @@ def evaluate_detector(weights: str | Path | None = None, split: str = "test", da
         per_class[name] = {"AP50": round(float(box.ap50[i]), 4), "AP50_95": round(float(box.ap[i]), 4),
                            "precision": round(float(box.p[i]), 4), "recall": round(float(box.r[i]), 4)}
     metrics = {
-        "split": split, "weights": str(info.weights), "imgsz": size, "images": int(getattr(res, "seen", 0) or 0),
+        "split": split, "weights": str(info.weights), "imgsz": size, "images": _count_images(data_yaml, split),
         "mAP50": round(float(box.map50), 4), "mAP50_95": round(float(box.map), 4),
         "precision": round(float(box.mp), 4), "recall": round(float(box.mr), 4), "per_class": per_class,
-        "confusion_matrix": {"labels": list(GROUPS) + ["background"],
-                             "matrix": res.confusion_matrix.matrix.astype(int).tolist()},
+        # ultralytics' matrix: rows are predictions, columns ground truth, at the validation conf.
+        "confusion_matrix": {"labels": list(GROUPS) + ["background"], "rows": "predicted", "columns": "true",
+                             "conf": conf, "matrix": res.confusion_matrix.matrix.astype(int).tolist()},
         "plots": str(out),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _count_images(data_yaml: Path, split: str) -> int:
+    import yaml
+
+    from smear.pipeline.io import IMAGE_SUFFIXES
+
+    cfg = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(cfg.get("path") or Path(data_yaml).parent)
+    folder = root / str(cfg.get(split, ""))
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if cfg.get(split) else 0
