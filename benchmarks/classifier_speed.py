@@ -26,8 +26,9 @@ def main() -> None:
     from smear.classifier.model import CellClassifier
 
     torch.set_num_threads(args.threads)
-    grid = [("mobilenet_v2", 64), ("mobilenet_v2", 96), ("efficientnet_lite0", 64), ("efficientnet_lite0", 96),
-            ("efficientnet_lite0", 128), ("resnet50", 96), ("resnet50", 224)]
+    grid = [("mobilenet_v2", 48), ("mobilenet_v2", 64), ("mobilenet_v2", 96), ("mobilenet_v2", 128),
+            ("efficientnet_lite0", 64), ("efficientnet_lite0", 96), ("efficientnet_lite0", 128),
+            ("resnet50", 96), ("resnet50", 224)]
     rows = []
     for backbone, size in grid:
         net = CellClassifier(backbone, 7, 128, 0.5, "none").eval().to(memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ from smear.pipeline.errors import ModelNotFoundError, SmearError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "bccd-mobilenetv2-64"
+DEFAULT_MODEL = "bccd-mobilenetv2-48"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

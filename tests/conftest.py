@@ -122,18 +122,5 @@ def tiny_classifier(tmp_path_factory) -> Path:
     return folder
 
 
-def shipped_models_present() -> bool:
-    from smear.classifier.model import resolve_classifier_folder
-    from smear.detector.model import find_detector
-
-    try:
-        find_detector(None)
-        resolve_classifier_folder(None)
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
-requires_shipped_models = pytest.mark.skipif(not shipped_models_present(), reason="shipped models not built yet")
 requires_shared_data = pytest.mark.skipif(not (SHARED_DATA / "bccd" / "Annotations").is_dir(),
                                           reason="../shared/data not present")
