@@ -20,10 +20,11 @@ benchmarks/results/chula_detection.csv and prints the fraction found per scale (
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from smear.pipeline.report import write_rows
 
 import numpy as np
 
@@ -85,11 +86,7 @@ def main() -> None:
                              "found": int(inside), "rbc_boxes": len(boxes), "labelled_cells": len(cells),
                              "median_rbc_box_px": round(diam, 1) if diam != "" else ""})
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
 
     # Summaries from the table only.
     print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {args.conf}); "

@@ -18,6 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from smear.pipeline.report import write_rows
+
 
 def summarize(rows: list[dict]) -> dict:
     from smear.classifier.evaluate import classification_report
@@ -80,10 +82,7 @@ def main() -> None:
             rows.append({"fold": fold, "image_id": r.image_id, "x1": r.box[0], "y1": r.box[1], "x2": r.box[2],
                          "y2": r.box[3], "true": r.label, "pred": model.classes[int(np.argmax(p))],
                          "score": round(float(np.max(p)), 4)})
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(out, rows)
         logging.info("fold %d done (%.1f min so far)", fold, (time.time() - t0) / 60)
     summary = summarize(rows)
     summary["recipe"] = {"backbone": cfg.backbone, "crop_size_px": cfg.crop_size_px, "phase2_epochs": phase2,

@@ -10,9 +10,10 @@ Rows go to benchmarks/results/classifier_speed.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
+
+from smear.pipeline.report import write_rows
 
 
 def main() -> None:
@@ -41,11 +42,7 @@ def main() -> None:
                      "threads": args.threads, "batch": n})
         print(f"{backbone:<20} {size:>4} px  {1000 * best / n:7.2f} ms/crop")
     out = Path(__file__).parent / "results" / "classifier_speed.csv"
-    out.parent.mkdir(exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
     print(f"rows: {out}")
 
 

@@ -11,8 +11,9 @@ recall. Rows go to benchmarks/results/classify_<split>_crops.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
+
+from smear.pipeline.report import write_rows
 
 
 def main() -> None:
@@ -36,11 +37,7 @@ def main() -> None:
     rows = [{"crop": r["image"], "true": Path(r["image"]).parent.name, "pred": r.get("label", ""),
              "score": r.get("score", ""), "error": r.get("error", "")} for r in records]
     out = Path(__file__).parent / "results" / f"classify_{args.split}_crops.csv"
-    out.parent.mkdir(exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
     ok = [r for r in rows if not r["error"]]
     rep = classification_report([r["true"] for r in ok], [r["pred"] for r in ok], model.classes)
     print(f"classifier {model.folder} ({model.card['config']['backbone']} @ {model.crop_size_px} px), "

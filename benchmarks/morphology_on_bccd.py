@@ -13,9 +13,10 @@ prints the label distribution, overall and per image (median share of normal).
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import Counter
 from pathlib import Path
+
+from smear.pipeline.report import write_rows
 
 import numpy as np
 
@@ -54,11 +55,7 @@ def main() -> None:
                          "crop_side_px": round(side, 1)})
         all_cells += cells
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
 
     # Summaries from the table only.
     counts = Counter(r["morphology"] for r in rows)

@@ -13,9 +13,10 @@ Writes a tidy per-run table to benchmarks/results/speed_analyze.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
+
+from smear.pipeline.report import write_rows
 
 import numpy as np
 
@@ -86,11 +87,7 @@ def main() -> None:
                          "images_per_s": round(len(paths) / dt, 3), "threads": args.threads})
             best = dt if best is None else min(best, dt)
     out = Path(__file__).parent / "results" / "speed_analyze.csv"
-    out.parent.mkdir(exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out, rows)
     best = {n: min(r["seconds"] for r in rows if r["run"] == n) for n in {r["run"] for r in rows}}
     n = len(paths)
     print(f"images: {n}, threads: {args.threads}, classifier: {analyzer.classifier.card['config']['backbone']} "

@@ -105,19 +105,20 @@ class ResultWriter:
         atomic_write_text(self.out / "report.html", render_html(results, slides, self.out / "overlays"))
 
 
-def write_summary_csv(path: Path, results: Iterable[ImageResult]) -> None:
-    rows = [r.summary_row() for r in results]
-    if not rows:
-        atomic_write_text(path, "")
-        return
-    fields = list(rows[0])
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A tidy CSV (one dict per row, columns from the first row), written atomically."""
     import io
 
     buf = io.StringIO()
-    wr = csv.DictWriter(buf, fieldnames=fields)
-    wr.writeheader()
-    wr.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    if rows:
+        wr = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    atomic_write_text(Path(path), buf.getvalue())
+
+
+def write_summary_csv(path: Path, results: Iterable[ImageResult]) -> None:
+    write_rows(path, [r.summary_row() for r in results])
 
 
 def _thumb_b64(path: Path, max_side: int = 320) -> str | None:
