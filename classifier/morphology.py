@@ -299,6 +299,7 @@ def train_morphology(cfg: MorphologyConfig | None = None, resume: bool = False, 
 
     from .model import CellClassifier, ClassifierModel, save_model_folder
     from .predict import to_tensor
+    from .train import optimise_epoch
 
     cfg = cfg or MorphologyConfig()
     torch.set_num_threads(cfg.threads)
@@ -365,23 +366,14 @@ def train_morphology(cfg: MorphologyConfig | None = None, resume: bool = False, 
         net.train()
         draw = np.random.default_rng(cfg.seed * 1000 + epoch)
         idx = draw.choice(len(train_cells), size=steps * cfg.batch, p=sample_p)
-        run_loss, run_correct, seen = 0.0, 0, 0
-        for s in range(steps):
-            batch = [train_cells[i] for i in idx[s * cfg.batch:(s + 1) * cfg.batch]]
-            x = to_tensor([augmented_point_crop(images[c.image], c, cfg, rng) for c in batch]).to(cfg.device)
-            y = torch.tensor([classes.index(c.label) for c in batch], device=cfg.device)
-            logits = net(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            run_loss += loss.item() * len(y)
-            run_correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+        batches = ([train_cells[i] for i in idx[s * cfg.batch:(s + 1) * cfg.batch]] for s in range(steps))
+        train_loss, train_acc = optimise_epoch(
+            net, opt, loss_fn,
+            ((to_tensor([augmented_point_crop(images[c.image], c, cfg, rng) for c in cells]),
+              [classes.index(c.label) for c in cells]) for cells in batches), cfg.device, sched)
         net.eval()
-        entry: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": run_loss / seen,
-                                 "train_accuracy": run_correct / seen}
+        entry: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss,
+                                 "train_accuracy": train_acc}
         if val_cells:
             from .predict import predict_crops
 

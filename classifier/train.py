@@ -120,6 +120,26 @@ def _epoch_metrics(probs: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -
             "subtype_balanced_accuracy": float(np.mean(recalls)) if recalls else float("nan")}
 
 
+def optimise_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module, batches, device: str,
+                   sched=None) -> tuple[float, float]:
+    """One epoch of optimisation steps over ``(inputs, label indices)`` batches; returns (mean loss, accuracy)."""
+    run_loss, run_correct, seen = 0.0, 0, 0
+    for x, labels in batches:
+        x = x.to(device)
+        y = torch.tensor(labels, device=device)
+        logits = net(x)
+        loss = loss_fn(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        run_loss += loss.item() * len(y)
+        run_correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return run_loss / max(seen, 1), run_correct / max(seen, 1)
+
+
 def train_classifier(cfg: ClassifierConfig, resume: bool = False, train_rows: list[CropRow] | None = None,
                      val_rows: list[CropRow] | None = None, progress: bool = True) -> Path:
     """Train and write a model folder (``weights.pt``, ``card.json``, ``history.json``) under project/name.
@@ -193,21 +213,13 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = False, train_rows: li
         net.train()
         net.set_frozen_bn_eval()
         idx = np.random.default_rng(cfg.seed + epoch).choice(len(train_rows), size=steps * cfg.batch, p=sample_p)
-        run_loss, run_correct, seen = 0.0, 0, 0
-        for s in range(steps):
-            batch_rows = [train_rows[i] for i in idx[s * cfg.batch:(s + 1) * cfg.batch]]
-            x = to_tensor([augmented_crop(cache.get(r.image), r.box, cfg, rng) for r in batch_rows]).to(cfg.device)
-            y = torch.tensor([classes.index(r.label) for r in batch_rows], device=cfg.device)
-            logits = net(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run_loss += loss.item() * len(y)
-            run_correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+        batches = ([train_rows[i] for i in idx[s * cfg.batch:(s + 1) * cfg.batch]] for s in range(steps))
+        train_loss, train_acc = optimise_epoch(
+            net, opt, loss_fn,
+            ((to_tensor([augmented_crop(cache.get(r.image), r.box, cfg, rng) for r in rows]),
+              [classes.index(r.label) for r in rows]) for rows in batches), cfg.device)
         net.eval()
-        entry = {"epoch": epoch + 1, "phase": phase, "train_loss": run_loss / seen, "train_accuracy": run_correct / seen}
+        entry = {"epoch": epoch + 1, "phase": phase, "train_loss": train_loss, "train_accuracy": train_acc}
         if val_rows:
             from .model import ClassifierModel
 
