@@ -104,22 +104,29 @@ def tiny_detector(tmp_path_factory) -> Path:
     return folder
 
 
+def make_untrained_model_folder(folder: Path, config_cls, values: dict, classes, kind: str) -> Path:
+    """An untrained model folder (weights.pt + card.json) of a CellClassifier-based stage."""
+    import torch
+
+    from smear.classifier.model import CellClassifier, save_model_folder
+    from smear.pipeline.config import build_config, config_to_dict
+
+    torch.manual_seed(0)
+    cfg = build_config(config_cls, values)
+    net = CellClassifier(cfg.backbone, len(classes), cfg.head_hidden, cfg.dropout, "none")
+    save_model_folder(folder, net, {"kind": kind, "classes": list(classes), "config": config_to_dict(cfg)})
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> Path:
     """An untrained classifier folder (mobilenet_v2, no pretrained weights) at 32 px."""
-    import torch
-
     from smear.classifier.config import ClassifierConfig
-    from smear.classifier.model import CellClassifier, save_model_folder
-    from smear.pipeline.config import build_config, config_to_dict
     from smear.pipeline.dataset import CELL_CLASSES
 
-    torch.manual_seed(0)
-    cfg = build_config(ClassifierConfig, {"backbone": "mobilenet_v2", "pretrained": "none", "crop_size_px": 32})
-    net = CellClassifier(cfg.backbone, len(CELL_CLASSES), cfg.head_hidden, cfg.dropout, "none")
-    folder = tmp_path_factory.mktemp("tiny_classifier")
-    save_model_folder(folder, net, {"kind": "classifier", "classes": list(CELL_CLASSES), "config": config_to_dict(cfg)})
-    return folder
+    return make_untrained_model_folder(
+        tmp_path_factory.mktemp("tiny_classifier"), ClassifierConfig,
+        {"backbone": "mobilenet_v2", "pretrained": "none", "crop_size_px": 32}, CELL_CLASSES, "classifier")
 
 
 requires_shared_data = pytest.mark.skipif(not (SHARED_DATA / "bccd" / "Annotations").is_dir(),

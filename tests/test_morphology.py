@@ -44,18 +44,11 @@ def chula(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_morphology(tmp_path_factory) -> Path:
     """An untrained morphology folder (mobilenet_v2, no pretrained weights, 32 px input)."""
-    import torch
+    from tests.conftest import make_untrained_model_folder
 
-    from smear.classifier.model import CellClassifier, save_model_folder
-    from smear.pipeline.config import build_config, config_to_dict
-
-    torch.manual_seed(0)
-    cfg = build_config(MorphologyConfig, {"backbone": "mobilenet_v2", "pretrained": "none", "input_size_px": 32})
-    net = CellClassifier(cfg.backbone, len(MORPHOLOGY_CLASSES), cfg.head_hidden, cfg.dropout, "none")
-    folder = tmp_path_factory.mktemp("tiny_morphology")
-    save_model_folder(folder, net, {"kind": "morphology", "classes": list(MORPHOLOGY_CLASSES),
-                                    "config": config_to_dict(cfg)})
-    return folder
+    return make_untrained_model_folder(
+        tmp_path_factory.mktemp("tiny_morphology"), MorphologyConfig,
+        {"backbone": "mobilenet_v2", "pretrained": "none", "input_size_px": 32}, MORPHOLOGY_CLASSES, "morphology")
 
 
 def _cell(group: str, box=(100, 100, 140, 140)) -> Cell:
