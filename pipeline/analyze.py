@@ -120,33 +120,39 @@ class Analyzer:
             result.flags += extra
         return result
 
-    def _morphology_outputs(self, cells: list[Cell], counts: dict[str, int], n_fields: int) -> tuple[dict, list]:
-        """Morphology shares and flags, gated by a domain check.
+    def _morphology_domain(self, cells: list[Cell]) -> dict:
+        """Whether fields look like the morphology model's training fields.
 
         The morphology model learnt one lab's fields (Chula RBC-12, 1000x, ~35-39 px RBCs). Fields
         whose median RBC is far from that size come from another imaging set-up (BCCD's RBCs are
-        ~100 px and its stain differs; measured: only 13% of BCCD RBCs are called normal), so their
-        morphology flags are withheld with an explanation instead of raised.
+        ~100 px and its stain differs; measured: only 13% of BCCD RBCs are called normal), so no
+        morphology call is made there (it would mislead, and costs time); a pixel size overrides.
         """
-        from smear.classifier.morphology import morphology_flags, summarize_morphology
-
-        summary = summarize_morphology(cells)
         diam = [((c.box[2] - c.box[0]) + (c.box[3] - c.box[1])) / 2 for c in cells if c.group == "RBC"]
         median = float(np.median(diam)) if diam else None
         ref = float(self.morphology.config.get("cell_diameter_px", 0) or 0)
         ratio = median / ref if median and ref else None
         in_domain = self.cfg.pixel_size_um > 0 or (ratio is not None and 0.6 <= ratio <= 1.67)
-        summary["domain"] = {"median_rbc_diameter_px": round(median, 1) if median else None,
-                             "model_rbc_diameter_px": ref or None, "in_domain": in_domain}
-        if in_domain or not diam:
+        return {"median_rbc_diameter_px": round(median, 1) if median else None, "model_rbc_diameter_px": ref or None,
+                "in_domain": in_domain}
+
+    def _morphology_outputs(self, cells: list[Cell], counts: dict[str, int], n_fields: int) -> tuple[dict, list]:
+        """Morphology shares and flags; out of the model's domain, one flag that says why there are none."""
+        from smear.classifier.morphology import morphology_flags, summarize_morphology
+
+        summary = summarize_morphology(cells)
+        domain = self._morphology_domain(cells)
+        summary["domain"] = domain
+        if domain["in_domain"] or domain["median_rbc_diameter_px"] is None:
             return summary, morphology_flags(summary, counts, n_fields)
+        ref = domain["model_rbc_diameter_px"]
         return summary, [Flag(
-            "rbc_morphology", "insufficient evidence", "morphology flags need fields like the model's training fields",
-            f"median RBC diameter {0.6 * ref:.0f}-{1.67 * ref:.0f} px (or a pixel size)", f"{median:.0f} px",
-            {"fields": n_fields, "rbc": counts.get("RBC", 0)},
-            "These fields differ from the morphology model's training images (another magnification or lab); "
-            "the per-cell calls are kept for review but no morphology flag is raised. Give --pixel-size-um if "
-            "the scale is known, or retrain on your own labelled cells.")]
+            "rbc_morphology", "insufficient evidence", "morphology calls need fields like the model's training fields",
+            f"median RBC diameter {0.6 * ref:.0f}-{1.67 * ref:.0f} px (or a pixel size)",
+            f"{domain['median_rbc_diameter_px']:.0f} px", {"fields": n_fields, "rbc": counts.get("RBC", 0)},
+            "These fields differ from the morphology model's training images (another magnification or lab), "
+            "so no RBC morphology call is made. Give --pixel-size-um if the scale is known, or retrain on your "
+            "own labelled cells.")]
 
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
@@ -158,7 +164,7 @@ class Analyzer:
         out = []
         for img, name, det, pr in zip(images, names, dets, probs):
             cells = self.merge(det.boxes, det.scores, det.classes, pr)
-            if self.morphology is not None:
+            if self.morphology is not None and self._morphology_domain(cells)["in_domain"]:
                 self.morphology.annotate(img, cells, self.cfg.pixel_size_um or None)
             out.append(self._finish(ImageResult(image=name, width=int(img.shape[1]), height=int(img.shape[0]), cells=cells)))
         return out

@@ -205,12 +205,13 @@ def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_d
         if s.morphology:
             pct = s.morphology.get("percent", {})
             domain = s.morphology.get("domain") or {}
-            note = ("" if domain.get("in_domain", True) else
-                    "<p class='note'>These fields are unlike the morphology model's training images (median RBC "
-                    f"{domain.get('median_rbc_diameter_px')} px vs {domain.get('model_rbc_diameter_px')} px): shares "
-                    "shown for review only, no morphology flag raised.</p>")
-            out.append("<h3>RBC morphology</h3>" + note + "<table><tr>" + "".join(f"<th>{k}</th>" for k in pct) + "</tr><tr>"
-                       + "".join(f"<td>{v}%</td>" for v in pct.values()) + "</tr></table>")
+            if domain.get("in_domain", True):
+                out.append("<h3>RBC morphology</h3><table><tr>" + "".join(f"<th>{k}</th>" for k in pct)
+                           + "</tr><tr>" + "".join(f"<td>{v}%</td>" for v in pct.values()) + "</tr></table>")
+            else:
+                out.append("<h3>RBC morphology</h3><p class='note'>Not assessed: these fields are unlike the "
+                           f"morphology model's training images (median RBC {domain.get('median_rbc_diameter_px')} px "
+                           f"vs {domain.get('model_rbc_diameter_px')} px).</p>")
     out.append("<h2>Fields</h2><div class='thumbs'>")
     for i, r in enumerate(results):
         if r.error:

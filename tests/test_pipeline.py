@@ -312,3 +312,28 @@ def test_analyze_slides_end_to_end(analyzer, tmp_path):
     assert set(slides) == {"A", "B"}
     assert slides["A"].n_fields == 2 and slides["B"].n_fields == 1
     assert slides["A"].counts["RBC"] == sum(r.counts["RBC"] for r in groups["A"])
+
+
+def test_morphology_domain_gate_by_rbc_size():
+    """RBCs far from the morphology model's training size get no morphology call and one explaining flag."""
+    from types import SimpleNamespace
+
+    from smear.pipeline.analyze import Analyzer
+    from smear.pipeline.config import PipelineConfig
+    from smear.pipeline.results import Cell
+
+    a = Analyzer.__new__(Analyzer)
+    a.cfg = PipelineConfig()
+    a.morphology = SimpleNamespace(config={"cell_diameter_px": 39.0})
+
+    def rbcs(d):
+        return [Cell([0, 0, d, d], "RBC", "RBC", 0.9, {}, {}) for _ in range(5)]
+
+    assert a._morphology_domain(rbcs(40))["in_domain"] is True
+    big = a._morphology_domain(rbcs(100))
+    assert big["in_domain"] is False and big["median_rbc_diameter_px"] == 100
+    summary, flags = a._morphology_outputs(rbcs(100), {"RBC": 5}, 1)
+    assert [f.name for f in flags] == ["rbc_morphology"] and flags[0].severity == "insufficient evidence"
+    assert "no RBC morphology call" in flags[0].caveat
+    a.cfg = PipelineConfig(pixel_size_um=0.1)  # a known scale overrides the size check
+    assert a._morphology_domain(rbcs(100))["in_domain"] is True
