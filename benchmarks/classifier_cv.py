@@ -3,9 +3,9 @@
 Folds are made by source image (sklearn GroupKFold), so no image has crops on both sides.
 Each fold trains the shipped model's recipe for a fixed number of epochs (its chosen best
 epoch; no early stopping on the held-out fold) and predicts the held-out crops. One row per
-held-out crop goes to benchmarks/results/classifier_cv.csv; the summary is computed from it.
+held-out crop goes to benchmarks/results/classifier_cv_TAG.csv; the summary is computed from it.
 
-    python benchmarks/classifier_cv.py [--folds 5] [--weights classifier/models/bccd-efficientnet-lite0]
+    python benchmarks/classifier_cv.py --weights runs/classifier/mnv2-128-nohue/model --tag mnv2-128-nohue
 """
 
 from __future__ import annotations
