@@ -191,21 +191,14 @@ def point_crop(image: np.ndarray, x: float, y: float, side_px: float, size_px: i
 
 def augmented_point_crop(image: np.ndarray, cell: PointLabel, cfg: MorphologyConfig, rng: random.Random) -> np.ndarray:
     """A training crop: shifted point, small zoom, any-angle rotation, flips, stain jitter."""
-    import cv2
+    from .train import stain_jitter
 
     x = cell.x + rng.uniform(-1, 1) * cfg.center_jitter_px
     y = cell.y + rng.uniform(-1, 1) * cfg.center_jitter_px
     side = cfg.crop_px * (1 + rng.uniform(-1, 1) * cfg.zoom)
     crop = point_crop(image, x, y, side, cfg.input_size_px, rng.uniform(0, 360) if cfg.rotate else 0.0,
                       cfg.flip and rng.random() < 0.5)
-    hsv = cv2.cvtColor(crop, cv2.COLOR_RGB2HSV).astype(np.float32)
-    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-1, 1) * cfg.hue_jitter * 180) % 180
-    hsv[..., 1] *= 1 + rng.uniform(-1, 1) * cfg.saturation_jitter
-    hsv[..., 2] *= 1 + rng.uniform(-1, 1) * cfg.brightness_jitter
-    out = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
-    contrast = 1 + rng.uniform(-1, 1) * cfg.brightness_jitter * 0.5
-    out = (out - out.mean()) * contrast + out.mean()
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return stain_jitter(crop, cfg.hue_jitter, cfg.saturation_jitter, cfg.brightness_jitter, rng)
 
 
 def eval_point_crops(cells: Sequence[PointLabel], crop_px: float, size_px: int,

@@ -85,14 +85,21 @@ def augmented_crop(image: np.ndarray, box: tuple[float, float, float, float], cf
     crop = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     if cfg.flip and rng.random() < 0.5:
         crop = crop[:, ::-1]
+    return stain_jitter(crop, cfg.hue_jitter, cfg.saturation_jitter, cfg.brightness_jitter, rng)
+
+
+def stain_jitter(crop: np.ndarray, hue: float, saturation: float, brightness: float, rng: random.Random) -> np.ndarray:
+    """Random stain hue / saturation shift, brightness and contrast change of an RGB uint8 crop."""
+    import cv2
+
     hsv = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2HSV).astype(np.float32)
-    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-1, 1) * cfg.hue_jitter * 180) % 180
-    hsv[..., 1] *= 1 + rng.uniform(-1, 1) * cfg.saturation_jitter
-    hsv[..., 2] *= 1 + rng.uniform(-1, 1) * cfg.brightness_jitter
-    crop = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
-    contrast = 1 + rng.uniform(-1, 1) * cfg.brightness_jitter * 0.5
-    crop = (crop - crop.mean()) * contrast + crop.mean()
-    return np.clip(crop, 0, 255).astype(np.uint8)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-1, 1) * hue * 180) % 180
+    hsv[..., 1] *= 1 + rng.uniform(-1, 1) * saturation
+    hsv[..., 2] *= 1 + rng.uniform(-1, 1) * brightness
+    out = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    contrast = 1 + rng.uniform(-1, 1) * brightness * 0.5
+    out = (out - out.mean()) * contrast + out.mean()
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def eval_crops(rows: list[CropRow], cache: ImageCache, size: int, margin: float) -> list[np.ndarray]:
