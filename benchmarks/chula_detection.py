@@ -29,12 +29,17 @@ from smear.pipeline.report import write_rows
 import numpy as np
 
 
+DENSE = 0.75
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="detector .pt or folder; default: the shipped detector")
     ap.add_argument("--morphology", default=None, help="morphology model folder whose split.json names the test images")
     ap.add_argument("--data-root", default=None, help="Chula RBC-12 folder (default: MorphologyConfig.data_root)")
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0])
+    ap.add_argument("--split", default="test", choices=("train", "val", "test"),
+                    help="Chula images to score (val for choices, test to report)")
     ap.add_argument("--images", type=int, default=0, help="first N test images only (0: all)")
     ap.add_argument("--conf", type=float, default=0.25)
     ap.add_argument("--tile-px", type=int, default=0, help="tile side at inference (0: the detector's imgsz)")
@@ -53,15 +58,16 @@ def main() -> None:
     from smear.pipeline.dataset import GROUPS
     from smear.pipeline.io import read_image
     from smear.pipeline.paths import resolve_path
+    from smear.pipeline.pointlabels import estimate_cell_count
 
     mcfg = MorphologyConfig()
     data = read_chula(resolve_path(args.data_root or mcfg.data_root))
     try:
         folder = resolve_morphology_folder(args.morphology)
-        test_ids = json.loads((folder / "split.json").read_text())["test"]
+        test_ids = json.loads((folder / "split.json").read_text())[args.split]
         split_source = str(folder / "split.json")
     except Exception:  # noqa: BLE001  no model folder yet: the same rule from the config defaults
-        test_ids = split_images(data, mcfg.val_fraction, mcfg.test_fraction, mcfg.split_seed)["test"]
+        test_ids = split_images(data, mcfg.val_fraction, mcfg.test_fraction, mcfg.split_seed)[args.split]
         split_source = "MorphologyConfig defaults"
     test_ids = [i for i in test_ids if i in data][: args.images or None]
 
@@ -75,6 +81,7 @@ def main() -> None:
     for image_id in test_ids:
         cells = data[image_id]
         img = read_image(cells[0].image)
+        estimate = round(estimate_cell_count(np.ascontiguousarray(img[..., ::-1])), 1)
         for s in args.scales:
             d = det.predict([img], conf=args.conf, scale=s)[0]
             boxes = d.boxes[d.classes == rbc]
@@ -84,13 +91,14 @@ def main() -> None:
                                                     & (boxes[:, 1] <= c.y) & (c.y <= boxes[:, 3])).any())
                 rows.append({"image_id": image_id, "scale": s, "x": c.x, "y": c.y, "label": c.label,
                              "found": int(inside), "rbc_boxes": len(boxes), "labelled_cells": len(cells),
+                             "cells_estimate": estimate,
                              "median_rbc_box_px": round(diam, 1) if diam != "" else ""})
     out = Path(args.output)
     write_rows(out, rows)
 
     # Summaries from the table only.
     print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {args.conf}); "
-          f"{len(test_ids)} Chula test images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
+          f"{len(test_ids)} Chula {args.split} images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
           f"{time.time() - t0:.0f} s")
     print("scale  found   RBC boxes / labelled cells   median RBC box (px, in the original field)")
     for s in args.scales:
@@ -101,6 +109,21 @@ def main() -> None:
         diams = [x["median_rbc_box_px"] for x in per_image.values() if x["median_rbc_box_px"] != ""]
         print(f"{s:5g}  {np.mean([x['found'] for x in r]):.3f}   {boxes / labelled:.2f}"
               f"                         {np.median(diams) if diams else float('nan'):.1f}")
+    # RBC counting can be judged only where (nearly) every cell carries a point: fields whose
+    # labelled points reach DENSE of the mask-based cell estimate (independent of the detector).
+    print(f"count error on densely labelled fields (points >= {DENSE:g} x mask estimate of cells): "
+          "mean |RBC boxes - points| / points")
+    for s in args.scales:
+        per_image = {x["image_id"]: x for x in rows if x["scale"] == s}
+        dense = [x for x in per_image.values() if x["labelled_cells"] >= DENSE * x["cells_estimate"]]
+        if dense:
+            err = [abs(x["rbc_boxes"] - x["labelled_cells"]) / x["labelled_cells"] for x in dense]
+            signed = [(x["rbc_boxes"] - x["labelled_cells"]) / x["labelled_cells"] for x in dense]
+            found = np.mean([x["found"] for x in rows if x["scale"] == s and x["image_id"] in {d["image_id"] for d in dense}])
+            print(f"  scale {s:g}: {len(dense)} of {len(per_image)} fields; error {np.mean(err):.3f} "
+                  f"(signed {np.mean(signed):+.3f}); points found {found:.3f}")
+        else:
+            print(f"  scale {s:g}: no densely labelled field")
     by_class: dict[tuple[float, str], list[int]] = defaultdict(list)
     for x in rows:
         by_class[(x["scale"], x["label"])].append(x["found"])
