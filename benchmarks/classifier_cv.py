@@ -6,6 +6,11 @@ epoch; no early stopping on the held-out fold) and predicts the held-out crops. 
 held-out crop goes to benchmarks/results/classifier_cv_TAG.csv; the summary is computed from it.
 
     python benchmarks/classifier_cv.py --weights runs/classifier/mnv2-128-nohue/model --tag mnv2-128-nohue
+
+A recipe can also be given without a trained folder, as overrides of the base recipe
+(the shipped model's, or ``--weights``), e.g. the WBC-subtype model:
+
+    python benchmarks/classifier_cv.py --set classes=subtypes crop_size_px=128 --epochs 14 --tag sub-mnv2-128
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=None, help="phase-2 epochs (default: the model's best epoch)")
     ap.add_argument("--tag", default="shipped", help="name of the results table (classifier_cv_TAG.csv)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides (ClassifierConfig keys)")
     ap.add_argument("--summary-only", action="store_true", help="recompute the summary from the existing CSV")
     args = ap.parse_args()
     out = Path(__file__).parent / "results" / f"classifier_cv_{args.tag}.csv"
@@ -56,16 +62,17 @@ def main() -> None:
     from smear.classifier.config import ClassifierConfig
     from smear.classifier.model import load_classifier
     from smear.classifier.predict import predict_crops
-    from smear.classifier.train import ImageCache, eval_crops, read_manifest, train_classifier
-    from smear.pipeline.config import build_config
+    from smear.classifier.train import ImageCache, eval_crops, model_classes, read_manifest, train_classifier
+    from smear.pipeline.config import build_config, parse_overrides
     from smear.pipeline.paths import resolve_path
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = load_classifier(args.weights)
     card_cfg = dict(base.card["config"])
+    card_cfg.update(parse_overrides(args.set))
     cfg = build_config(ClassifierConfig, card_cfg)
     phase2 = args.epochs if args.epochs is not None else max(1, int(base.card.get("best_epoch", 0)) - cfg.frozen_epochs)
-    rows_all = [r for r in read_manifest(resolve_path(cfg.manifest)) if r.split in ("train", "val")]
+    rows_all = [r for r in read_manifest(resolve_path(cfg.manifest), model_classes(cfg)) if r.split in ("train", "val")]
     groups = [r.image_id for r in rows_all]
     out.parent.mkdir(exist_ok=True)
     rows: list[dict] = []
@@ -86,7 +93,7 @@ def main() -> None:
         logging.info("fold %d done (%.1f min so far)", fold, (time.time() - t0) / 60)
     summary = summarize(rows)
     summary["recipe"] = {"backbone": cfg.backbone, "crop_size_px": cfg.crop_size_px, "phase2_epochs": phase2,
-                         "folds": args.folds, "minutes": round((time.time() - t0) / 60, 1)}
+                         "folds": args.folds, "minutes": round((time.time() - t0) / 60, 1), "overrides": args.set}
     print(json.dumps(summary, indent=2))
     print(f"rows: {out}")
 

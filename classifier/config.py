@@ -14,6 +14,8 @@ class ClassifierConfig:
     """Training settings of the crop classifier. The study's recipe is the default head and schedule."""
 
     manifest: str = param("runs/prepared/bccd/crops/manifest.csv", "crop manifest written by 'smear data prepare'")
+    classes: str = param("cells", "what the model names: 'cells' (RBC, Platelets and the 5 WBC subtypes) or "
+                         "'subtypes' (the 5 WBC subtypes of a cell known to be a WBC)", choices=("cells", "subtypes"))
     backbone: str = param("efficientnet_lite0", "feature extractor", choices=BACKBONES)
     pretrained: str = param("imagenet", "'imagenet' (local weights only, never downloaded), 'none', or a .pt/.pth file")
     crop_size_px: int = param(96, "side of the square network input", range=(32, 512))

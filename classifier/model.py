@@ -176,6 +176,10 @@ class ClassifierModel:
     refiner: "ClassifierModel | None" = None
     refine_groups: tuple[str, ...] = ()
     refine_min_prob: float = 0.05
+    # Subtype stage: a model of the 5 WBC subtypes only re-scores, inside the WBC group, the crops
+    # whose WBC probability reaches ``subtype_min_prob`` (see predict.apply_subtyper).
+    subtyper: "ClassifierModel | None" = None
+    subtype_min_prob: float = 0.5
 
 
 def shipped_models_dir() -> Path:
@@ -220,8 +224,9 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu", with
     """Load a classifier folder (``weights.pt`` + ``card.json``); no network, no ImageNet weights needed.
 
     A card with ``"refiner": {"weights": <folder relative to this one>, "groups": [...], "min_prob": p}``
-    makes a cascade: the refiner re-scores the crops of those groups (``with_refiner=False`` loads
-    this model alone).
+    makes a cascade: the refiner re-scores the crops of those groups. ``"subtyper": {"weights": ...,
+    "min_prob": p}`` adds a WBC-subtype model that names the subtype of likely WBCs
+    (``with_refiner=False`` loads this model alone).
     """
     folder = resolve_classifier_folder(weights)
     card = json.loads((folder / "card.json").read_text())
@@ -229,6 +234,15 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu", with
     net = load_network(folder, card, device)
     model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),
                             crop_margin=float(cfg["crop_margin"]), card=card, folder=folder)
+    sub = card.get("subtyper")
+    if sub and with_refiner:
+        sub_folder = (folder / sub["weights"]).resolve()
+        subtyper = load_classifier(sub_folder, device=device, with_refiner=False)
+        missing = [c for c in subtyper.classes if c not in model.classes]
+        if missing:
+            raise SmearError(f"{sub_folder}: subtype classes {missing} are not classes of {folder}")
+        model.subtyper = subtyper
+        model.subtype_min_prob = float(sub.get("min_prob", 0.5))
     ref = card.get("refiner")
     if ref and with_refiner:
         ref_folder = (folder / ref["weights"]).resolve()

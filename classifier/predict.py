@@ -55,6 +55,30 @@ def _refine_mask(model: ClassifierModel, probs: np.ndarray) -> np.ndarray:
     return probs[:, cols].sum(1) >= model.refine_min_prob
 
 
+def apply_subtyper(model: ClassifierModel, probs: np.ndarray, crop_of) -> np.ndarray:
+    """Re-score the subtype split of likely WBCs with the model's subtype stage, in place.
+
+    For crops whose WBC probability (subtypes summed) reaches ``subtype_min_prob``, the WBC mass
+    stays what the cell classifier gave and is shared out by the subtype model:
+    ``p(subtype) = p(WBC) x p_subtyper(subtype | WBC)``. Group decisions are therefore unchanged.
+    ``crop_of(k, size_px, margin)`` returns crop ``k`` cut for the subtype model.
+    """
+    from smear.pipeline.dataset import SUBTYPES
+
+    sub = model.subtyper
+    if sub is None or not len(probs):
+        return probs
+    cols = [model.classes.index(c) for c in sub.classes]
+    wbc_cols = [k for k, c in enumerate(model.classes) if c in SUBTYPES]
+    wbc = probs[:, wbc_cols].sum(1)
+    idx = np.flatnonzero(wbc >= model.subtype_min_prob)
+    if len(idx):
+        p_sub = predict_crops(sub, [crop_of(k, sub.crop_size_px, sub.crop_margin) for k in idx])
+        probs[np.ix_(idx, wbc_cols)] = 0.0
+        probs[np.ix_(idx, cols)] = wbc[idx, None] * p_sub
+    return probs
+
+
 def classify_fields(model: ClassifierModel, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Sequence[float]]],
                     batch: int = 256) -> list[np.ndarray]:
     """Class probabilities for the boxes of several fields (one array per field), in one pass per model.
@@ -72,6 +96,7 @@ def classify_fields(model: ClassifierModel, images: Sequence[np.ndarray], boxes:
         fine = [crop_cell(images[owners[k][0]], owners[k][1], model.refiner.crop_margin, model.refiner.crop_size_px)
                 for k in idx]
         probs[idx] = predict_crops(model.refiner, fine, batch)
+    apply_subtyper(model, probs, lambda k, size, margin: crop_cell(images[owners[k][0]], owners[k][1], margin, size))
     out, start = [], 0
     for bs in boxes:
         out.append(probs[start:start + len(bs)])
@@ -116,6 +141,8 @@ def classify_files(model: ClassifierModel, paths: Sequence[Path], batch: int = 2
     if mask.any():
         idx = np.flatnonzero(mask)
         probs[idx] = predict_crops(model.refiner, [crop_from_cell_image(model.refiner, imgs[k]) for k in idx], batch)
+    apply_subtyper(model, probs, lambda k, size, margin: crop_cell(imgs[k], (0, 0, imgs[k].shape[1], imgs[k].shape[0]),
+                                                                   0.0, size))
     for (idx, _), pr in zip(pending, probs):
         k = int(pr.argmax())
         records[idx].update({"label": model.classes[k], "score": round(float(pr[k]), 4),

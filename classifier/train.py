@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from smear.pipeline.config import config_to_dict, dump_config
-from smear.pipeline.dataset import CELL_CLASSES
+from smear.pipeline.dataset import CELL_CLASSES, SUBTYPES
 from smear.pipeline.errors import SmearError
 from smear.pipeline.paths import git_commit, resolve_path
 
@@ -147,6 +147,11 @@ def optimise_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Modul
     return run_loss / max(seen, 1), run_correct / max(seen, 1)
 
 
+def model_classes(cfg: ClassifierConfig) -> tuple[str, ...]:
+    """The classes a model trained with ``cfg`` names."""
+    return SUBTYPES if cfg.classes == "subtypes" else CELL_CLASSES
+
+
 def train_classifier(cfg: ClassifierConfig, resume: bool = False, train_rows: list[CropRow] | None = None,
                      val_rows: list[CropRow] | None = None, progress: bool = True) -> Path:
     """Train and write a model folder (``weights.pt``, ``card.json``, ``history.json``) under project/name.
@@ -155,7 +160,7 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = False, train_rows: li
     ``train_rows``/``val_rows`` override the manifest splits (cross-validation).
     """
     torch.set_num_threads(cfg.threads)
-    classes = CELL_CLASSES
+    classes = model_classes(cfg)
     if train_rows is None:
         rows = read_manifest(resolve_path(cfg.manifest), classes)
         want = ("train", "val") if cfg.train_split == "trainval" else ("train",)

@@ -130,3 +130,123 @@ def test_classification_report_groups_and_subtypes():
                                 np.eye(7)[[0, 3, 3, 0]])
     assert rep["groups"]["accuracy"] == 0.75  # the neutrophil-as-eosinophil is right at group level
     assert rep["subtype"]["accuracy"] == 0.5 and rep["subtype"]["n"] == 2
+
+
+def _subtype_manifest(tiny_manifest: Path, tmp_path: Path) -> Path:
+    """The tiny manifest with its WBC rows relabelled as subtypes (the drawn set has plain 'WBC' boxes)."""
+    import csv
+
+    rows = list(csv.DictReader(open(tiny_manifest)))
+    wbc = [r for r in rows if r["label"] == "WBC"]
+    for k, r in enumerate(wbc):
+        r["label"] = ("Neutrophil", "Eosinophil")[k % 2]
+    out = tmp_path / "subtype_manifest.csv"
+    with open(out, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    return out
+
+
+def test_subtype_model_trains_on_wbc_crops_only(tiny_manifest, tmp_path):
+    from smear.classifier.model import load_classifier
+    from smear.classifier.train import train_classifier
+    from smear.pipeline.dataset import SUBTYPES
+
+    manifest = _subtype_manifest(tiny_manifest, tmp_path)
+    folder = train_classifier(_cfg(manifest, tmp_path, classes="subtypes", name="sub"), progress=False)
+    card = json.loads((folder / "card.json").read_text())
+    assert card["classes"] == list(SUBTYPES)
+    assert set(card["data"]["train_counts"]) == set(SUBTYPES)
+    assert sum(card["data"]["train_counts"].values()) == card["data"]["train_crops"]  # no RBC or platelet crop
+    assert load_classifier(folder).classes == list(SUBTYPES)
+
+
+def _with_subtyper(tmp_path, tiny_classifier, min_prob: float) -> Path:
+    from smear.classifier.config import ClassifierConfig
+    from smear.pipeline.dataset import SUBTYPES
+    from tests.conftest import make_untrained_model_folder
+
+    primary = tmp_path / "primary"
+    shutil.copytree(tiny_classifier, primary)
+    make_untrained_model_folder(tmp_path / "subtypes", ClassifierConfig,
+                                {"backbone": "mobilenet_v2", "pretrained": "none", "crop_size_px": 40,
+                                 "classes": "subtypes"}, SUBTYPES, "classifier")
+    card = json.loads((primary / "card.json").read_text())
+    card["subtyper"] = {"weights": "../subtypes", "min_prob": min_prob}
+    (primary / "card.json").write_text(json.dumps(card))
+    return primary
+
+
+def test_subtyper_shares_out_the_wbc_mass_and_keeps_groups(tmp_path, tiny_classifier):
+    from smear.classifier.model import load_classifier
+    from smear.classifier.predict import apply_subtyper, predict_crops
+    from smear.pipeline.dataset import SUBTYPES, crop_cell
+    from tests.conftest import draw_field
+
+    model = load_classifier(_with_subtyper(tmp_path, tiny_classifier, 0.5))
+    assert model.subtyper is not None and model.subtyper.crop_size_px == 40
+    img, boxes = draw_field(seed=5)
+    xyxy = [b for _, b in boxes][:4]
+    wbc_cols = [model.classes.index(c) for c in SUBTYPES]
+    probs = np.full((4, 7), 0.02, np.float32)
+    probs[0, wbc_cols] = [0.5, 0.3, 0.05, 0.05, 0.0]  # WBC mass 0.9: re-scored
+    probs[1, 0] = 0.9  # an RBC: left alone
+    probs[2, wbc_cols] = 0.1  # WBC mass 0.5: re-scored (>= min_prob)
+    probs[3, 1] = 0.9  # a platelet: left alone
+    probs /= probs.sum(1, keepdims=True)
+    before = probs.copy()
+    calls = []
+
+    def crop_of(k, size, margin):
+        calls.append(k)
+        return crop_cell(img, xyxy[k], margin, size)
+
+    apply_subtyper(model, probs, crop_of)
+    assert calls == [0, 2]
+    expected = predict_crops(model.subtyper, [crop_cell(img, xyxy[k], model.subtyper.crop_margin, 40) for k in (0, 2)])
+    for row, p_sub in zip((0, 2), expected):
+        mass = before[row, wbc_cols].sum()
+        assert np.allclose(probs[row, wbc_cols], mass * p_sub, atol=1e-6)
+        assert np.allclose(probs[row, :2], before[row, :2])  # RBC and platelet probabilities unchanged
+    assert np.allclose(probs[[1, 3]], before[[1, 3]])
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_subtyper_runs_in_classify_fields_and_files(tmp_path, tiny_classifier, monkeypatch):
+    import cv2
+
+    from smear.classifier import predict
+    from smear.classifier.model import load_classifier
+    from tests.conftest import draw_field
+
+    always = load_classifier(_with_subtyper(tmp_path / "a", tiny_classifier, 0.0))
+    img, boxes = draw_field(seed=6)
+    xyxy = [b for _, b in boxes]
+    seen = []
+    real = predict.predict_crops
+
+    def spy(model, crops, batch=256):
+        seen.append((model is always.subtyper, len(crops), crops[0].shape[0] if len(crops) else 0))
+        return real(model, crops, batch)
+
+    monkeypatch.setattr(predict, "predict_crops", spy)
+    out = predict.classify_fields(always, [img], [xyxy])[0]
+    assert seen == [(False, len(xyxy), 32), (True, len(xyxy), 40)]
+    assert out.shape == (len(xyxy), 7) and np.allclose(out.sum(1), 1.0, atol=1e-5)
+    seen.clear()
+    p = tmp_path / "cell.png"
+    cv2.imwrite(str(p), img[:80, :80])
+    recs = predict.classify_files(always, [p])
+    assert seen[-1][0] and recs[0]["label"] in always.classes
+
+
+def test_subtyper_with_unknown_classes_is_refused(tmp_path, tiny_classifier):
+    from smear.classifier.model import load_classifier
+
+    primary = _with_subtyper(tmp_path, tiny_classifier, 0.5)
+    card = json.loads((tmp_path / "subtypes" / "card.json").read_text())
+    card["classes"] = ["Neutrophil", "Blast", "Lymphocyte", "Monocyte", "Basophil"]
+    (tmp_path / "subtypes" / "card.json").write_text(json.dumps(card))
+    with pytest.raises(SmearError, match="Blast"):
+        load_classifier(primary)
