@@ -55,7 +55,7 @@ def _refine_mask(model: ClassifierModel, probs: np.ndarray) -> np.ndarray:
     return probs[:, cols].sum(1) >= model.refine_min_prob
 
 
-def apply_subtyper(model: ClassifierModel, probs: np.ndarray, crop_of) -> np.ndarray:
+def apply_subtyper(model: ClassifierModel, probs: np.ndarray, crop_of, batch: int = 256) -> np.ndarray:
     """Re-score the subtype split of likely WBCs with the model's subtype stage, in place.
 
     For crops whose WBC probability (subtypes summed) reaches ``subtype_min_prob``, the WBC mass
@@ -73,7 +73,7 @@ def apply_subtyper(model: ClassifierModel, probs: np.ndarray, crop_of) -> np.nda
     wbc = probs[:, wbc_cols].sum(1)
     idx = np.flatnonzero(wbc >= model.subtype_min_prob)
     if len(idx):
-        p_sub = predict_crops(sub, [crop_of(k, sub.crop_size_px, sub.crop_margin) for k in idx])
+        p_sub = predict_crops(sub, [crop_of(k, sub.crop_size_px, sub.crop_margin) for k in idx], batch)
         probs[np.ix_(idx, wbc_cols)] = 0.0
         probs[np.ix_(idx, cols)] = wbc[idx, None] * p_sub
     return probs
@@ -96,7 +96,8 @@ def classify_fields(model: ClassifierModel, images: Sequence[np.ndarray], boxes:
         fine = [crop_cell(images[owners[k][0]], owners[k][1], model.refiner.crop_margin, model.refiner.crop_size_px)
                 for k in idx]
         probs[idx] = predict_crops(model.refiner, fine, batch)
-    apply_subtyper(model, probs, lambda k, size, margin: crop_cell(images[owners[k][0]], owners[k][1], margin, size))
+    apply_subtyper(model, probs, lambda k, size, margin: crop_cell(images[owners[k][0]], owners[k][1], margin, size),
+                   batch)
     out, start = [], 0
     for bs in boxes:
         out.append(probs[start:start + len(bs)])
@@ -142,7 +143,7 @@ def classify_files(model: ClassifierModel, paths: Sequence[Path], batch: int = 2
         idx = np.flatnonzero(mask)
         probs[idx] = predict_crops(model.refiner, [crop_from_cell_image(model.refiner, imgs[k]) for k in idx], batch)
     apply_subtyper(model, probs, lambda k, size, margin: crop_cell(imgs[k], (0, 0, imgs[k].shape[1], imgs[k].shape[0]),
-                                                                   0.0, size))
+                                                                   0.0, size), batch)
     for (idx, _), pr in zip(pending, probs):
         k = int(pr.argmax())
         records[idx].update({"label": model.classes[k], "score": round(float(pr[k]), 4),
