@@ -14,9 +14,13 @@ Both opinions stay in each cell record.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+from array import array
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from types import SimpleNamespace
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -25,9 +29,17 @@ from .dataset import GROUPS, SUBTYPES, group_of
 from .errors import SmearError
 from .indicators import compute_flags
 from .progress import progress_bar
-from .results import Cell, Flag, ImageResult, SlideResult, count_cells, differential_from_counts, ratios_from_counts
+from .results import (BatchResult, Cell, Flag, ImageResult, SlideResult, count_cells, differential_from_counts,
+                      ratios_from_counts)
 
 log = logging.getLogger(__name__)
+
+# Crops per classifier forward call. On CPU each new input shape builds and caches new oneDNN conv
+# primitives, which fragment the heap; with a detector batch's crops in one call (any count up to
+# 256) nearly every batch was a new shape, and memory grew ~0.75 MB per image over a 1,000-image
+# batch (benchmarks/memory_batch.py). Chunks of 32 leave at most 32 shapes per model, so memory
+# levels off once they are cached; as fast here, and the records identical (200 BCCD fields).
+CLASSIFIER_BATCH = 32
 
 
 class Analyzer:
@@ -112,8 +124,7 @@ class Analyzer:
         result.counts = counts
         result.ratios = ratios_from_counts(counts)
         result.differential = differential_from_counts(counts)
-        unplaced = sum(1 for c in result.cells if c.group == "WBC"
-                       and c.classifier.get("score_in_group", 1.0) < self.cfg.low_confidence_wbc)
+        unplaced = count_unplaced_wbc(result.cells, self.cfg.low_confidence_wbc)
         result.flags = compute_flags(counts, result.differential, 1, self.cfg, unplaced, mean_rbc_diameter_um(result.cells, self.cfg))
         if self.morphology is not None:
             result.morphology, extra = self._morphology_outputs(result.cells, counts, 1)
@@ -121,15 +132,17 @@ class Analyzer:
         return result
 
     def _morphology_domain(self, cells: list[Cell]) -> dict:
-        """Whether fields look like the morphology model's training fields.
+        return self._morphology_domain_px(rbc_diameters_px(cells))
+
+    def _morphology_domain_px(self, diameters_px: Sequence[float]) -> dict:
+        """Whether fields look like the morphology model's training fields, from their RBC diameters.
 
         The morphology model learnt one lab's fields (Chula RBC-12, 1000x, ~35-39 px RBCs). Fields
         whose median RBC is far from that size come from another imaging set-up (BCCD's RBCs are
         ~100 px and its stain differs; measured: only 13% of BCCD RBCs are called normal), so no
         morphology call is made there (it would mislead, and costs time); a pixel size overrides.
         """
-        diam = [((c.box[2] - c.box[0]) + (c.box[3] - c.box[1])) / 2 for c in cells if c.group == "RBC"]
-        median = float(np.median(diam)) if diam else None
+        median = float(np.median(diameters_px)) if len(diameters_px) else None
         ref = float(self.morphology.config.get("cell_diameter_px", 0) or 0)
         ratio = median / ref if median and ref else None
         in_domain = self.cfg.pixel_size_um > 0 or (ratio is not None and 0.6 <= ratio <= 1.67)
@@ -137,11 +150,16 @@ class Analyzer:
                 "in_domain": in_domain}
 
     def _morphology_outputs(self, cells: list[Cell], counts: dict[str, int], n_fields: int) -> tuple[dict, list]:
-        """Morphology shares and flags; out of the model's domain, one flag that says why there are none."""
-        from smear.classifier.morphology import morphology_flags, summarize_morphology
+        from smear.classifier.morphology import summarize_morphology
 
-        summary = summarize_morphology(cells)
-        domain = self._morphology_domain(cells)
+        return self._morphology_outputs_from(summarize_morphology(cells), rbc_diameters_px(cells), counts, n_fields)
+
+    def _morphology_outputs_from(self, summary: dict, diameters_px: Sequence[float], counts: dict[str, int],
+                                 n_fields: int) -> tuple[dict, list]:
+        """Morphology shares and flags; out of the model's domain, one flag that says why there are none."""
+        from smear.classifier.morphology import morphology_flags
+
+        domain = self._morphology_domain_px(diameters_px)
         summary["domain"] = domain
         if domain["in_domain"] or domain["median_rbc_diameter_px"] is None:
             return summary, morphology_flags(summary, counts, n_fields)
@@ -159,8 +177,8 @@ class Analyzer:
         from smear.classifier.predict import classify_fields
 
         dets = self.detector.predict(list(images), conf=self.cfg.conf, iou=self.cfg.iou, scale=self.scale)
-        # One classifier pass over the crops of all images in the batch: far fewer small forward calls.
-        probs = classify_fields(self.classifier, images, [d.boxes for d in dets])
+        # The crops of all images in the batch go to the classifier together: far fewer small forward calls.
+        probs = classify_fields(self.classifier, images, [d.boxes for d in dets], batch=CLASSIFIER_BATCH)
         out = []
         for img, name, det, pr in zip(images, names, dets, probs):
             cells = self.merge(det.boxes, det.scores, det.classes, pr)
@@ -169,6 +187,41 @@ class Analyzer:
             out.append(self._finish(ImageResult(image=name, width=int(img.shape[1]), height=int(img.shape[0]), cells=cells)))
         return out
 
+    def iter_images(self, paths: Sequence[str | Path],
+                    progress: bool = False) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
+        """``(result, image_rgb)`` per file in input order, as soon as each is done; nothing is kept.
+
+        Unreadable files give a result with ``error`` set and ``image_rgb`` None.
+        """
+        from .io import read_image
+
+        bar = progress_bar(len(paths), "analyze", progress)
+        try:
+            for start in range(0, len(paths), self.cfg.batch):
+                chunk = paths[start:start + self.cfg.batch]
+                loaded: list[tuple[int, np.ndarray]] = []
+                chunk_results: list[ImageResult] = []
+                for i, p in enumerate(chunk):
+                    try:
+                        loaded.append((i, read_image(p)))
+                        chunk_results.append(ImageResult(image=str(p)))
+                    except SmearError as e:
+                        chunk_results.append(ImageResult(image=str(p), error=str(e)))
+                    except Exception as e:  # noqa: BLE001  one bad file never stops the batch
+                        chunk_results.append(ImageResult(image=str(p), error=f"{p}: {type(e).__name__}: {e}"))
+                if loaded:
+                    done = self.analyze_arrays([a for _, a in loaded], [str(chunk[i]) for i, _ in loaded])
+                    for (i, _), r in zip(loaded, done):
+                        chunk_results[i] = r
+                images = dict(loaded)
+                for i, r in enumerate(chunk_results):
+                    yield r, images.get(i)
+                    if bar:
+                        bar.update(1)
+        finally:
+            if bar:
+                bar.close()
+
     def analyze_images(self, paths: Sequence[str | Path],
                        on_result: Callable[[ImageResult, np.ndarray | None], None] | None = None,
                        progress: bool = False) -> list[ImageResult]:
@@ -176,46 +229,64 @@ class Analyzer:
 
         ``on_result(result, image_rgb)`` is called for each file as soon as it is done, in input
         order (``image_rgb`` is None for a file that failed), so callers can stream outputs.
+        Every result is returned, cells included; ``analyze_batch`` keeps none.
         """
-        from .io import read_image
-
         results: list[ImageResult] = []
-        bar = progress_bar(len(paths), "analyze", progress)
-        for start in range(0, len(paths), self.cfg.batch):
-            chunk = paths[start:start + self.cfg.batch]
-            loaded: list[tuple[int, np.ndarray]] = []
-            chunk_results: list[ImageResult] = []
-            for i, p in enumerate(chunk):
-                try:
-                    loaded.append((i, read_image(p)))
-                    chunk_results.append(ImageResult(image=str(p)))
-                except SmearError as e:
-                    chunk_results.append(ImageResult(image=str(p), error=str(e)))
-                except Exception as e:  # noqa: BLE001  one bad file never stops the batch
-                    chunk_results.append(ImageResult(image=str(p), error=f"{p}: {type(e).__name__}: {e}"))
-            if loaded:
-                done = self.analyze_arrays([a for _, a in loaded], [str(chunk[i]) for i, _ in loaded])
-                for (i, _), r in zip(loaded, done):
-                    chunk_results[i] = r
-            images = dict(loaded)
-            for i, r in enumerate(chunk_results):
-                if on_result:
-                    on_result(r, images.get(i))
-                results.append(r)
-                if bar:
-                    bar.update(1)
-        if bar:
-            bar.close()
+        for result, image in self.iter_images(paths, progress):
+            if on_result:
+                on_result(result, image)
+            results.append(result)
         return results
+
+    def analyze_batch(self, paths: Sequence[str | Path], slides_of: Sequence[str],
+                      on_result: Callable[[ImageResult, np.ndarray | None], None] | None = None,
+                      progress: bool = False) -> BatchResult:
+        """Analyse a batch of any size in flat memory: slides from running totals, no result kept.
+
+        Each result gets its slide name from ``slides_of`` (one per path) and goes to
+        ``on_result(result, image_rgb)`` (write it there: it is dropped afterwards). The slides'
+        ``images`` hold one record per field without cells (name and error).
+
+        Example:
+            >>> batch = analyzer.analyze_batch(paths, ["S1"] * len(paths), on_result=writer.add)
+            >>> batch.slides[0].differential["n_wbc"]
+        """
+        if len(slides_of) != len(paths):
+            raise SmearError(f"analyze_batch got {len(paths)} paths but {len(slides_of)} slide names; "
+                             "give one slide name per path")
+        totals: dict[str, SlideTotals] = {}
+        failed: list[ImageResult] = []
+        for (result, image), slide in zip(self.iter_images(paths, progress), slides_of):
+            result.slide = slide
+            if on_result:
+                on_result(result, image)
+            if slide not in totals:
+                totals[slide] = SlideTotals(slide, self.cfg.low_confidence_wbc)
+            totals[slide].add(result)
+            if result.error:
+                failed.append(result)
+        return BatchResult(slides=[self.slide_result(t) for t in totals.values()], n_images=len(paths),
+                           failed=failed)
 
     def aggregate_slide(self, name: str, results: list[ImageResult]) -> SlideResult:
         """Totals, differential with 95% CIs, estimates and flags over the fields of one slide."""
-        ok = [r for r in results if not r.error]
-        cells = [c for r in ok for c in r.cells]
-        counts = count_cells(cells)
-        slide = SlideResult(slide=name, images=results, counts=counts, ratios=ratios_from_counts(counts),
+        totals = SlideTotals(name, self.cfg.low_confidence_wbc)
+        for r in results:
+            totals.add(r)
+        return self.slide_result(totals, images=results)
+
+    def slide_result(self, totals: SlideTotals, images: list[ImageResult] | None = None) -> SlideResult:
+        """A slide's aggregate from its running totals.
+
+        ``images`` (default: one record per field without cells, from the totals) becomes
+        ``SlideResult.images``.
+        """
+        counts = dict(totals.counts)
+        if images is None:
+            images = [ImageResult(image=image, error=error, slide=totals.name) for image, error in totals.fields]
+        slide = SlideResult(slide=totals.name, images=images, counts=counts, ratios=ratios_from_counts(counts),
                             differential=differential_from_counts(counts), capture_mode=self.cfg.capture_mode)
-        n = len(ok)
+        n = totals.n_fields
         est: dict = {"mean_per_field": {k: round(v / n, 2) for k, v in counts.items()} if n else {}}
         if n and self.cfg.platelet_factor_per_field > 0:
             est["platelets_per_uL"] = round(counts["Platelets"] / n * self.cfg.platelet_factor_per_field)
@@ -224,21 +295,77 @@ class Analyzer:
         if n and self.cfg.field_area_um2 > 0:
             est["per_mm2"] = {k: round(v / n / self.cfg.field_area_um2 * 1e6, 1) for k, v in counts.items()}
         slide.estimates = est
-        unplaced = sum(1 for c in cells if c.group == "WBC"
-                       and c.classifier.get("score_in_group", 1.0) < self.cfg.low_confidence_wbc)
-        slide.flags = compute_flags(counts, slide.differential, n, self.cfg, unplaced,
-                                    mean_rbc_diameter_um(cells, self.cfg))
+        slide.flags = compute_flags(counts, slide.differential, n, self.cfg, totals.unplaced_wbc,
+                                    mean_diameter_um(totals.rbc_diameters_px, self.cfg))
         if self.morphology is not None:
-            slide.morphology, extra = self._morphology_outputs(cells, counts, n)
+            from smear.classifier.morphology import summarize_morphology
+
+            summary = summarize_morphology(_morphology_calls(totals.morphology_labels))
+            slide.morphology, extra = self._morphology_outputs_from(summary, totals.rbc_diameters_px, counts, n)
             slide.flags += extra
         return slide
 
 
-def mean_rbc_diameter_um(cells: Iterable[Cell], cfg: PipelineConfig) -> float | None:
-    if cfg.pixel_size_um <= 0:
+class SlideTotals:
+    """Running totals over one slide's fields: all ``Analyzer.slide_result`` needs, and no cells.
+
+    A batch keeps one of these per slide instead of every cell of every field, so its memory
+    stays flat however many fields it has. Per field it keeps the name and error (slides.json
+    lists them) and one float per RBC (the slide's median RBC size needs every diameter).
+    """
+
+    def __init__(self, name: str, low_confidence_wbc: float):
+        self.name = name
+        self.low_confidence_wbc = low_confidence_wbc
+        self.fields: list[tuple[str, str | None]] = []
+        self.counts = count_cells([])
+        self.unplaced_wbc = 0
+        self.rbc_diameters_px = array("d")
+        self.morphology_labels: Counter[str] = Counter()
+
+    @property
+    def n_fields(self) -> int:
+        """Fields read and analysed (failed ones excluded)."""
+        return sum(1 for _, error in self.fields if not error)
+
+    def add(self, result: ImageResult) -> None:
+        self.fields.append((result.image, result.error))
+        if result.error:
+            return
+        for k, v in count_cells(result.cells).items():
+            self.counts[k] += v
+        self.unplaced_wbc += count_unplaced_wbc(result.cells, self.low_confidence_wbc)
+        self.rbc_diameters_px.extend(rbc_diameters_px(result.cells))
+        self.morphology_labels.update(c.morphology["label"] for c in result.cells if c.morphology)
+
+
+def _morphology_calls(label_counts: Counter) -> Iterator[SimpleNamespace]:
+    """One stand-in cell per morphology call (one shared object per label), so that
+    ``summarize_morphology`` gives a slide's summary from counts, as it would from the cells."""
+    for label, k in label_counts.items():
+        yield from itertools.repeat(SimpleNamespace(morphology={"label": label}), k)
+
+
+def count_unplaced_wbc(cells: Iterable[Cell], low_confidence_wbc: float) -> int:
+    """WBCs whose subtype the classifier cannot place (probability within the WBC group below the threshold)."""
+    return sum(1 for c in cells if c.group == "WBC" and c.classifier.get("score_in_group", 1.0) < low_confidence_wbc)
+
+
+def rbc_diameters_px(cells: Iterable[Cell]) -> list[float]:
+    """Each RBC's diameter in pixels: the mean of its box width and height."""
+    return [((c.box[2] - c.box[0]) + (c.box[3] - c.box[1])) / 2 for c in cells if c.group == "RBC"]
+
+
+def mean_diameter_um(diameters_px: Sequence[float], cfg: PipelineConfig) -> float | None:
+    """Mean diameter in micrometres, or None without a pixel size or diameters."""
+    if cfg.pixel_size_um <= 0 or not len(diameters_px):
         return None
-    d = [((c.box[2] - c.box[0]) + (c.box[3] - c.box[1])) / 2 for c in cells if c.group == "RBC"]
-    return float(np.mean(d)) * cfg.pixel_size_um if d else None
+    return float(np.mean(diameters_px)) * cfg.pixel_size_um
+
+
+def mean_rbc_diameter_um(cells: Iterable[Cell], cfg: PipelineConfig) -> float | None:
+    """Mean RBC diameter of these cells in micrometres, or None without a pixel size or RBCs."""
+    return mean_diameter_um(rbc_diameters_px(cells), cfg)
 
 
 def slide_names(paths: Sequence[Path], roots: Sequence[str | Path], slide: str | None) -> list[str]:

@@ -95,6 +95,42 @@ def data_prepare(
         raise typer.Exit(1)
 
 
+@data_app.command("add-points")
+def data_add_points(
+    source: Path = typer.Option(Path("../shared/data/chula-rbc-12"), "--source", help="point-labelled fields "
+                                "(Chula RBC-12 layout: Dataset/N.jpg, Label/N.txt 'x y class')"),
+    base: Path = typer.Option(Path("runs/prepared/bccd/yolo"), "--base", help="YOLO set from 'smear data prepare'"),
+    out: Path = typer.Option(Path("runs/prepared/bccd-chula"), "--out", help="output folder (gets yolo/)"),
+    scale: float = typer.Option(2.5, "--scale", help="resize factor to the detector's training scale "
+                                "(Chula RBCs ~39 px -> BCCD ~100 px: 2.5)"),
+    split_from: Optional[Path] = typer.Option(None, "--split-from", help="model folder whose split.json names the "
+                                              "training ids (default: the shipped morphology model's)"),
+    max_images: int = typer.Option(200, "--max-images", help="at most this many training fields (0: all)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="detector that proposes boxes (default: shipped)"),
+) -> None:
+    """Add point-labelled fields (training split only) to a YOLO set, as weak labels for the detector.
+
+    Example: smear data add-points --source ../shared/data/chula-rbc-12 --out runs/prepared/bccd-chula
+    """
+    import json
+
+    from smear.classifier.morphology import resolve_morphology_folder
+
+    from .paths import resolve_path
+    from .pointlabels import build_point_augmented_set
+
+    folder = Path(split_from) if split_from else resolve_morphology_folder(None)
+    train_ids = json.loads((folder / "split.json").read_text())["train"]
+    data_yaml, rows = build_point_augmented_set(resolve_path(str(base)), out, resolve_path(str(source)), train_ids,
+                                                scale, detector_weights=weights, max_images=max_images)
+    n = len(rows)
+    typer.echo(f"{n} point-labelled training fields added (split from {folder / 'split.json'})")
+    if n:
+        typer.echo("boxes: " + ", ".join(f"{k} {sum(getattr(r, k) for r in rows)}" for k in (
+            "points", "boxes_from_detector", "boxes_from_mask", "boxes_from_median", "pseudo_labels")))
+    typer.echo(f"written: {data_yaml} (per field: {data_yaml.parent / 'point_fields_train.csv'})")
+
+
 # ------------------------------------------------------------------ detector
 
 @detector_app.command("train")
@@ -296,7 +332,7 @@ def analyze(
     from .analyze import Analyzer, slide_names
     from .config import PipelineConfig
     from .io import expand_inputs
-    from .report import ResultWriter, format_table
+    from .report import ResultWriter, table_header, table_name_width, table_row
 
     cfg = _load(PipelineConfig, config, overrides, {"conf": conf, "device": device, "batch": batch,
                                                    "capture_mode": capture_mode, "pixel_size_um": pixel_size_um,
@@ -304,28 +340,28 @@ def analyze(
     files = expand_inputs(paths)
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
-    slides_of = slide_names(files, paths, slide)
     analyzer = Analyzer(cfg)
     writer = ResultWriter(output) if output else None
-    names = iter(slides_of)
+    # Each result is written and dropped as it comes (memory flat over any batch); only its table
+    # line is kept, to print the table after the progress bar as before.
+    name_width = table_name_width(str(f) for f in files)
+    table = [table_header(name_width)]
 
     def on_result(result, image):
-        result.slide = next(names)
         if writer:
             writer.add(result, image)
         if as_json:
             typer.echo(json.dumps(result.to_dict()))
+        else:
+            table.append(table_row(result, name_width))
 
-    results = analyzer.analyze_images(files, on_result=on_result, progress=sys.stderr.isatty())
-    groups: dict[str, list] = {}
-    for r in results:
-        groups.setdefault(r.slide, []).append(r)
-    slides = [analyzer.aggregate_slide(name, rs) for name, rs in groups.items()]
+    batch = analyzer.analyze_batch(files, slide_names(files, paths, slide), on_result=on_result,
+                                   progress=sys.stderr.isatty())
     if writer:
-        writer.close(results, slides)
+        writer.close(slides=batch.slides)
     if not as_json:
-        typer.echo(format_table(results))
-        for s in slides:
+        typer.echo("\n".join(table))
+        for s in batch.slides:
             flags = ", ".join(f"{f.name} ({f.severity})" for f in s.flags) or "none"
             d = s.differential
             diff = ", ".join(f"{k[:3]} {d[k]['percent']}%" for k in d if k != "n_wbc" and d[k]["percent"] is not None)
@@ -333,10 +369,9 @@ def analyze(
                        f"{diff or '-'}; flags: {flags}")
         if output:
             typer.echo(f"outputs in {output} (results.jsonl, summary.csv, overlays/, report.html)")
-    failed = [r for r in results if r.error]
-    if failed:
-        typer.echo(f"{len(failed)} of {len(results)} file(s) failed:", err=True)
-        for r in failed:
+    if batch.failed:
+        typer.echo(f"{len(batch.failed)} of {batch.n_images} file(s) failed:", err=True)
+        for r in batch.failed:
             typer.echo(f"  {r.error}", err=True)
         raise typer.Exit(1)
 

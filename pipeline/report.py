@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import html
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .dataset import SUBTYPES
+from .errors import SmearError
 from .results import ImageResult, SlideResult
 
 # Colours (RGB) per final label, chosen to stay distinct on pink/purple stained fields.
@@ -29,14 +31,32 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` only once fully written (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _copy_text(src: IO[str], dst: IO[bytes], chunk_chars: int = 1 << 20) -> None:
+    src.seek(0)
+    while chunk := src.read(chunk_chars):
+        dst.write(chunk.encode())
 
 
 def draw_overlay(image_rgb: np.ndarray, result: ImageResult) -> np.ndarray:
@@ -69,19 +89,25 @@ def overlay_name(result: ImageResult, index: int) -> str:
     return f"{index:05d}_{stem}.png"
 
 
-def write_overlay(path: Path, image_rgb: np.ndarray, result: ImageResult) -> None:
+def write_overlay(path: Path, image_rgb: np.ndarray, result: ImageResult) -> np.ndarray | None:
+    """Draw and write the overlay PNG; returns the drawn image (BGR), or None when encoding failed."""
     import cv2
 
-    ok, buf = cv2.imencode(".png", draw_overlay(image_rgb, result))
-    if ok:
-        atomic_write_bytes(path, buf.tobytes())
+    overlay = draw_overlay(image_rgb, result)
+    ok, buf = cv2.imencode(".png", overlay)
+    if not ok:
+        return None
+    atomic_write_bytes(path, buf.tobytes())
+    return overlay
 
 
 class ResultWriter:
-    """Streams results to ``results.jsonl`` as they come, then writes the summaries.
+    """Streams results to the output folder as they come, then writes the summaries.
 
-    Records are appended one line at a time (flushed), so an interrupted batch keeps
-    everything finished before it.
+    Records are appended to ``results.jsonl`` one line at a time (flushed), so an interrupted batch
+    keeps everything finished before it. The summary.csv rows and the report's field thumbnails
+    are written to unnamed temporary files as they come and assembled by ``close``, so the writer
+    keeps no record in memory, however long the batch.
     """
 
     def __init__(self, out: Path, overlays: bool = True):
@@ -89,20 +115,48 @@ class ResultWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.overlays = overlays
         self._jsonl = open(self.out / "results.jsonl", "w")
+        # newline="": csv writes its own \r\n line ends, as write_rows does.
+        self._summary_rows = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)
+        self._summary_csv: csv.DictWriter | None = None
+        self._report_fields = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)
         self.count = 0
+        self.n_failed = 0
 
     def add(self, result: ImageResult, image_rgb: np.ndarray | None = None) -> None:
         self._jsonl.write(json.dumps(result.to_dict()) + "\n")
         self._jsonl.flush()
+        overlay_path = self.out / "overlays" / overlay_name(result, self.count)
+        overlay = None
         if self.overlays and image_rgb is not None and not result.error:
-            write_overlay(self.out / "overlays" / overlay_name(result, self.count), image_rgb, result)
+            overlay = write_overlay(overlay_path, image_rgb, result)
+        row = result.summary_row()
+        if self._summary_csv is None:
+            self._summary_csv = csv.DictWriter(self._summary_rows, fieldnames=list(row))
+            self._summary_csv.writeheader()
+        self._summary_csv.writerow(row)
+        thumb = None
+        if not result.error:  # the overlay just drawn is the PNG's exact pixels: no need to read it back
+            thumb = _thumb_b64(overlay if overlay is not None else overlay_path)
+        self._report_fields.write("\n" + _field_html(result, thumb))
+        self.n_failed += bool(result.error)
         self.count += 1
 
-    def close(self, results: list[ImageResult], slides: list[SlideResult]) -> None:
+    def close(self, results: Sequence[ImageResult] | None = None, slides: Sequence[SlideResult] = ()) -> None:
+        """Write summary.csv, slides.json and report.html from the records given to ``add``.
+
+        ``results``, when given, must be those records (nothing more is read from it).
+        """
+        if results is not None and len(results) != self.count:
+            raise SmearError(f"ResultWriter.close got {len(results)} results but add() was given {self.count}; "
+                             "pass each result to add() as it comes")
         self._jsonl.close()
-        write_summary_csv(self.out / "summary.csv", results)
+        with self._summary_rows, atomic_open(self.out / "summary.csv") as f:
+            _copy_text(self._summary_rows, f)
         atomic_write_text(self.out / "slides.json", json.dumps([s.to_dict() for s in slides], indent=2))
-        atomic_write_text(self.out / "report.html", render_html(results, slides, self.out / "overlays"))
+        with self._report_fields, atomic_open(self.out / "report.html") as f:
+            f.write("\n".join(_report_head(self.count, self.n_failed, slides)).encode())
+            _copy_text(self._report_fields, f)
+            f.write(("\n" + REPORT_TAIL).encode())
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -121,10 +175,11 @@ def write_summary_csv(path: Path, results: Iterable[ImageResult]) -> None:
     write_rows(path, [r.summary_row() for r in results])
 
 
-def _thumb_b64(path: Path, max_side: int = 320) -> str | None:
+def _thumb_b64(source: Path | np.ndarray, max_side: int = 320) -> str | None:
+    """A JPEG thumbnail, base64, of an image file or a BGR array; None when the file cannot be read."""
     import cv2
 
-    img = cv2.imread(str(path))
+    img = cv2.imread(str(source)) if isinstance(source, Path) else source
     if img is None:
         return None
     s = max_side / max(img.shape[:2])
@@ -176,8 +231,19 @@ def _differential_chart(diff: dict) -> str:
     return "".join(parts)
 
 
+REPORT_TAIL = "</div></body></html>"
+
+
 def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_dir: Path | None) -> str:
     """One self-contained page: per-slide summary, flags with evidence, differential chart, thumbnails."""
+    fields = [_field_html(r, _thumb_b64(overlay_dir / overlay_name(r, i)) if overlay_dir and not r.error else None)
+              for i, r in enumerate(results)]
+    n_fail = sum(1 for r in results if r.error)
+    return "\n".join([*_report_head(len(results), n_fail, slides), *fields, REPORT_TAIL])
+
+
+def _report_head(n_images: int, n_failed: int, slides: Sequence[SlideResult]) -> list[str]:
+    """The report up to the field thumbnails: per-slide counts, flags, differential and morphology."""
     css = ("body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0}"
            "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}th{background:#f0f0f0}"
            ".crit{background:#fdd}.warn{background:#fff3cd}.info{background:#eef}.ok{color:#070}"
@@ -186,8 +252,7 @@ def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_d
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>smear report</title><style>{css}</style></head>"
            "<body><h1>smear report</h1><p class='note'>Decision support for trained staff, not a diagnosis. Flags show "
            "their rule, threshold, observed value, evidence and caveat.</p>"]
-    n_fail = sum(1 for r in results if r.error)
-    out.append(f"<p>{len(results)} images, {len(slides)} slide(s), {n_fail} failed.</p>")
+    out.append(f"<p>{n_images} images, {len(slides)} slide(s), {n_failed} failed.</p>")
     for s in slides:
         mode_note = (" WBC-centred fields over-represent WBCs, so no WBC count or WBC:RBC flag is raised; the "
                      "differential and the platelet:RBC ratio still apply." if s.capture_mode == "wbc-centred" else "")
@@ -213,32 +278,45 @@ def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_d
                            f"morphology model's training images (median RBC {domain.get('median_rbc_diameter_px')} px "
                            f"vs {domain.get('model_rbc_diameter_px')} px).</p>")
     out.append("<h2>Fields</h2><div class='thumbs'>")
-    for i, r in enumerate(results):
-        if r.error:
-            out.append(f"<div class='thumb err'><b>{html.escape(Path(r.image).name)}</b><br>{html.escape(r.error)}</div>")
-            continue
-        b64 = _thumb_b64(overlay_dir / overlay_name(r, i)) if overlay_dir else None
-        img = f"<img src='data:image/jpeg;base64,{b64}' width='320'>" if b64 else ""
-        counts = ", ".join(f"{k} {v}" for k, v in r.counts.items() if v)
-        flags = "".join(f"<br><span class='{ {'critical': 'crit', 'warning': 'warn'}.get(f.severity, 'info') }'>"
-                        f"{html.escape(f.name)} ({html.escape(f.severity)})</span>" for f in r.flags)
-        out.append(f"<div class='thumb'>{img}<br><b>{html.escape(Path(r.image).name)}</b><br>{html.escape(counts)}{flags}</div>")
-    out.append("</div></body></html>")
-    return "\n".join(out)
+    return out
+
+
+def _field_html(result: ImageResult, thumb_b64: str | None) -> str:
+    """One field's card in the report: thumbnail, name, counts and flags (or its error)."""
+    name = html.escape(Path(result.image).name)
+    if result.error:
+        return f"<div class='thumb err'><b>{name}</b><br>{html.escape(result.error)}</div>"
+    img = f"<img src='data:image/jpeg;base64,{thumb_b64}' width='320'>" if thumb_b64 else ""
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
+    flags = "".join(f"<br><span class='{ {'critical': 'crit', 'warning': 'warn'}.get(f.severity, 'info') }'>"
+                    f"{html.escape(f.name)} ({html.escape(f.severity)})</span>" for f in result.flags)
+    return f"<div class='thumb'>{img}<br><b>{name}</b><br>{html.escape(counts)}{flags}</div>"
 
 
 def format_table(results: list[ImageResult]) -> str:
     """A readable per-image table for stdout."""
-    cols = ["RBC", "Platelets", *SUBTYPES]
+    name_width = table_name_width(r.image for r in results)
+    return "\n".join([table_header(name_width), *(table_row(r, name_width) for r in results)])
+
+
+_TABLE_COLUMNS = ["RBC", "Platelets", *SUBTYPES]
+
+
+def table_name_width(images: Iterable[str]) -> int:
+    """Width of the table's name column for these image paths (known before any is analysed)."""
+    return min(40, max([5] + [len(Path(image).name) for image in images]))
+
+
+def table_header(name_width: int) -> str:
     short = {"Platelets": "PLT", "Neutrophil": "NEU", "Eosinophil": "EOS", "Lymphocyte": "LYM", "Monocyte": "MON",
              "Basophil": "BAS"}
-    name_w = min(40, max([5] + [len(Path(r.image).name) for r in results]))
-    lines = [f"{'image':<{name_w}} " + " ".join(f"{short.get(c, c):>5}" for c in cols) + "  flags"]
-    for r in results:
-        name = Path(r.image).name[:name_w]
-        if r.error:
-            lines.append(f"{name:<{name_w}} ERROR: {r.error}")
-            continue
-        flags = ", ".join(f.name for f in r.flags if f.severity != "insufficient evidence") or "-"
-        lines.append(f"{name:<{name_w}} " + " ".join(f"{r.counts.get(c, 0):>5}" for c in cols) + f"  {flags}")
-    return "\n".join(lines)
+    return f"{'image':<{name_width}} " + " ".join(f"{short.get(c, c):>5}" for c in _TABLE_COLUMNS) + "  flags"
+
+
+def table_row(result: ImageResult, name_width: int) -> str:
+    """One image's line of ``format_table``."""
+    name = Path(result.image).name[:name_width]
+    if result.error:
+        return f"{name:<{name_width}} ERROR: {result.error}"
+    flags = ", ".join(f.name for f in result.flags if f.severity != "insufficient evidence") or "-"
+    return f"{name:<{name_width}} " + " ".join(f"{result.counts.get(c, 0):>5}" for c in _TABLE_COLUMNS) + f"  {flags}"

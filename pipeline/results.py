@@ -122,7 +122,9 @@ class ImageResult:
                                "height": self.height, "error": self.error or ""}
         for c in ("RBC", "WBC", "Platelets", *SUBTYPES):
             row[f"n_{c}"] = self.counts.get(c, 0) if not self.error else ""
-        for k, v in self.ratios.items():
+        # Every row has the ratio columns, so the header (taken from the first row) fits a batch
+        # whose first file failed.
+        for k, v in {**dict.fromkeys(ratios_from_counts({})), **self.ratios}.items():
             row[k] = v if v is not None else ""
         row["n_review"] = sum(c.review for c in self.cells)
         row["flags"] = "; ".join(f"{f.name} ({f.severity})" for f in self.flags)
@@ -157,5 +159,14 @@ class SlideResult:
         return d
 
 
-__all__ = ["Cell", "Flag", "ImageResult", "SlideResult", "GROUPS", "count_cells", "ratios_from_counts",
-           "differential_from_counts", "wilson_interval"]
+@dataclass
+class BatchResult:
+    """What ``Analyzer.analyze_batch`` keeps of a batch: its slides and the fields that failed, no cells."""
+
+    slides: list[SlideResult]
+    n_images: int
+    failed: list[ImageResult] = field(default_factory=list)
+
+
+__all__ = ["Cell", "Flag", "ImageResult", "SlideResult", "BatchResult", "GROUPS", "count_cells",
+           "ratios_from_counts", "differential_from_counts", "wilson_interval"]

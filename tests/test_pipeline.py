@@ -15,6 +15,7 @@ from conftest import draw_field
 from smear.pipeline.analyze import Analyzer, slide_names
 from smear.pipeline.config import PipelineConfig, build_config
 from smear.pipeline.dataset import CELL_CLASSES, GROUPS, SUBTYPES, group_of
+from smear.pipeline.errors import SmearError
 from smear.pipeline.report import ResultWriter, format_table, render_html
 from smear.pipeline.results import Cell, ImageResult
 
@@ -337,3 +338,166 @@ def test_morphology_domain_gate_by_rbc_size():
     assert "no RBC morphology call" in flags[0].caveat
     a.cfg = PipelineConfig(pixel_size_um=0.1)  # a known scale overrides the size check
     assert a._morphology_domain(rbcs(100))["in_domain"] is True
+
+
+# ---------------------------------------------------------------- streamed batches (flat memory)
+
+def _synthetic_results(seed: int, n_images: int = 6, rbc_px: float = 39.0) -> list[ImageResult]:
+    """Fields of random cells (groups, labels, sizes, subtype confidences, morphology calls), one failed."""
+    import random
+
+    from smear.classifier.morphology import MORPHOLOGY_CLASSES
+
+    rng = random.Random(seed)
+    labels = ["RBC"] * 12 + ["Platelets"] * 3 + list(SUBTYPES)
+    results = []
+    for i in range(n_images):
+        if i == 2:
+            results.append(ImageResult(image=f"f{i}.png", error=f"f{i}.png: cannot be read"))
+            continue
+        cells = []
+        for _ in range(rng.randint(0, 40)):
+            label = rng.choice(labels)
+            d = rbc_px * rng.uniform(0.7, 1.3)
+            x, y = round(rng.uniform(0, 600), 1), round(rng.uniform(0, 440), 1)
+            morphology = None
+            if label == "RBC" and rng.random() < 0.9:
+                morphology = {"label": rng.choice([*MORPHOLOGY_CLASSES, "unseen_label"]), "score": 0.8}
+            cells.append(Cell([x, y, round(x + d, 1), round(y + d * rng.uniform(0.9, 1.1), 1)], group_of(label), label,
+                              0.9, {"label": group_of(label), "score": 0.9},
+                              {"label": label, "score": 0.9, "score_in_group": round(rng.random(), 4)},
+                              morphology=morphology))
+        results.append(ImageResult(image=f"f{i}.png", width=640, height=480, cells=cells))
+    return results
+
+
+def _aggregate_all_cells_at_once(a: Analyzer, results: list[ImageResult]) -> dict:
+    """The slide's counts, flags and morphology computed from every cell at once (the pre-streaming way)."""
+    from smear.pipeline.analyze import mean_rbc_diameter_um
+    from smear.pipeline.indicators import compute_flags
+    from smear.pipeline.results import count_cells, differential_from_counts
+
+    ok = [r for r in results if not r.error]
+    cells = [c for r in ok for c in r.cells]
+    counts = count_cells(cells)
+    unplaced = sum(1 for c in cells if c.group == "WBC" and c.classifier["score_in_group"] < a.cfg.low_confidence_wbc)
+    flags = compute_flags(counts, differential_from_counts(counts), len(ok), a.cfg, unplaced,
+                          mean_rbc_diameter_um(cells, a.cfg))
+    morphology, extra = a._morphology_outputs(cells, counts, len(ok))
+    return {"counts": counts, "differential": differential_from_counts(counts),
+            "flags": [f.to_dict() for f in flags + extra], "morphology": morphology}
+
+
+@pytest.mark.parametrize("seed,rbc_px,cfg", [
+    (0, 39.0, {}),                                                     # morphology shares and flags
+    (1, 100.0, {}),                                                    # out of the morphology model's domain
+    (2, 39.0, {"pixel_size_um": 0.1, "capture_mode": "random", "wbc_factor_per_field": 2000.0,
+               "platelet_factor_per_field": 15000.0, "low_confidence_wbc": 0.7}),  # RBC size, estimates
+])
+def test_running_slide_totals_match_all_cells_at_once(seed, rbc_px, cfg):
+    from types import SimpleNamespace
+
+    from smear.pipeline.analyze import SlideTotals
+
+    a = merger(**cfg)
+    a.morphology = SimpleNamespace(config={"cell_diameter_px": 39.0})
+    results = _synthetic_results(seed, rbc_px=rbc_px) + _synthetic_results(seed + 10, rbc_px=rbc_px)
+    totals = SlideTotals("s", a.cfg.low_confidence_wbc)
+    for r in results:
+        totals.add(r)
+    slide = a.slide_result(totals)
+    expected = _aggregate_all_cells_at_once(a, results)
+    assert slide.counts == expected["counts"] and slide.differential == expected["differential"]
+    assert [f.to_dict() for f in slide.flags] == expected["flags"]
+    assert slide.morphology == expected["morphology"]
+    assert slide.morphology["n_rbc"] > 100 and slide.morphology["counts"]["unseen_label"] > 0
+    if "pixel_size_um" in cfg:  # the flags that need the running RBC-diameter and unplaced-WBC totals
+        assert {"microcytosis_pattern", "unplaced_wbc"} <= {f.name for f in slide.flags}
+    # the fields are listed, without their cells
+    assert [r.image for r in slide.images] == [r.image for r in results]
+    assert all(r.cells == [] for r in slide.images) and slide.n_fields == len(results) - 2
+    assert slide.to_dict() == a.aggregate_slide("s", results).to_dict()
+
+
+def test_analyze_batch_keeps_no_result_and_matches_whole_list(analyzer, tmp_path):
+    import gc
+    import weakref
+
+    paths = [_write_field(tmp_path / "A" / "1.png", 1), tmp_path / "A" / "missing.png",
+             _write_field(tmp_path / "B" / "2.png", 2), _write_field(tmp_path / "A" / "3.png", 3)]
+    slides_of = ["A", "A", "B", "A"]
+    alive, images, records = [], [], []
+
+    def on_result(result, image):
+        alive.append(weakref.ref(result))
+        images.append(image is not None)
+        records.append(result.to_dict())
+
+    batch = analyzer.analyze_batch(paths, slides_of, on_result=on_result)
+    gc.collect()
+    # Nothing but the failed field's record outlives its callback: no cells are kept over the batch.
+    assert [ref() is not None for ref in alive] == [False, True, False, False]
+    assert [r.image for r in batch.failed] == [str(paths[1])] and batch.n_images == 4
+    assert images == [True, False, True, True]
+    assert [r["slide"] for r in records] == slides_of
+
+    whole = analyzer.analyze_images(paths)
+    for r, s in zip(whole, slides_of):
+        r.slide = s
+    expected = [analyzer.aggregate_slide(n, [r for r in whole if r.slide == n]).to_dict() for n in ("A", "B")]
+    assert [s.to_dict() for s in batch.slides] == expected
+    assert [r.to_dict() for r in whole] == records
+
+    with pytest.raises(SmearError, match="one slide name per path"):
+        analyzer.analyze_batch(paths, ["A"])
+
+
+def test_streamed_writer_outputs_equal_whole_list_views(run):
+    """summary.csv and report.html written as results came equal the views built from the whole list."""
+    import dataclasses
+
+    from smear.pipeline.report import write_summary_csv
+
+    out = run["out"]
+    assert (out / "report.html").read_text() == render_html(run["results"], [run["slide"]], out / "overlays")
+    # the fixture names the slide after streaming: rows carry what each record was when added
+    write_summary_csv(out / "whole.csv", [dataclasses.replace(r, slide=None) for r in run["results"]])
+    assert (out / "summary.csv").read_bytes() == (out / "whole.csv").read_bytes()
+
+
+def test_writer_first_file_failed_and_close_checks(tmp_path):
+    from smear.pipeline.results import SlideResult
+
+    good = ImageResult(image="b.png", width=4, height=4, counts={"RBC": 2, "Platelets": 1},
+                       ratios={"platelets_per_1000_rbc": 500.0, "wbc_per_1000_rbc": 0.0})
+    writer = ResultWriter(tmp_path / "out")
+    writer.add(ImageResult(image="a.png", error="a.png: cannot be read"))
+    writer.add(good)
+    writer.close(slides=[SlideResult("s", [])])
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == ["a.png", "b.png"]
+    assert rows[0]["platelets_per_1000_rbc"] == "" and rows[1]["platelets_per_1000_rbc"] == "500.0"
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert "<p>2 images, 1 slide(s), 1 failed.</p>" in text and text.endswith("</html>")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "results.jsonl", "slides.json",
+                                                                     "summary.csv"]
+
+    writer = ResultWriter(tmp_path / "out2")
+    writer.add(good)
+    with pytest.raises(SmearError, match="2 results but add"):
+        writer.close([good, good], [])
+
+
+def test_classifier_sees_bounded_batch_shapes(analyzer, run):
+    """Crops go to the classifier in chunks of CLASSIFIER_BATCH, so few input shapes are ever built (memory)."""
+    from smear.pipeline.analyze import CLASSIFIER_BATCH
+
+    sizes = []
+    hook = analyzer.classifier.net.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        (r,) = analyzer.analyze_images([run["paths"][0]])
+    finally:
+        hook.remove()
+    assert len(r.cells) > CLASSIFIER_BATCH  # conf=0.0001 on an untrained model: plenty of boxes
+    assert max(sizes) == CLASSIFIER_BATCH and sum(sizes) == len(r.cells)
