@@ -92,6 +92,11 @@ class Analyzer:
                            "classes": self.classifier.classes, "date": cls_card.get("date"),
                            "commit": cls_card.get("commit"), "test_metrics": cls_card.get("test_metrics")},
         }
+        for role, part in (("refiner", self.classifier.refiner), ("subtyper", self.classifier.subtyper)):
+            if part is not None:  # the cascade's other members: which crops they see and at what size
+                out["classifier"][role] = {"weights": str(part.folder), "backbone": part.card["config"]["backbone"],
+                                           "crop_size_px": part.crop_size_px, "classes": part.classes,
+                                           "cv_metrics": part.card.get("cv_metrics")}
         if self.morphology is not None:
             out["morphology"] = self.morphology.info()
         return out
