@@ -21,6 +21,7 @@ class DetectorConfig:
     optimizer: str = param("auto", "optimizer", choices=("auto", "SGD", "Adam", "AdamW", "MuSGD"))
     lr0: float = param(0.01, "initial learning rate", range=(1e-6, 1.0))
     cos_lr: bool = param(False, "cosine learning-rate schedule")
+    warmup_epochs: float = param(3.0, "epochs of learning-rate warm-up (short fine-tunes want less)", range=(0.0, 100.0))
     patience: int = param(100, "epochs without val improvement before stopping", range=(0, 1000))
     seed: int = param(0, "random seed", range=(0, None))
     fliplr: float = param(0.5, "probability of a horizontal flip", range=(0.0, 1.0))
