@@ -609,6 +609,12 @@ def write_card_md(folder: Path) -> None:
         lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
                   for c, v in m["per_class"].items()]
         lines.append("")
+    cov = card.get("detector_coverage")
+    if cov:
+        lines += ["## Do the RBCs reach this model? (detector on Chula fields)",
+                  f"{cov.get('detector')} at scale {cov.get('scale')}: {cov.get('found')} of the labelled cells of the "
+                  f"{cov.get('images')} held-out test images ({cov.get('cells')} cells) fall inside a detected RBC "
+                  f"({cov.get('before')}). Reproduce: `{cov.get('reproduce')}`.", ""]
     lines += ["## Limits", "Trained on one laboratory's stain and microscope (Chula, 1000x); other sources shift "
               "colour and scale, so treat calls as hints. Images are split by image, not by patient (the data "
               "names no patient), so cells of one smear can sit on both sides; elliptocytes come from a separate "
