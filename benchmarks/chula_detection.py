@@ -62,7 +62,7 @@ def main() -> None:
     from smear.pipeline.dataset import GROUPS
     from smear.pipeline.io import read_image
     from smear.pipeline.paths import resolve_path
-    from smear.pipeline.pointlabels import estimate_cell_count
+    from smear.pipeline.pointlabels import estimate_cell_count, points_in_boxes
 
     mcfg = MorphologyConfig()
     data = read_chula(resolve_path(args.data_root or mcfg.data_root))
@@ -90,9 +90,8 @@ def main() -> None:
             d = det.predict([img], conf=args.conf, scale=s)[0]
             boxes = d.boxes[d.classes == rbc]
             diam = float(np.median((boxes[:, 2] - boxes[:, 0] + boxes[:, 3] - boxes[:, 1]) / 2)) if len(boxes) else ""
-            for c in cells:
-                inside = bool(len(boxes)) and bool(((boxes[:, 0] <= c.x) & (c.x <= boxes[:, 2])
-                                                    & (boxes[:, 1] <= c.y) & (c.y <= boxes[:, 3])).any())
+            found = points_in_boxes([(c.x, c.y) for c in cells], boxes).any(0)
+            for c, inside in zip(cells, found):
                 rows.append({"image_id": image_id, "scale": s, "x": c.x, "y": c.y, "label": c.label,
                              "found": int(inside), "rbc_boxes": len(boxes), "labelled_cells": len(cells),
                              "cells_estimate": estimate,

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .benchmark import iou_matrix
 from .dataset import GROUPS
 
 log = logging.getLogger(__name__)
@@ -75,20 +76,27 @@ def _single_cell(stat: np.ndarray, median_side: float, min_short: float = 0.45) 
             and area >= 0.6 * bw * bh)
 
 
-def point_boxes(bgr: np.ndarray, points: Sequence[tuple[float, float]], detected_rbc: np.ndarray,
-                default_side_px: float) -> tuple[np.ndarray, list[str]]:
-    """One xyxy box per point (in ``bgr`` pixels) and where each came from: detector, mask or median."""
+def cell_regions(bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected foreground regions of a field: ``(label image, stats)`` as cv2.connectedComponentsWithStats gives them."""
     import cv2
 
+    _, comp, stats, _ = cv2.connectedComponentsWithStats(_foreground_mask(bgr), connectivity=4)
+    return comp, stats
+
+
+def point_boxes(bgr: np.ndarray, points: Sequence[tuple[float, float]], detected_rbc: np.ndarray,
+                default_side_px: float, regions: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, list[str]]:
+    """One xyxy box per point (in ``bgr`` pixels) and where each came from: detector, mask or median.
+
+    ``regions`` is ``cell_regions(bgr)``, when the caller already has it.
+    """
     median_side = _median_side(detected_rbc, default_side_px)
-    mask = _foreground_mask(bgr)
-    n_labels, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
-    h, w = mask.shape
+    comp, stats = regions if regions is not None else cell_regions(bgr)
+    h, w = comp.shape
     boxes, sources = [], []
     for x, y in points:
         if len(detected_rbc):
-            inside = ((detected_rbc[:, 0] <= x) & (x <= detected_rbc[:, 2])
-                      & (detected_rbc[:, 1] <= y) & (y <= detected_rbc[:, 3]))
+            inside = points_in_boxes([(x, y)], detected_rbc)[:, 0]
             if inside.any():
                 cand = detected_rbc[inside]
                 centres = np.stack([(cand[:, 0] + cand[:, 2]) / 2, (cand[:, 1] + cand[:, 3]) / 2], 1)
@@ -99,7 +107,6 @@ def point_boxes(bgr: np.ndarray, points: Sequence[tuple[float, float]], detected
         k = comp[yi, xi]
         if k > 0:
             bx, by, bw, bh = stats[k, :4]
-            long_side, short_side = max(bw, bh), min(bw, bh)
             if _single_cell(stats[k], median_side) and abs(bx + bw / 2 - x) <= 0.3 * bw and abs(by + bh / 2 - y) <= 0.3 * bh:
                 boxes.append(np.array([bx, by, bx + bw, by + bh], np.float32))
                 sources.append("mask")
@@ -110,6 +117,13 @@ def point_boxes(bgr: np.ndarray, points: Sequence[tuple[float, float]], detected
     return (np.stack(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32)), sources
 
 
+def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(n_boxes, n_points) bool: whether each point (x, y) lies inside each xyxy box, edges included."""
+    points, boxes = np.asarray(points, np.float32).reshape(-1, 2), np.asarray(boxes, np.float32).reshape(-1, 4)
+    return ((boxes[:, None, 0] <= points[None, :, 0]) & (points[None, :, 0] <= boxes[:, None, 2])
+            & (boxes[:, None, 1] <= points[None, :, 1]) & (points[None, :, 1] <= boxes[:, None, 3]))
+
+
 def _median_side(rbc_boxes: np.ndarray, default_side_px: float) -> float:
     """The field's median RBC box side, or the default when fewer than 5 RBCs were detected."""
     if len(rbc_boxes) < 5:
@@ -117,11 +131,13 @@ def _median_side(rbc_boxes: np.ndarray, default_side_px: float) -> float:
     return float(np.median(((rbc_boxes[:, 2] - rbc_boxes[:, 0]) + (rbc_boxes[:, 3] - rbc_boxes[:, 1])) / 2))
 
 
-def unlabelled_cell_regions(bgr: np.ndarray, points: np.ndarray, boxes: np.ndarray, median_side: float) -> np.ndarray:
-    """Boxes of single-cell mask regions that hold no labelled point and overlap none of ``boxes``."""
-    import cv2
+def unlabelled_cell_regions(bgr: np.ndarray, points: np.ndarray, boxes: np.ndarray, median_side: float,
+                            regions: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Boxes of single-cell mask regions that hold no labelled point and overlap none of ``boxes``.
 
-    n, _, stats, _ = cv2.connectedComponentsWithStats(_foreground_mask(bgr), connectivity=4)
+    ``regions`` is ``cell_regions(bgr)``, when the caller already has it.
+    """
+    _, stats = regions if regions is not None else cell_regions(bgr)
     h, w = bgr.shape[:2]
     out = []
     for st in stats[1:]:
@@ -129,25 +145,12 @@ def unlabelled_cell_regions(bgr: np.ndarray, points: np.ndarray, boxes: np.ndarr
         if bx == 0 or by == 0 or bx + bw >= w or by + bh >= h or not _single_cell(st, median_side, min_short=0.6):
             continue  # cut by the field edge, or not one cell
         b = np.array([bx, by, bx + bw, by + bh], np.float32)
-        if len(points) and ((points[:, 0] >= bx) & (points[:, 0] <= bx + bw) & (points[:, 1] >= by)
-                            & (points[:, 1] <= by + bh)).any():
+        if points_in_boxes(points, b).any():
             continue
-        if len(boxes) and _iou_matrix(b[None], boxes).max() >= 0.2:
+        if len(boxes) and iou_matrix(b[None], boxes).max() >= 0.2:
             continue
         out.append(b)
     return np.stack(out) if out else np.zeros((0, 4), np.float32)
-
-
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if not len(a) or not len(b):
-        return np.zeros((len(a), len(b)), np.float32)
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-6)
 
 
 def densest_window(points: np.ndarray, size: tuple[int, int], window: tuple[int, int]) -> tuple[int, int]:
@@ -216,20 +219,19 @@ def add_point_labelled_fields(yolo_dir: Path, chula_root: Path, image_ids: Itera
         found_boxes = found.boxes * scale
         pts = np.array([(c.x * scale, c.y * scale) for c in cells], np.float32)
         det_rbc = found_boxes[found.classes == rbc]
-        boxes, sources = point_boxes(bgr, [tuple(p) for p in pts], det_rbc, default_side)
+        regions = cell_regions(bgr)
+        boxes, sources = point_boxes(bgr, [tuple(p) for p in pts], det_rbc, default_side, regions)
         in_det = sum(s == "detector" for s in sources)
         # Pseudo-labels for the cells Chula left unlabelled: confident detections (WBCs only when very
         # confident: the BCCD detector takes some large Chula RBCs for WBCs), then single-cell mask
         # regions; none may hold a labelled point or overlap a box already kept.
-        holds_point = np.array([bool(((pts[:, 0] >= b[0]) & (pts[:, 0] <= b[2]) & (pts[:, 1] >= b[1])
-                                      & (pts[:, 1] <= b[3])).any()) for b in found_boxes], bool) \
-            if len(found_boxes) else np.zeros(0, bool)
+        holds_point = points_in_boxes(pts, found_boxes).any(1)
         min_conf = np.where(found.classes == GROUPS.index("WBC"), max(pseudo_conf, 0.8), pseudo_conf)
-        overl = _iou_matrix(found_boxes, boxes).max(1) if len(boxes) and len(found_boxes) else np.zeros(len(found_boxes))
+        overl = iou_matrix(found_boxes, boxes).max(1) if len(boxes) else np.zeros(len(found_boxes))
         pseudo = (found.scores >= min_conf) & ~holds_point & (overl < 0.3)
         all_boxes = np.concatenate([boxes, found_boxes[pseudo]])
         all_classes = np.concatenate([np.full(len(boxes), rbc), found.classes[pseudo]]).astype(int)
-        mask_boxes = unlabelled_cell_regions(bgr, pts, all_boxes, _median_side(det_rbc, default_side))
+        mask_boxes = unlabelled_cell_regions(bgr, pts, all_boxes, _median_side(det_rbc, default_side), regions)
         all_boxes = np.concatenate([all_boxes, mask_boxes])
         all_classes = np.concatenate([all_classes, np.full(len(mask_boxes), rbc)]).astype(int)
         n_pseudo = int(pseudo.sum()) + len(mask_boxes)
@@ -295,10 +297,7 @@ def estimate_cell_count(bgr: np.ndarray) -> float:
     clumps count as the cells they hold. Used to tell fields whose every cell carries a point
     from fields where only some do (RBC counting can be judged only on the former).
     """
-    import cv2
-
-    n, _, stats, _ = cv2.connectedComponentsWithStats(_foreground_mask(bgr), connectivity=4)
-    regions = stats[1:]
+    regions = cell_regions(bgr)[1][1:]
     if not len(regions):
         return 0.0
     sides = np.sqrt(regions[:, 4].astype(np.float64))
