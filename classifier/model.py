@@ -177,7 +177,7 @@ class ClassifierModel:
     refine_groups: tuple[str, ...] = ()
     refine_min_prob: float = 0.05
     # Subtype stage: a model of the 5 WBC subtypes only re-scores, inside the WBC group, the crops
-    # whose WBC probability reaches ``subtype_min_prob`` (see predict.apply_subtyper).
+    # whose WBC probability reaches ``subtype_min_prob`` (see predict.rescore_cascade).
     subtyper: "ClassifierModel | None" = None
     subtype_min_prob: float = 0.5
 

@@ -55,16 +55,21 @@ def _refine_mask(model: ClassifierModel, probs: np.ndarray) -> np.ndarray:
     return probs[:, cols].sum(1) >= model.refine_min_prob
 
 
-def apply_subtyper(model: ClassifierModel, probs: np.ndarray, crop_of, batch: int = 256) -> np.ndarray:
-    """Re-score the subtype split of likely WBCs with the model's subtype stage, in place.
+def rescore_cascade(model: ClassifierModel, probs: np.ndarray, crop_of, batch: int = 256) -> np.ndarray:
+    """The cascade's later stages on the fast model's ``probs``, in place.
 
-    For crops whose WBC probability (subtypes summed) reaches ``subtype_min_prob``, the WBC mass
-    stays what the cell classifier gave and is shared out by the subtype model:
-    ``p(subtype) = p(WBC) x p_subtyper(subtype | WBC)``. Group decisions are therefore unchanged.
-    ``crop_of(k, size_px, margin)`` returns crop ``k`` cut for the subtype model.
+    The refiner re-scores, at its own crop size, the crops that may belong to a refined group
+    (e.g. every possible WBC). Then, for crops whose WBC probability (subtypes summed) reaches
+    ``subtype_min_prob``, the WBC mass stays what the cell classifier gave and the subtype stage
+    shares it out: ``p(subtype) = p(WBC) x p_subtyper(subtype | WBC)``, so group decisions are
+    unchanged. ``crop_of(k, stage_model)`` returns crop ``k`` cut the way ``stage_model`` wants it.
     """
     from smear.pipeline.dataset import SUBTYPES
 
+    mask = _refine_mask(model, probs)
+    if mask.any():
+        idx = np.flatnonzero(mask)
+        probs[idx] = predict_crops(model.refiner, [crop_of(k, model.refiner) for k in idx], batch)
     sub = model.subtyper
     if sub is None or not len(probs):
         return probs
@@ -73,7 +78,7 @@ def apply_subtyper(model: ClassifierModel, probs: np.ndarray, crop_of, batch: in
     wbc = probs[:, wbc_cols].sum(1)
     idx = np.flatnonzero(wbc >= model.subtype_min_prob)
     if len(idx):
-        p_sub = predict_crops(sub, [crop_of(k, sub.crop_size_px, sub.crop_margin) for k in idx], batch)
+        p_sub = predict_crops(sub, [crop_of(k, sub) for k in idx], batch)
         probs[np.ix_(idx, wbc_cols)] = 0.0
         probs[np.ix_(idx, cols)] = wbc[idx, None] * p_sub
     return probs
@@ -83,21 +88,15 @@ def classify_fields(model: ClassifierModel, images: Sequence[np.ndarray], boxes:
                     batch: int = 256) -> list[np.ndarray]:
     """Class probabilities for the boxes of several fields (one array per field), in one pass per model.
 
-    With a cascade, the fast model scores every crop and the refiner re-scores, at its own crop
-    size, the crops that may belong to a refined group (e.g. every possible WBC): the rare cells
-    that need detail get it without paying for it on every RBC.
+    With a cascade, the fast model scores every crop and the later stages (``rescore_cascade``)
+    re-score, at their own crop sizes, only the crops that may be WBCs: the rare cells that need
+    detail get it without paying for it on every RBC.
     """
     owners = [(i, b) for i, bs in enumerate(boxes) for b in bs]
     crops = [c for img, bs in zip(images, boxes) for c in crops_from_boxes(model, img, bs)]
     probs = predict_crops(model, crops, batch)
-    mask = _refine_mask(model, probs)
-    if mask.any():
-        idx = np.flatnonzero(mask)
-        fine = [crop_cell(images[owners[k][0]], owners[k][1], model.refiner.crop_margin, model.refiner.crop_size_px)
-                for k in idx]
-        probs[idx] = predict_crops(model.refiner, fine, batch)
-    apply_subtyper(model, probs, lambda k, size, margin: crop_cell(images[owners[k][0]], owners[k][1], margin, size),
-                   batch)
+    rescore_cascade(model, probs, lambda k, m: crop_cell(images[owners[k][0]], owners[k][1], m.crop_margin,
+                                                         m.crop_size_px), batch)
     out, start = [], 0
     for bs in boxes:
         out.append(probs[start:start + len(bs)])
@@ -138,12 +137,7 @@ def classify_files(model: ClassifierModel, paths: Sequence[Path], batch: int = 2
         pending.append((len(records) - 1, crop_from_cell_image(model, img)))
         imgs.append(img)
     probs = predict_crops(model, [c for _, c in pending], batch)
-    mask = _refine_mask(model, probs)
-    if mask.any():
-        idx = np.flatnonzero(mask)
-        probs[idx] = predict_crops(model.refiner, [crop_from_cell_image(model.refiner, imgs[k]) for k in idx], batch)
-    apply_subtyper(model, probs, lambda k, size, margin: crop_cell(imgs[k], (0, 0, imgs[k].shape[1], imgs[k].shape[0]),
-                                                                   0.0, size), batch)
+    rescore_cascade(model, probs, lambda k, m: crop_from_cell_image(m, imgs[k]), batch)
     for (idx, _), pr in zip(pending, probs):
         k = int(pr.argmax())
         records[idx].update({"label": model.classes[k], "score": round(float(pr[k]), 4),

@@ -180,7 +180,7 @@ def _with_subtyper(tmp_path, tiny_classifier, min_prob: float) -> Path:
 
 def test_subtyper_shares_out_the_wbc_mass_and_keeps_groups(tmp_path, tiny_classifier):
     from smear.classifier.model import load_classifier
-    from smear.classifier.predict import apply_subtyper, predict_crops
+    from smear.classifier.predict import predict_crops, rescore_cascade
     from smear.pipeline.dataset import SUBTYPES, crop_cell
     from tests.conftest import draw_field
 
@@ -198,11 +198,11 @@ def test_subtyper_shares_out_the_wbc_mass_and_keeps_groups(tmp_path, tiny_classi
     before = probs.copy()
     calls = []
 
-    def crop_of(k, size, margin):
+    def crop_of(k, stage):
         calls.append(k)
-        return crop_cell(img, xyxy[k], margin, size)
+        return crop_cell(img, xyxy[k], stage.crop_margin, stage.crop_size_px)
 
-    apply_subtyper(model, probs, crop_of)
+    rescore_cascade(model, probs, crop_of)
     assert calls == [0, 2]
     expected = predict_crops(model.subtyper, [crop_cell(img, xyxy[k], model.subtyper.crop_margin, 40) for k in (0, 2)])
     for row, p_sub in zip((0, 2), expected):
