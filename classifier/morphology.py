@@ -656,10 +656,16 @@ def summarize_morphology(cells: Iterable[Any]) -> dict:
     Example:
         >>> summarize_morphology(result.cells)["percent"]["schistocyte"]
     """
-    labels = [c.morphology["label"] for c in cells if getattr(c, "morphology", None)]
-    n = len(labels)
-    names = list(MORPHOLOGY_CLASSES) + sorted({lab for lab in labels if lab not in MORPHOLOGY_CLASSES})
-    counts = {k: labels.count(k) for k in names}
+    from collections import Counter
+
+    return summarize_morphology_counts(Counter(c.morphology["label"] for c in cells if getattr(c, "morphology", None)))
+
+
+def summarize_morphology_counts(label_counts: dict[str, int]) -> dict:
+    """The same summary from calls counted per label (e.g. running totals over a slide's fields)."""
+    n = sum(label_counts.values())
+    names = list(MORPHOLOGY_CLASSES) + sorted(lab for lab in label_counts if lab not in MORPHOLOGY_CLASSES)
+    counts = {k: int(label_counts.get(k, 0)) for k in names}
     return {"n_rbc": n, "counts": counts,
             "percent": {k: (round(100 * v / n, 2) if n else None) for k, v in counts.items()}}
 

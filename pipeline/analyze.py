@@ -14,12 +14,10 @@ Both opinions stay in each cell record.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from array import array
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -303,9 +301,9 @@ class Analyzer:
         slide.flags = compute_flags(counts, slide.differential, n, self.cfg, totals.unplaced_wbc,
                                     mean_diameter_um(totals.rbc_diameters_px, self.cfg))
         if self.morphology is not None:
-            from smear.classifier.morphology import summarize_morphology
+            from smear.classifier.morphology import summarize_morphology_counts
 
-            summary = summarize_morphology(_morphology_calls(totals.morphology_labels))
+            summary = summarize_morphology_counts(totals.morphology_labels)
             slide.morphology, extra = self._morphology_outputs_from(summary, totals.rbc_diameters_px, counts, n)
             slide.flags += extra
         return slide
@@ -342,13 +340,6 @@ class SlideTotals:
         self.unplaced_wbc += count_unplaced_wbc(result.cells, self.low_confidence_wbc)
         self.rbc_diameters_px.extend(rbc_diameters_px(result.cells))
         self.morphology_labels.update(c.morphology["label"] for c in result.cells if c.morphology)
-
-
-def _morphology_calls(label_counts: Counter) -> Iterator[SimpleNamespace]:
-    """One stand-in cell per morphology call (one shared object per label), so that
-    ``summarize_morphology`` gives a slide's summary from counts, as it would from the cells."""
-    for label, k in label_counts.items():
-        yield from itertools.repeat(SimpleNamespace(morphology={"label": label}), k)
 
 
 def count_unplaced_wbc(cells: Iterable[Cell], low_confidence_wbc: float) -> int:
