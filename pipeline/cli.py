@@ -169,6 +169,22 @@ def detector_evaluate(
     typer.echo(json.dumps(m, indent=2))
 
 
+@detector_app.command("interpolate")
+def detector_interpolate(
+    base: Path = typer.Argument(..., help="the model the fine-tune started from (.pt or model folder)"),
+    tuned: Path = typer.Argument(..., help="the fine-tuned model (.pt or model folder)"),
+    alpha: float = typer.Option(..., "--alpha", help="weight of the tuned model, 0..1 (choose it on val)"),
+    out: Path = typer.Option(..., "--out", help="model folder to write"),
+) -> None:
+    """Average a fine-tuned detector with the one it started from (WiSE-FT); no training.
+
+    Example: smear detector interpolate base.pt runs/detector/ft/weights/best.pt --alpha 0.8 --out runs/detector/wise-0.8
+    """
+    from smear.detector.interpolate import interpolate_detectors
+
+    typer.echo(f"written: {interpolate_detectors(base, tuned, alpha, out)}")
+
+
 @detector_app.command("export")
 def detector_export(
     weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),

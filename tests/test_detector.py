@@ -62,3 +62,66 @@ def test_missing_weights_error_says_where_and_how(tmp_path):
         find_detector(tmp_path / "nothing")
     msg = str(e.value)
     assert str(tmp_path / "nothing") in msg and "smear detector train" in msg
+
+
+def _perturbed_copy(src, dest, shift: float):
+    """A copy of a detector folder whose floating-point tensors are all shifted by ``shift``."""
+    import shutil
+
+    import torch
+
+    shutil.copytree(src, dest)
+    ckpt = torch.load(dest / "weights.pt", weights_only=False)
+    with torch.no_grad():
+        for t in ckpt["model"].state_dict().values():
+            if t.is_floating_point():
+                t += shift
+    torch.save(ckpt, dest / "weights.pt")
+    return dest
+
+
+def test_interpolation_mixes_the_two_models_tensor_by_tensor(tiny_detector, tmp_path):
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from smear.pipeline.cli import app
+
+    tuned = _perturbed_copy(tiny_detector, tmp_path / "tuned", 0.5)
+    out = tmp_path / "mixed"
+    res = CliRunner().invoke(app, ["detector", "interpolate", str(tiny_detector), str(tuned), "--alpha", "0.25",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    sd = {n: torch.load(p / "weights.pt", weights_only=False)["model"].float().state_dict()
+          for n, p in (("base", tiny_detector), ("tuned", tuned), ("mixed", out))}
+    floats = [k for k, v in sd["base"].items() if v.is_floating_point()]
+    assert floats and all(torch.allclose(sd["mixed"][k], 0.75 * sd["base"][k] + 0.25 * sd["tuned"][k], atol=2e-3)
+                          for k in floats)
+    card = json.loads((out / "card.json").read_text())
+    assert card["interpolation"]["alpha"] == 0.25 and card["classes"] == ["RBC", "WBC", "Platelets"]
+    from smear.detector.predict import Detector
+
+    img = np.full((320, 320, 3), 200, np.uint8)
+    assert len(Detector(out).predict([img])) == 1  # ultralytics loads the result like any checkpoint
+
+
+def test_interpolation_refuses_other_architectures_and_bad_alpha(tiny_detector, tmp_path):
+    import torch
+
+    from smear.detector.interpolate import interpolate_detectors
+    from smear.pipeline.errors import SmearError
+    from smear.pipeline.offline import ensure_offline
+
+    ensure_offline()
+    from ultralytics.nn.tasks import DetectionModel
+
+    other = tmp_path / "other"
+    other.mkdir()
+    m = DetectionModel("yolov8s.yaml", nc=3, verbose=False)
+    m.names = {0: "RBC", 1: "WBC", 2: "Platelets"}
+    torch.save({"model": m.half(), "train_args": {"imgsz": 320}}, other / "weights.pt")
+    with pytest.raises(SmearError, match="different architectures"):
+        interpolate_detectors(tiny_detector, other, 0.5, tmp_path / "out")
+    with pytest.raises(SmearError, match="alpha 1.5"):
+        interpolate_detectors(tiny_detector, tiny_detector, 1.5, tmp_path / "out")
