@@ -250,3 +250,53 @@ def test_subtyper_with_unknown_classes_is_refused(tmp_path, tiny_classifier):
     (tmp_path / "subtypes" / "card.json").write_text(json.dumps(card))
     with pytest.raises(SmearError, match="Blast"):
         load_classifier(primary)
+
+
+def _second_subtyper(tmp_path, crop_size_px: int) -> None:
+    """A second subtype model next to ``subtypes``: same architecture, a different output layer."""
+    import torch
+
+    from smear.classifier.config import ClassifierConfig
+    from smear.pipeline.dataset import SUBTYPES
+    from tests.conftest import make_untrained_model_folder
+
+    folder = make_untrained_model_folder(tmp_path / "subtypes2", ClassifierConfig,
+                                         {"backbone": "mobilenet_v2", "pretrained": "none",
+                                          "crop_size_px": crop_size_px, "classes": "subtypes"}, SUBTYPES, "classifier")
+    state = torch.load(folder / "weights.pt")
+    last_bias = [k for k in state if k.endswith("bias")][-1]
+    state[last_bias] = torch.tensor([3.0, -1.0, 0.0, 1.0, -2.0], dtype=state[last_bias].dtype)
+    torch.save(state, folder / "weights.pt")
+
+
+def test_ensemble_stage_averages_its_members(tmp_path, tiny_classifier):
+    from smear.classifier.model import load_classifier
+    from smear.classifier.predict import predict_crops
+    from smear.pipeline.dataset import crop_cell
+    from tests.conftest import draw_field
+
+    primary = _with_subtyper(tmp_path, tiny_classifier, 0.5)
+    _second_subtyper(tmp_path, 40)
+    card = json.loads((primary / "card.json").read_text())
+    card["subtyper"]["weights"] = ["../subtypes", "../subtypes2"]
+    (primary / "card.json").write_text(json.dumps(card))
+    model = load_classifier(primary)
+    assert [m.folder.name for m in [model.subtyper] + model.subtyper.members] == ["subtypes", "subtypes2"]
+    img, boxes = draw_field(seed=7)
+    crops = [crop_cell(img, b, 0.15, 40) for _, b in boxes[:5]]
+    a = predict_crops(load_classifier(tmp_path / "subtypes"), crops)
+    b = predict_crops(load_classifier(tmp_path / "subtypes2"), crops)
+    assert not np.allclose(a, b, atol=1e-3)  # the members really differ
+    assert np.allclose(predict_crops(model.subtyper, crops), (a + b) / 2, atol=1e-5)
+
+
+def test_ensemble_members_must_share_the_crop_size(tmp_path, tiny_classifier):
+    from smear.classifier.model import load_classifier
+
+    primary = _with_subtyper(tmp_path, tiny_classifier, 0.5)
+    _second_subtyper(tmp_path, 48)
+    card = json.loads((primary / "card.json").read_text())
+    card["subtyper"]["weights"] = ["../subtypes", "../subtypes2"]
+    (primary / "card.json").write_text(json.dumps(card))
+    with pytest.raises(SmearError, match="subtypes2.*48 px"):
+        load_classifier(primary)
