@@ -40,6 +40,25 @@ def summarize(rows: list[dict]) -> dict:
             "subtype_accuracy_per_fold": per_fold}
 
 
+def ensemble_rows(tables: list[list[dict]]) -> list[dict]:
+    """Average the ``p_<class>`` columns of several CV tables crop by crop (same folds, same crops)."""
+    key = ("fold", "image_id", "x1", "y1", "x2", "y2")
+    index = [{tuple(r[k] for k in key): r for r in t} for t in tables]
+    if any(set(ix) != set(index[0]) for ix in index) or any(len(ix) != len(t) for ix, t in zip(index, tables)):
+        raise SystemExit("ensemble: the tables do not hold the same folds and crops")
+    rows = []
+    for r in tables[0]:
+        k = tuple(r[c] for c in key)
+        cols = [c for c in r if c.startswith("p_")]
+        if not cols:
+            raise SystemExit("ensemble: a table has no probability columns (rerun its CV to write them)")
+        mean = {c: sum(float(ix[k][c]) for ix in index) / len(index) for c in cols}
+        best = max(mean, key=mean.get)
+        rows.append({**{c: r[c] for c in key}, "true": r["true"], "pred": best[2:], "score": round(mean[best], 4),
+                     **{c: round(v, 5) for c, v in mean.items()}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=None, help="model folder whose recipe is cross-validated (default: shipped)")
@@ -49,8 +68,19 @@ def main() -> None:
     ap.add_argument("--tag", default="shipped", help="name of the results table (classifier_cv_TAG.csv)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides (ClassifierConfig keys)")
     ap.add_argument("--summary-only", action="store_true", help="recompute the summary from the existing CSV")
+    ap.add_argument("--ensemble", nargs="+", default=None, metavar="TAG",
+                    help="summarize the mean of the per-class probabilities of these tables (same folds), no training")
     args = ap.parse_args()
-    out = Path(__file__).parent / "results" / f"classifier_cv_{args.tag}.csv"
+    results = Path(__file__).parent / "results"
+    out = results / f"classifier_cv_{args.tag}.csv"
+    if args.ensemble:
+        rows = ensemble_rows([list(csv.DictReader(open(results / f"classifier_cv_{t}.csv"))) for t in args.ensemble])
+        write_rows(out, rows)
+        summary = summarize(rows)
+        summary["ensemble_of"] = args.ensemble
+        print(json.dumps(summary, indent=2))
+        print(f"rows: {out}")
+        return
     if args.summary_only:
         rows = list(csv.DictReader(open(out)))
         print(json.dumps(summarize(rows), indent=2))
@@ -88,7 +118,8 @@ def main() -> None:
         for r, p in zip(test_rows, probs):
             rows.append({"fold": fold, "image_id": r.image_id, "x1": r.box[0], "y1": r.box[1], "x2": r.box[2],
                          "y2": r.box[3], "true": r.label, "pred": model.classes[int(np.argmax(p))],
-                         "score": round(float(np.max(p)), 4)})
+                         "score": round(float(np.max(p)), 4),
+                         **{f"p_{c}": round(float(q), 5) for c, q in zip(model.classes, p)}})
         write_rows(out, rows)
         logging.info("fold %d done (%.1f min so far)", fold, (time.time() - t0) / 60)
     summary = summarize(rows)
