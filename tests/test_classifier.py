@@ -252,8 +252,9 @@ def test_subtyper_with_unknown_classes_is_refused(tmp_path, tiny_classifier):
         load_classifier(primary)
 
 
-def _second_subtyper(tmp_path, crop_size_px: int) -> None:
-    """A second subtype model next to ``subtypes``: same architecture, a different output layer."""
+def _with_subtype_ensemble(tmp_path, tiny_classifier, crop_size_px: int) -> Path:
+    """A primary whose subtype stage lists two models: ``subtypes`` (40 px) and ``subtypes2``, whose
+    architecture is the same but whose output layer differs."""
     import torch
 
     from smear.classifier.config import ClassifierConfig
@@ -267,6 +268,11 @@ def _second_subtyper(tmp_path, crop_size_px: int) -> None:
     last_bias = [k for k in state if k.endswith("bias")][-1]
     state[last_bias] = torch.tensor([3.0, -1.0, 0.0, 1.0, -2.0], dtype=state[last_bias].dtype)
     torch.save(state, folder / "weights.pt")
+    primary = _with_subtyper(tmp_path, tiny_classifier, 0.5)
+    card = json.loads((primary / "card.json").read_text())
+    card["subtyper"]["weights"] = ["../subtypes", "../subtypes2"]
+    (primary / "card.json").write_text(json.dumps(card))
+    return primary
 
 
 def test_ensemble_stage_averages_its_members(tmp_path, tiny_classifier):
@@ -275,11 +281,7 @@ def test_ensemble_stage_averages_its_members(tmp_path, tiny_classifier):
     from smear.pipeline.dataset import crop_cell
     from tests.conftest import draw_field
 
-    primary = _with_subtyper(tmp_path, tiny_classifier, 0.5)
-    _second_subtyper(tmp_path, 40)
-    card = json.loads((primary / "card.json").read_text())
-    card["subtyper"]["weights"] = ["../subtypes", "../subtypes2"]
-    (primary / "card.json").write_text(json.dumps(card))
+    primary = _with_subtype_ensemble(tmp_path, tiny_classifier, 40)
     model = load_classifier(primary)
     assert [m.folder.name for m in [model.subtyper] + model.subtyper.members] == ["subtypes", "subtypes2"]
     img, boxes = draw_field(seed=7)
@@ -293,10 +295,6 @@ def test_ensemble_stage_averages_its_members(tmp_path, tiny_classifier):
 def test_ensemble_members_must_share_the_crop_size(tmp_path, tiny_classifier):
     from smear.classifier.model import load_classifier
 
-    primary = _with_subtyper(tmp_path, tiny_classifier, 0.5)
-    _second_subtyper(tmp_path, 48)
-    card = json.loads((primary / "card.json").read_text())
-    card["subtyper"]["weights"] = ["../subtypes", "../subtypes2"]
-    (primary / "card.json").write_text(json.dumps(card))
+    primary = _with_subtype_ensemble(tmp_path, tiny_classifier, 48)
     with pytest.raises(SmearError, match="subtypes2.*48 px"):
         load_classifier(primary)
