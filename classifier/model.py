@@ -180,9 +180,6 @@ class ClassifierModel:
     # whose WBC probability reaches ``subtype_min_prob`` (see predict.rescore_cascade).
     subtyper: "ClassifierModel | None" = None
     subtype_min_prob: float = 0.5
-    # Ensemble: further networks with the same classes, crop size and margin; predictions are the
-    # mean of this model's probabilities and theirs (see predict.predict_crops).
-    members: list["ClassifierModel"] = field(default_factory=list)
 
 
 def shipped_models_dir() -> Path:
@@ -229,8 +226,7 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu", with
     A card with ``"refiner": {"weights": <folder relative to this one>, "groups": [...], "min_prob": p}``
     makes a cascade: the refiner re-scores the crops of those groups. ``"subtyper": {"weights": ...,
     "min_prob": p}`` adds a WBC-subtype model that names the subtype of likely WBCs
-    (``with_refiner=False`` loads this model alone). A stage's ``weights`` may be a list of folders:
-    an ensemble whose probabilities are averaged (see ``load_stage``).
+    (``with_refiner=False`` loads this model alone).
     """
     folder = resolve_classifier_folder(weights)
     card = json.loads((folder / "card.json").read_text())
@@ -240,38 +236,20 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu", with
                             crop_margin=float(cfg["crop_margin"]), card=card, folder=folder)
     sub = card.get("subtyper")
     if sub and with_refiner:
-        subtyper = load_stage(folder, sub["weights"], device)
+        sub_folder = (folder / sub["weights"]).resolve()
+        subtyper = load_classifier(sub_folder, device=device, with_refiner=False)
         missing = [c for c in subtyper.classes if c not in model.classes]
         if missing:
-            raise SmearError(f"{subtyper.folder}: subtype classes {missing} are not classes of {folder}")
+            raise SmearError(f"{sub_folder}: subtype classes {missing} are not classes of {folder}")
         model.subtyper = subtyper
         model.subtype_min_prob = float(sub.get("min_prob", 0.5))
     ref = card.get("refiner")
     if ref and with_refiner:
-        refiner = load_stage(folder, ref["weights"], device)
+        ref_folder = (folder / ref["weights"]).resolve()
+        refiner = load_classifier(ref_folder, device=device, with_refiner=False)
         if refiner.classes != model.classes:
-            raise SmearError(f"{refiner.folder}: refiner classes {refiner.classes} differ from {model.classes}")
+            raise SmearError(f"{ref_folder}: refiner classes {refiner.classes} differ from {model.classes}")
         model.refiner = refiner
         model.refine_groups = tuple(ref.get("groups", ("WBC",)))
         model.refine_min_prob = float(ref.get("min_prob", 0.05))
     return model
-
-
-def load_stage(owner: Path, weights: str | list[str], device: str = "cpu") -> ClassifierModel:
-    """A cascade stage named in ``owner``'s card: one folder, or a list of folders averaged as an ensemble.
-
-    Ensemble members must share classes, crop size and crop margin, so that one crop per cell
-    serves them all; the first folder is the stage's model and the others become its ``members``.
-    """
-    folders = [weights] if isinstance(weights, str) else list(weights)
-    if not folders:
-        raise SmearError(f"{owner / 'card.json'}: a cascade stage lists no weights")
-    models = [load_classifier((owner / f).resolve(), device=device, with_refiner=False) for f in folders]
-    first = models[0]
-    for m in models[1:]:
-        if (m.classes, m.crop_size_px, m.crop_margin) != (first.classes, first.crop_size_px, first.crop_margin):
-            raise SmearError(f"{m.folder}: ensemble member differs from {first.folder} in classes, crop size or "
-                             f"margin ({m.classes}, {m.crop_size_px} px, {m.crop_margin} vs {first.classes}, "
-                             f"{first.crop_size_px} px, {first.crop_margin})")
-    first.members = models[1:]
-    return first

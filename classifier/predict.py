@@ -28,19 +28,15 @@ def to_tensor(crops: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_crops(model: ClassifierModel, crops: Sequence[np.ndarray], batch: int = 256) -> np.ndarray:
-    """Class probabilities (N, n_classes) for RGB crops already at ``model.crop_size_px``.
-
-    An ensemble (``model.members``) gives the mean of its networks' probabilities.
-    """
+    """Class probabilities (N, n_classes) for RGB crops already at ``model.crop_size_px``."""
     if len(crops) == 0:
         return np.zeros((0, len(model.classes)), dtype=np.float32)
-    nets = [model.net] + [m.net for m in model.members]
     device = next(model.net.parameters()).device
     out = []
     for i in range(0, len(crops), batch):
         x = to_tensor(crops[i: i + batch]).to(device).contiguous(memory_format=torch.channels_last)
-        p = sum(torch.softmax(net(x).float(), dim=1) for net in nets) / len(nets)
-        out.append(p.cpu().numpy())
+        logits = model.net(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
     return np.concatenate(out)
 
 

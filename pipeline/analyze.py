@@ -94,8 +94,7 @@ class Analyzer:
             if part is not None:  # the cascade's other members: which crops they see and at what size
                 out["classifier"][role] = {"weights": str(part.folder), "backbone": part.card["config"]["backbone"],
                                            "crop_size_px": part.crop_size_px, "classes": part.classes,
-                                           "cv_metrics": part.card.get("cv_metrics"),
-                                           "ensemble_members": [str(m.folder) for m in part.members]}
+                                           "cv_metrics": part.card.get("cv_metrics")}
         if self.morphology is not None:
             out["morphology"] = self.morphology.info()
         return out
