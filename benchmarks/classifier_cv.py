@@ -46,12 +46,12 @@ def ensemble_rows(tables: list[list[dict]]) -> list[dict]:
     index = [{tuple(r[k] for k in key): r for r in t} for t in tables]
     if any(set(ix) != set(index[0]) for ix in index) or any(len(ix) != len(t) for ix, t in zip(index, tables)):
         raise SystemExit("ensemble: the tables do not hold the same folds and crops")
+    cols = [c for c in tables[0][0] if c.startswith("p_")] if tables[0] else []
+    if not cols or any(c not in t[0] for t in tables for c in cols):
+        raise SystemExit("ensemble: a table has no probability columns (rerun its CV to write them)")
     rows = []
     for r in tables[0]:
         k = tuple(r[c] for c in key)
-        cols = [c for c in r if c.startswith("p_")]
-        if not cols:
-            raise SystemExit("ensemble: a table has no probability columns (rerun its CV to write them)")
         mean = {c: sum(float(ix[k][c]) for ix in index) / len(index) for c in cols}
         best = max(mean, key=mean.get)
         rows.append({**{c: r[c] for c in key}, "true": r["true"], "pred": best[2:], "score": round(mean[best], 4),

@@ -11,7 +11,6 @@ training: the two checkpoints must share one lineage (the tuned one started from
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from .model import find_detector
 log = logging.getLogger(__name__)
 
 
-def _load(weights: str | Path) -> tuple[Path, dict, dict]:
+def _load(weights: str | Path):
+    """``(weights path, checkpoint dict, model, card)``; the model is the EMA copy when the checkpoint has one."""
     import torch
 
     info = find_detector(weights)
@@ -31,14 +31,13 @@ def _load(weights: str | Path) -> tuple[Path, dict, dict]:
         ckpt = torch.load(info.weights, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
         raise SmearError(f"{info.weights}: not a readable ultralytics checkpoint ({type(e).__name__}: {e})") from e
-    model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if model is None or not hasattr(model, "state_dict"):
         raise SmearError(f"{info.weights}: checkpoint holds no model")
-    return info.weights, ckpt, info.card
+    return info.weights, ckpt, model.float(), info.card
 
 
-def interpolate_detectors(base: str | Path, tuned: str | Path, alpha: float, dest: Path,
-                          extra: dict | None = None) -> Path:
+def interpolate_detectors(base: str | Path, tuned: str | Path, alpha: float, dest: Path) -> Path:
     """Write ``alpha * tuned + (1 - alpha) * base`` as a model folder (weights.pt fp16, card.json, card.md).
 
     Floating-point tensors (weights, biases, batch-norm statistics) are interpolated; integer
@@ -48,13 +47,15 @@ def interpolate_detectors(base: str | Path, tuned: str | Path, alpha: float, des
     Raises:
         SmearError: if ``alpha`` is outside [0, 1] or the two models differ in architecture or classes.
     """
+    import torch
+
+    from smear.pipeline.modelcard import write_card
+
     ensure_offline()
     if not 0.0 <= alpha <= 1.0:
         raise SmearError(f"alpha {alpha}: expected a weight between 0 (base) and 1 (tuned)")
-    base_path, base_ckpt, _ = _load(base)
-    tuned_path, tuned_ckpt, tuned_card = _load(tuned)
-    base_model = (base_ckpt.get("ema") or base_ckpt["model"]).float()
-    tuned_model = (tuned_ckpt.get("ema") or tuned_ckpt["model"]).float()
+    base_path, _, base_model, _ = _load(base)
+    tuned_path, tuned_ckpt, tuned_model, tuned_card = _load(tuned)
     if getattr(base_model, "names", None) != getattr(tuned_model, "names", None):
         raise SmearError(f"{tuned_path}: classes {getattr(tuned_model, 'names', None)} differ from "
                          f"{base_path}'s {getattr(base_model, 'names', None)}")
@@ -69,15 +70,10 @@ def interpolate_detectors(base: str | Path, tuned: str | Path, alpha: float, des
     ckpt["model"] = model.half()
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    import torch
-
     torch.save(ckpt, dest / "weights.pt")
-    card = json.loads(json.dumps(tuned_card))  # a copy
+    card = copy.deepcopy(tuned_card)
     card["interpolation"] = {"method": "weight-space interpolation (WiSE-FT): alpha * tuned + (1 - alpha) * base",
                              "alpha": alpha, "base": str(base_path), "tuned": str(tuned_path)}
-    card.update(extra or {})
-    from smear.pipeline.modelcard import write_card
-
     write_card(dest, card, f"Detector {dest.name}")
     log.info("interpolated detector (alpha %.2f) written to %s", alpha, dest)
     return dest
