@@ -15,6 +15,8 @@ class DetectorConfig:
     model: str = param("yolov8n.yaml", "architecture yaml (from scratch) or a local .pt to start from (e.g. COCO weights)")
     imgsz: int = param(640, "training / inference image size in pixels (long side)", range=(64, 4096))
     epochs: int = param(40, "training epochs", range=(1, 1000))
+    time: float = param(0.0, "wall-clock training budget in hours; > 0 overrides epochs (ultralytics re-fits the "
+                             "epoch count and schedule to the budget after each epoch)", range=(0.0, 1000.0))
     batch: int = param(16, "images per batch", range=(1, 512))
     workers: int = param(2, "data loader workers", range=(0, 64))
     device: str = param("cpu", "torch device: cpu, 0, cuda:0, mps")
