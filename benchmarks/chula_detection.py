@@ -16,6 +16,8 @@ benchmarks/results/chula_detection.csv and prints the fraction found per scale (
 RBC counting: Chula labels every cell in some fields only, so the RBC count is compared with the
 number of points on the fields whose points reach 0.75 / 0.85 / 0.9 of a mask-based cell estimate
 (foreground area over the median single-cell area; no detector involved), and with that estimate.
+RBCs cut by the field border are counted as the pipeline counts them (PipelineConfig.edge_fragment_min:
+a fragment with less than half a typical cell inside belongs to the neighbouring field).
 
     python benchmarks/chula_detection.py [--weights runs/detector/RUN/weights/best.pt] \
         [--split val|test] [--scales 1 2 3 4] [--images 20] [--threads 1]
@@ -45,9 +47,12 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=("train", "val", "test"),
                     help="Chula images to score (val for choices, test to report)")
     ap.add_argument("--images", type=int, default=0, help="first N test images only (0: all)")
-    ap.add_argument("--conf", type=float, default=0.25)
+    ap.add_argument("--conf", type=float, default=None, help="detector score threshold (default: the pipeline's)")
     ap.add_argument("--tile-px", type=int, default=0, help="tile side at inference (0: the detector's imgsz)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--edge-fragment-min", type=float, default=None,
+                    help="RBCs cut by the field border count only with this fraction of a typical diameter inside "
+                         "(default: the pipeline's, PipelineConfig.edge_fragment_min; 0 counts every fragment)")
     ap.add_argument("--output", default="benchmarks/results/chula_detection.csv")
     args = ap.parse_args()
 
@@ -58,7 +63,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from smear.classifier.morphology import MorphologyConfig, read_chula, resolve_morphology_folder, split_images
     from smear.detector.config import DetectorConfig
-    from smear.detector.predict import Detector
+    from smear.detector.predict import Detector, drop_edge_fragments
+    from smear.pipeline.config import PipelineConfig
     from smear.pipeline.dataset import GROUPS
     from smear.pipeline.io import read_image
     from smear.pipeline.paths import resolve_path
@@ -75,11 +81,13 @@ def main() -> None:
         split_source = "MorphologyConfig defaults"
     test_ids = [i for i in test_ids if i in data][: args.images or None]
 
+    args.conf = PipelineConfig().conf if args.conf is None else args.conf
     probe = Detector(args.weights)
     tile = args.tile_px or probe.imgsz
     det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, conf=args.conf, tile_px=tile,
                                                     tile_overlap_px=tile // 4))
     rbc = GROUPS.index("RBC")
+    edge_min = PipelineConfig().edge_fragment_min if args.edge_fragment_min is None else args.edge_fragment_min
     rows = []
     t0 = time.time()
     for image_id in test_ids:
@@ -87,7 +95,8 @@ def main() -> None:
         img = read_image(cells[0].image)
         estimate = round(estimate_cell_count(np.ascontiguousarray(img[..., ::-1])), 1)
         for s in args.scales:
-            d = det.predict([img], conf=args.conf, scale=s)[0]
+            d = drop_edge_fragments(det.predict([img], conf=args.conf, scale=s)[0], (img.shape[1], img.shape[0]),
+                                    edge_min)
             boxes = d.boxes[d.classes == rbc]
             diam = float(np.median((boxes[:, 2] - boxes[:, 0] + boxes[:, 3] - boxes[:, 1]) / 2)) if len(boxes) else ""
             found = points_in_boxes([(c.x, c.y) for c in cells], boxes).any(0)
@@ -101,7 +110,7 @@ def main() -> None:
 
     # Summaries from the table only.
     print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {args.conf}); "
-          f"{len(test_ids)} Chula {args.split} images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
+          f"edge fragments < {edge_min:g} of a cell dropped; {len(test_ids)} Chula {args.split} images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
           f"{time.time() - t0:.0f} s")
     print("scale  found   RBC boxes / labelled cells   median RBC box (px, in the original field)")
     for s in args.scales:

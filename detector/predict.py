@@ -40,6 +40,39 @@ class Detections:
         return [GROUPS[int(c)] for c in self.classes]
 
 
+def drop_edge_fragments(det: Detections, size: tuple[int, int], min_visible: float,
+                        groups: Sequence[str] = ("RBC",), edge_px: float = 1.0) -> Detections:
+    """Drop boxes cut by the field border with less than ``min_visible`` of a typical cell inside.
+
+    Counting convention: a cell cut by the field edge belongs to the field that holds its centre,
+    so neighbouring fields (or tiles of a slide) count it once and slivers at the border do not
+    inflate a field's count. A box touching the border is a fragment when its extent across that
+    border is below ``min_visible`` x the typical diameter of its class in this field (median of
+    the mean side of its boxes clear of the border; all its boxes when fewer than 3 are clear).
+    ``min_visible`` 0 keeps everything. Only ``groups`` are judged (RBCs by default: their many
+    boxes give a stable typical size; a lone WBC has no reference).
+    """
+    if min_visible <= 0 or not len(det):
+        return det
+    w, h = size
+    b = det.boxes
+    bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    at_x = (b[:, 0] <= edge_px) | (b[:, 2] >= w - edge_px)
+    at_y = (b[:, 1] <= edge_px) | (b[:, 3] >= h - edge_px)
+    drop = np.zeros(len(b), bool)
+    for g in groups:
+        of = det.classes == GROUPS.index(g)
+        clear = of & ~at_x & ~at_y
+        ref = clear if clear.sum() >= 3 else of
+        if not ref.any():
+            continue
+        side = float(np.median((bw[ref] + bh[ref]) / 2))
+        drop |= of & ((at_x & (bw < min_visible * side)) | (at_y & (bh < min_visible * side)))
+    if not drop.any():
+        return det
+    return Detections(b[~drop], det.scores[~drop], det.classes[~drop])
+
+
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles covering ``length`` with at least ``overlap`` shared pixels."""
     if length <= tile:

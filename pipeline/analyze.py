@@ -179,7 +179,11 @@ class Analyzer:
         """Analyse RGB uint8 arrays (one field each)."""
         from smear.classifier.predict import classify_fields
 
+        from smear.detector.predict import drop_edge_fragments
+
         dets = self.detector.predict(list(images), conf=self.cfg.conf, iou=self.cfg.iou, scale=self.scale)
+        dets = [drop_edge_fragments(d, (img.shape[1], img.shape[0]), self.cfg.edge_fragment_min)
+                for d, img in zip(dets, images)]
         # The crops of all images in the batch go to the classifier together: far fewer small forward calls.
         probs = classify_fields(self.classifier, images, [d.boxes for d in dets], batch=CLASSIFIER_BATCH)
         out = []

@@ -200,8 +200,12 @@ class PipelineConfig:
 
     detector_weights: str = param("", "detector .pt or model folder; '' for the shipped default")
     classifier_weights: str = param("", "classifier model folder; '' for the shipped default")
-    conf: float = param(0.25, "minimum detector score kept (0.001 gives the full ranked list for mAP)", range=(0.0, 1.0))
+    conf: float = param(0.4, "minimum detector score kept; 0.4 chosen on val for the shipped detector (platelet "
+                                      "count error, Chula RBC counts); 0.001 gives the full ranked list for mAP", range=(0.0, 1.0))
     iou: float = param(0.5, "detector NMS IoU", range=(0.05, 1.0))
+    edge_fragment_min: float = param(0.5, "an RBC cut by the field border is counted only when this fraction of a "
+                                          "typical RBC's diameter lies inside (0.5: the field holding its centre "
+                                          "counts it); 0 counts every fragment", range=(0.0, 1.0))
     device: str = param("cpu", "torch device: cpu, cuda, cuda:0, mps")
     batch: int = param(8, "images per detector batch", range=(1, 1024))
     threads: int = param(0, "torch CPU threads; 0 lets torch decide", range=(0, 256))

@@ -18,7 +18,7 @@ def _md_value(v: Any) -> str:
 def _md_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, first seen first
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(_md_value(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)

@@ -220,7 +220,8 @@ def bench(tmp_path):
     data_cfg = DataConfig(subtypes_csv=str(subtypes))
     _, truth = load_ground_truth(voc, "test", data_cfg)
     out = tmp_path / "bench"
-    text = run_benchmark(voc, "test", out, analyzer=FakeAnalyzer(truth), data_cfg=data_cfg)
+    # operating threshold 0.25: the stand-in's miss scores 0.1 and its duplicate 0.3
+    text = run_benchmark(voc, "test", out, analyzer=FakeAnalyzer(truth), cfg=PipelineConfig(conf=0.25), data_cfg=data_cfg)
     return out, text, truth
 
 

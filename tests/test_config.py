@@ -173,6 +173,6 @@ def test_dump_config_round_trips_non_defaults(tmp_path):
 
 def test_dump_config_shows_type_range_and_choices():
     text = dump_config(PipelineConfig())
-    assert "conf: 0.25  # (float, 0.0..1.0)" in text
+    assert "conf: 0.4  # (float, 0.0..1.0)" in text
     assert "capture_mode: wbc-centred  # (str, one of wbc-centred|random)" in text
     assert "min_rbc_for_ratio: 300  # (int, 1..inf)" in text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smear.detector.predict import Detections, merge_tiles, tile_origins
+from smear.detector.predict import Detections, drop_edge_fragments, merge_tiles, tile_origins
 from smear.pipeline.errors import ModelNotFoundError
 
 
@@ -37,6 +37,24 @@ def test_merge_keeps_boxes_on_the_image_border():
     t = _det([[0, 0, 50, 50]], [0.9], [2])
     merged = merge_tiles([(t, (0, 0, 640, 640))], (640, 640), iou=0.5)
     assert len(merged) == 1
+
+
+def _field(boxes, classes):
+    b = np.array(boxes, np.float32)
+    return Detections(b, np.full(len(b), 0.9, np.float32), np.array(classes))
+
+
+def test_edge_fragments_counted_only_with_their_centre_inside():
+    # Four whole RBCs (40 px) set the typical size; on the border: a sliver (10 px inside), a cell with
+    # 30 px inside (centre inside), a sliver at the bottom, and a small WBC sliver (WBCs are not judged).
+    inner = [[100, 100, 140, 140], [200, 100, 240, 140], [300, 100, 340, 140], [100, 200, 140, 240]]
+    edge = [[0, 300, 10, 340], [0, 400, 30, 440], [500, 470, 540, 480], [600, 0, 640, 8]]
+    det = _field(inner + edge, [0, 0, 0, 0, 0, 0, 0, 1])
+    kept = drop_edge_fragments(det, (640, 480), 0.5)
+    assert kept.boxes.tolist() == (inner + [[0, 400, 30, 440], [600, 0, 640, 8]])
+    assert kept.classes.tolist() == [0, 0, 0, 0, 0, 1]
+    assert len(drop_edge_fragments(det, (640, 480), 0.0)) == len(det)  # 0 keeps every fragment
+    assert len(drop_edge_fragments(det, (640, 480), 0.9)) == 5  # the 30 px cell is < 0.9 x 40 px
 
 
 def test_tiled_prediction_matches_untiled_on_repeated_fields(tiny_detector):

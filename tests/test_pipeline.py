@@ -501,3 +501,29 @@ def test_classifier_sees_bounded_batch_shapes(analyzer, run):
         hook.remove()
     assert len(r.cells) > CLASSIFIER_BATCH  # conf=0.0001 on an untrained model: plenty of boxes
     assert max(sizes) == CLASSIFIER_BATCH and sum(sizes) == len(r.cells)
+
+
+def test_rbc_fragments_on_the_field_border_are_not_counted(analyzer):
+    """A sliver of an RBC at the field edge (centre outside) is left to the neighbouring field."""
+    import copy
+    from dataclasses import replace
+
+    from smear.detector.predict import Detections
+
+    inner = [[100, 100, 140, 140], [200, 100, 240, 140], [300, 100, 340, 140]]
+    sliver, half_in = [0, 300, 12, 340], [0, 400, 28, 440]  # 12 px and 28 px of a 40 px cell inside
+
+    class _Stub:
+        def predict(self, images, **kw):
+            b = np.array(inner + [sliver, half_in], np.float32)
+            return [Detections(b, np.full(len(b), 0.9, np.float32), np.zeros(len(b), np.int64)) for _ in images]
+
+    field = np.full((480, 640, 3), 200, np.uint8)
+    a = copy.copy(analyzer)
+    a.detector = _Stub()
+    a.cfg = replace(analyzer.cfg, edge_fragment_min=0.5)
+    (res,) = a.analyze_arrays([field], ["f.png"])
+    assert sorted(c.box for c in res.cells) == sorted(inner + [half_in])
+    a.cfg = replace(analyzer.cfg, edge_fragment_min=0.0)
+    (res,) = a.analyze_arrays([field], ["f.png"])
+    assert len(res.cells) == 5
