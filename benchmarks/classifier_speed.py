@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--cascade", action="store_true", help="time the shipped cascade on real detections")
     ap.add_argument("--data", default="../shared/data/bccd")
+    ap.add_argument("--weights", default=None, help="with --cascade: classifier folder to time (default: shipped)")
     args = ap.parse_args()
 
     import torch
@@ -71,7 +72,7 @@ def time_cascade(args) -> None:
     ids = (root / "ImageSets" / "Main" / "test.txt").read_text().split()
     images = [read_image(root / "JPEGImages" / f"{i}.jpg") for i in ids]
     boxes = [d.boxes for d in Detector().predict(images)]
-    model = load_classifier()
+    model = load_classifier(args.weights)
     seen: dict[str, int] = {}
     real = predict.predict_crops
 
@@ -91,7 +92,7 @@ def time_cascade(args) -> None:
         best = min(best, time.perf_counter() - t0)
         predict.predict_crops = real
     n = sum(len(b) for b in boxes)
-    row = {"images": len(images), "crops": n, "seconds": round(best, 3), "ms_per_crop": round(1000 * best / n, 3),
+    row = {"weights": args.weights or "shipped", "images": len(images), "crops": n, "seconds": round(best, 3), "ms_per_crop": round(1000 * best / n, 3),
            "primary_crops": seen.get("primary", 0), "refiner_crops": seen.get("refiner", 0),
            "subtyper_crops": seen.get("subtyper", 0), "threads": args.threads}
     write_rows(Path(__file__).parent / "results" / "classifier_speed_cascade.csv", [row])
