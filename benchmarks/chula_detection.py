@@ -81,13 +81,14 @@ def main() -> None:
         split_source = "MorphologyConfig defaults"
     test_ids = [i for i in test_ids if i in data][: args.images or None]
 
-    args.conf = PipelineConfig().conf if args.conf is None else args.conf
+    pipeline = PipelineConfig()  # the operating point the pipeline counts with
+    conf = pipeline.conf if args.conf is None else args.conf
+    edge_min = pipeline.edge_fragment_min if args.edge_fragment_min is None else args.edge_fragment_min
     probe = Detector(args.weights)
     tile = args.tile_px or probe.imgsz
-    det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, conf=args.conf, tile_px=tile,
+    det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, conf=conf, tile_px=tile,
                                                     tile_overlap_px=tile // 4))
     rbc = GROUPS.index("RBC")
-    edge_min = PipelineConfig().edge_fragment_min if args.edge_fragment_min is None else args.edge_fragment_min
     rows = []
     t0 = time.time()
     for image_id in test_ids:
@@ -95,7 +96,7 @@ def main() -> None:
         img = read_image(cells[0].image)
         estimate = round(estimate_cell_count(np.ascontiguousarray(img[..., ::-1])), 1)
         for s in args.scales:
-            d = drop_edge_fragments(det.predict([img], conf=args.conf, scale=s)[0], (img.shape[1], img.shape[0]),
+            d = drop_edge_fragments(det.predict([img], conf=conf, scale=s)[0], (img.shape[1], img.shape[0]),
                                     edge_min)
             boxes = d.boxes[d.classes == rbc]
             diam = float(np.median((boxes[:, 2] - boxes[:, 0] + boxes[:, 3] - boxes[:, 1]) / 2)) if len(boxes) else ""
@@ -109,8 +110,9 @@ def main() -> None:
     write_rows(out, rows)
 
     # Summaries from the table only.
-    print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {args.conf}); "
-          f"edge fragments < {edge_min:g} of a cell dropped; {len(test_ids)} Chula {args.split} images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
+    print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {conf}); "
+          f"edge fragments < {edge_min:g} of a cell dropped; "
+          f"{len(test_ids)} Chula {args.split} images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
           f"{time.time() - t0:.0f} s")
     print("scale  found   RBC boxes / labelled cells   median RBC box (px, in the original field)")
     for s in args.scales:

@@ -178,7 +178,6 @@ class Analyzer:
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
         from smear.classifier.predict import classify_fields
-
         from smear.detector.predict import drop_edge_fragments
 
         dets = self.detector.predict(list(images), conf=self.cfg.conf, iou=self.cfg.iou, scale=self.scale)
