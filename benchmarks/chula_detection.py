@@ -82,11 +82,11 @@ def main() -> None:
     test_ids = [i for i in test_ids if i in data][: args.images or None]
 
     pipeline = PipelineConfig()  # the operating point the pipeline counts with
-    conf = pipeline.conf if args.conf is None else args.conf
+    conf = pipeline.thresholds() if args.conf is None else args.conf  # per class, as smear analyze
     edge_min = pipeline.edge_fragment_min if args.edge_fragment_min is None else args.edge_fragment_min
     probe = Detector(args.weights)
     tile = args.tile_px or probe.imgsz
-    det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, conf=conf, tile_px=tile,
+    det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, tile_px=tile,
                                                     tile_overlap_px=tile // 4))
     rbc = GROUPS.index("RBC")
     rows = []
@@ -110,7 +110,7 @@ def main() -> None:
     write_rows(out, rows)
 
     # Summaries from the table only.
-    print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {conf}); "
+    print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {conf if args.conf is not None else conf['RBC']} for RBCs); "
           f"edge fragments < {edge_min:g} of a cell dropped; "
           f"{len(test_ids)} Chula {args.split} images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
           f"{time.time() - t0:.0f} s")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -71,6 +71,17 @@ def drop_edge_fragments(det: Detections, size: tuple[int, int], min_visible: flo
     if not drop.any():
         return det
     return Detections(b[~drop], det.scores[~drop], det.classes[~drop])
+
+
+def keep_above(det: Detections, thresholds: Mapping[str, float]) -> Detections:
+    """Keep the boxes whose score reaches their class's threshold (classes not named keep everything)."""
+    if not len(det):
+        return det
+    floor = np.array([thresholds.get(g, 0.0) for g in GROUPS], np.float32)[det.classes]
+    keep = det.scores >= floor
+    if keep.all():
+        return det
+    return Detections(det.boxes[keep], det.scores[keep], det.classes[keep])
 
 
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
@@ -167,9 +178,17 @@ class Detector:
             out.append(Detections(b.xyxy.cpu().numpy().astype(np.float32), b.conf.cpu().numpy().astype(np.float32), cls))
         return out
 
-    def predict(self, images_rgb: Sequence[np.ndarray], conf: float | None = None, iou: float | None = None,
-                scale: float = 1.0) -> list[Detections]:
-        """Detect cells. ``scale`` resizes images first (e.g. 2.0 for a microscope imaging cells half as large)."""
+    def predict(self, images_rgb: Sequence[np.ndarray], conf: float | Mapping[str, float] | None = None,
+                iou: float | None = None, scale: float = 1.0) -> list[Detections]:
+        """Detect cells. ``scale`` resizes images first (e.g. 2.0 for a microscope imaging cells half as large).
+
+        ``conf`` is one minimum score, or one per group (``{"RBC": 0.4, "Platelets": 0.55, ...}``: the model
+        runs at the lowest, then each box must reach its own group's).
+        """
+        if isinstance(conf, Mapping):
+            thresholds = {g: float(conf.get(g, self.cfg.conf)) for g in GROUPS}
+            return [keep_above(d, thresholds)
+                    for d in self.predict(images_rgb, min(thresholds.values()), iou=iou, scale=scale)]
         import cv2
 
         conf = self.cfg.conf if conf is None else conf

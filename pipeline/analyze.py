@@ -180,7 +180,7 @@ class Analyzer:
         from smear.classifier.predict import classify_fields
         from smear.detector.predict import drop_edge_fragments
 
-        dets = self.detector.predict(list(images), conf=self.cfg.conf, iou=self.cfg.iou, scale=self.scale)
+        dets = self.detector.predict(list(images), conf=self.cfg.thresholds(), iou=self.cfg.iou, scale=self.scale)
         dets = [drop_edge_fragments(d, (img.shape[1], img.shape[0]), self.cfg.edge_fragment_min)
                 for d, img in zip(dets, images)]
         # The crops of all images in the batch go to the classifier together: far fewer small forward calls.

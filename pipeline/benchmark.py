@@ -11,8 +11,8 @@ Tables first, summaries from the tables (house style, rule 11):
 - ``detections.csv``: every candidate cell at conf >= 0.001 with both opinions and whether it is
   a true positive at IoU 0.5 (per-class matching); mAP50 and mAP50-95 come from it and the
   ground-truth rows of ``cells.csv``.
-- ``cells.csv``: one row per ground-truth cell or predicted cell at the operating threshold
-  (``PipelineConfig().conf``). Class-agnostic matching pairs them; the outcome says which
+- ``cells.csv``: one row per ground-truth cell or predicted cell at the operating thresholds
+  (``PipelineConfig().thresholds()``: ``conf``, or a class's own ``class_conf``, on the detector's group). Class-agnostic matching pairs them; the outcome says which
   stage was right (see :data:`OUTCOMES`).
 - ``images.csv``: one row per image, counts built from the ``cells.csv`` rows, count errors,
   and the flags raised from true versus predicted counts.
@@ -30,7 +30,7 @@ import datetime
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -307,7 +307,12 @@ def image_row(image: str, rows: Sequence[dict], cfg: PipelineConfig, error: str 
     return out
 
 
-def detection_rows(image: str, cells: Sequence[Cell], operating_conf: float) -> list[dict[str, Any]]:
+def operating(cell: Cell, thresholds: Mapping[str, float]) -> bool:
+    """Whether a candidate of the low-threshold run is kept at the operating thresholds (by detector group)."""
+    return float(cell.detector["score"]) >= thresholds.get(cell.detector["label"], 0.0)
+
+
+def detection_rows(image: str, cells: Sequence[Cell], thresholds: Mapping[str, float]) -> list[dict[str, Any]]:
     """``detections.csv`` rows: every candidate cell of the low-threshold run (tp50 columns filled later)."""
     out = []
     for c in cells:
@@ -317,7 +322,7 @@ def detection_rows(image: str, cells: Sequence[Cell], operating_conf: float) -> 
                   "classifier_label": c.classifier.get("label", ""),
                   "classifier_score": _round(c.classifier.get("score")),
                   "final_group": c.group, "final_label": c.label, "score": _round(c.score),
-                  "operating": float(c.detector["score"]) >= operating_conf})
+                  "operating": operating(c, thresholds)})
         out.append(r)
     return out
 
@@ -558,7 +563,7 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
         output: folder for ``cells.csv``, ``detections.csv``, ``images.csv``, ``summary.json``/``.md`` and plots.
         analyzer: anything with ``analyze_images(paths, progress=...) -> list[ImageResult]`` run at a low
             threshold; by default an :class:`~smear.pipeline.analyze.Analyzer` at conf 0.001.
-        cfg: pipeline settings: ``conf`` is the operating threshold, the rest decides flags and the
+        cfg: pipeline settings: ``thresholds()`` are the operating thresholds, the rest decides flags and the
             models of the default analyzer.
         data_cfg: how ground truth is audited and where WBC subtypes come from (``DataConfig()``).
 
@@ -569,13 +574,15 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
         >>> print(run_benchmark(None, "test", Path("runs/benchmark/bccd-test")))
     """
     cfg = cfg or PipelineConfig()
+    thresholds = cfg.thresholds()
     output = Path(output)
     source, truth = load_ground_truth(data, split, data_cfg)
     if analyzer is None:
         from .analyze import Analyzer
 
-        analyzer = Analyzer(dataclasses.replace(cfg, conf=RANKING_CONF))
-    ran_at = getattr(getattr(analyzer, "cfg", None), "conf", RANKING_CONF)
+        analyzer = Analyzer(dataclasses.replace(cfg, conf=RANKING_CONF, class_conf=()))
+    acfg = getattr(analyzer, "cfg", None)
+    ran_at = max(acfg.thresholds().values()) if isinstance(acfg, PipelineConfig) else RANKING_CONF
     if ran_at > 0.01:
         log.warning("the analyzer runs at conf %.3g: mAP only sees that part of the ranked list", ran_at)
     log.info("benchmark: %d %s images from %s", len(truth), split, source)
@@ -591,11 +598,11 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
             log.warning("%s: %s (image left out of the benchmark)", ai.image_id, res.error)
             image_rows.append({"image": ai.image_id, "error": res.error})
             continue
-        operating = [c for c in res.cells if float(c.detector["score"]) >= cfg.conf]
-        rows = match_image_cells(ai.image_id, [(b.xyxy, b.label) for b in ai.boxes], operating)
+        kept = [c for c in res.cells if operating(c, thresholds)]
+        rows = match_image_cells(ai.image_id, [(b.xyxy, b.label) for b in ai.boxes], kept)
         cell_rows.extend(rows)
         image_rows.append(image_row(ai.image_id, rows, cfg))
-        dets = detection_rows(ai.image_id, res.cells, cfg.conf)
+        dets = detection_rows(ai.image_id, res.cells, thresholds)
         for mode in MODES:
             tp = per_class_true_positives([ai.image_id] * len(res.cells), [c.box for c in res.cells],
                                           [d[LABEL_COLUMN[mode]] for d in dets], [d[SCORE_COLUMN[mode]] for d in dets],
@@ -617,6 +624,7 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
     summary["run"] = {
         "data": str(source), "split": split, "n_images": len(truth),
         "n_failed": sum(1 for r in image_rows if r.get("error")), "operating_conf": cfg.conf,
+        "operating_thresholds": thresholds,
         "ranking_conf": ran_at, "match_iou": MATCH_IOU, "iou_thresholds": list(IOU_THRESHOLDS),
         "ap": "COCO 101-point interpolated AP, per-class greedy matching by score",
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
@@ -654,6 +662,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _conf_text(run: Mapping[str, Any]) -> str:
+    """The operating threshold as text: ``0.4``, or ``0.4 (Platelets 0.55)`` where a class has its own."""
+    conf = run.get("operating_conf", "")
+    own = {g: t for g, t in (run.get("operating_thresholds") or {}).items() if t != conf}
+    return f"{conf}" + (" (" + ", ".join(f"{g} {t:g}" for g, t in own.items()) + ")" if own else "")
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
     """``summary.md``: the summary as tables, with the caveats that go with them."""
     run = s.get("run", {})
@@ -661,7 +676,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
     idt, ipl = s["image"]["detector"], s["image"]["pipeline"]
     lines = [f"# smear benchmark: {run.get('split', '')} split", "",
              f"Data: `{run.get('data', '')}`; {run.get('n_images', '')} images ({run.get('n_failed', 0)} failed); "
-             f"operating conf {run.get('operating_conf', '')}, ranked list from conf {run.get('ranking_conf', '')}; "
+             f"operating conf {_conf_text(run)}, ranked list from conf {run.get('ranking_conf', '')}; "
              f"commit {run.get('commit', '')}.", ""]
     lines += ["Every figure below is computed from `cells.csv`, `detections.csv` and `images.csv` in this folder.",
               "*detector* = the detector's own group and score; *pipeline* = the final merged group and score.", ""]
@@ -711,7 +726,7 @@ def summary_text(s: dict[str, Any], output: Path) -> str:
     att = s["attribution"]
     mae = s["image"]["pipeline"]["count_MAE"]
     lines = [f"benchmark: {run.get('n_images')} {run.get('split')} images, {cp['n_true']} true cells, "
-             f"operating conf {run.get('operating_conf')}",
+             f"operating conf {_conf_text(run)}",
              f"  mAP50     detector {_fmt(cd['mAP50'])}  pipeline {_fmt(cp['mAP50'])}",
              f"  mAP50-95  detector {_fmt(cd['mAP50_95'])}  pipeline {_fmt(cp['mAP50_95'])}",
              f"  F1        detector {_fmt(cd['F1'])}  pipeline {_fmt(cp['F1'])}",

@@ -58,6 +58,15 @@ def _load(cls, config: Optional[Path], overrides: List[str], extra: dict | None 
     return load_config(cls, config, values)
 
 
+def _one_threshold(conf: Optional[float], overrides: List[str]) -> Optional[tuple]:
+    """An explicit --conf is one threshold for every class: clear class_conf unless --set names it too."""
+    from .config import parse_overrides
+
+    if conf is None or "class_conf" in {k.replace("-", "_") for k in parse_overrides(overrides)}:
+        return None
+    return ()
+
+
 # ------------------------------------------------------------------ data
 
 @data_app.command("prepare")
@@ -328,7 +337,8 @@ def analyze(
     as_json: bool = typer.Option(False, "--json", help="print the records as JSON lines on stdout"),
     slide: Optional[str] = typer.Option(None, "--slide", help="slide name for all inputs (default: one slide per "
                                         "sub-folder of a folder input)"),
-    conf: Optional[float] = typer.Option(None, "--conf", help="minimum detection score kept (0.001: full ranked list)"),
+    conf: Optional[float] = typer.Option(None, "--conf", help="minimum detection score kept, one for every class "
+                                         "unless --set class_conf=... is given too (0.001: full ranked list)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda:0, mps"),
     batch: Optional[int] = typer.Option(None, "--batch", help="images per detector batch"),
     capture_mode: Optional[str] = typer.Option(None, "--capture-mode", help="wbc-centred (BCCD) or random fields"),
@@ -352,7 +362,7 @@ def analyze(
 
     cfg = _load(PipelineConfig, config, overrides, {"conf": conf, "device": device, "batch": batch,
                                                    "capture_mode": capture_mode, "pixel_size_um": pixel_size_um,
-                                                   "scale": scale})
+                                                   "scale": scale, "class_conf": _one_threshold(conf, overrides)})
     files = expand_inputs(paths)
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
@@ -435,13 +445,15 @@ def benchmark(
                                         "(default: ../shared/data/bccd)"),
     split: str = typer.Option("test", "--split", help="split to score"),
     output: Path = typer.Option(Path("runs/benchmark"), "--output", help="folder for cells.csv, images.csv, summary"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML pipeline config (configs/pipeline.yaml)"),
+    overrides: List[str] = typer.Option([], "--set", help="pipeline config override key=value (repeatable), e.g. "
+                                        "class_conf=Platelets=0.5 to score another operating point"),
 ) -> None:
     """Cell-level and image-level evaluation, with detector-versus-classifier error attribution."""
-    try:
-        from .benchmark import run_benchmark
-    except ImportError:
-        _fail("benchmark is not implemented yet (issue 6)", code=2)
-    summary = run_benchmark(data, split, output)
+    from .benchmark import run_benchmark
+    from .config import PipelineConfig
+
+    summary = run_benchmark(data, split, output, cfg=_load(PipelineConfig, config, overrides))
     typer.echo(summary)
 
 

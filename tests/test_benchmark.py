@@ -221,7 +221,7 @@ def bench(tmp_path):
     _, truth = load_ground_truth(voc, "test", data_cfg)
     out = tmp_path / "bench"
     # operating threshold 0.25: the stand-in's miss scores 0.1 and its duplicate 0.3
-    text = run_benchmark(voc, "test", out, analyzer=FakeAnalyzer(truth), cfg=PipelineConfig(conf=0.25), data_cfg=data_cfg)
+    text = run_benchmark(voc, "test", out, analyzer=FakeAnalyzer(truth), cfg=PipelineConfig(conf=0.25, class_conf=()), data_cfg=data_cfg)
     return out, text, truth
 
 
@@ -315,6 +315,25 @@ def test_run_benchmark_end_to_end_summary_traces_to_tables(bench):
     assert "mAP50" in text and str(out) in text
 
 
+def test_run_benchmark_operates_at_each_class_threshold(tmp_path):
+    """A class's own threshold (class_conf) decides which of its candidates count; the others keep conf."""
+    voc = write_voc(tmp_path / "voc", n_images=12)
+    data_cfg = DataConfig(subtypes_csv="")
+    _, truth = load_ground_truth(voc, "test", data_cfg)
+    out = tmp_path / "bench"
+    cfg = PipelineConfig(conf=0.25, class_conf=("Platelets=0.6",))
+    run_benchmark(voc, "test", out, analyzer=FakeAnalyzer(truth), cfg=cfg, data_cfg=data_cfg)
+    dets = pd.read_csv(out / "detections.csv")
+    cells = pd.read_csv(out / "cells.csv", keep_default_na=False)
+    # the stand-in's false detection is a platelet scoring 0.5: above conf, below the platelets' own 0.6
+    floor = dets["detector_label"].map({"RBC": 0.25, "WBC": 0.25, "Platelets": 0.6})
+    assert (dets["operating"] == (dets["detector_score"] >= floor)).all()
+    assert "false_detection" not in set(cells["outcome"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["run"]["operating_thresholds"] == {"RBC": 0.25, "WBC": 0.25, "Platelets": 0.6}
+    assert "operating conf 0.25 (Platelets 0.6)" in (out / "summary.md").read_text()
+
+
 def test_run_benchmark_failed_image_left_out(tmp_path):
     voc = write_voc(tmp_path / "voc", n_images=4)
     data_cfg = DataConfig(subtypes_csv="")
@@ -327,7 +346,7 @@ def test_run_benchmark_failed_image_left_out(tmp_path):
             return res
 
     out = tmp_path / "bench"
-    run_benchmark(voc, "all", out, analyzer=HalfBroken(truth), cfg=PipelineConfig(conf=0.25), data_cfg=data_cfg)
+    run_benchmark(voc, "all", out, analyzer=HalfBroken(truth), cfg=PipelineConfig(conf=0.25, class_conf=()), data_cfg=data_cfg)
     s = json.loads((out / "summary.json").read_text())
     assert s["run"]["n_failed"] == 1 and s["image"]["pipeline"]["n_images"] == 3
     cells = pd.read_csv(out / "cells.csv", keep_default_na=False)

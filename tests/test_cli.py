@@ -190,3 +190,27 @@ def test_cli_import_does_not_load_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"RBC": 0.4, "WBC": 0.4, "Platelets": 0.55}),  # the shipped operating point
+    (["--conf", "0.3"], {"RBC": 0.3, "WBC": 0.3, "Platelets": 0.3}),  # --conf alone: one threshold for all
+    (["--conf", "0.3", "--set", "class_conf=Platelets=0.7"], {"RBC": 0.3, "WBC": 0.3, "Platelets": 0.7}),
+])
+def test_analyze_conf_option_and_class_thresholds(tmp_path, monkeypatch, extra, expected):
+    import smear.pipeline.analyze as analyze_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Capture:
+        def __init__(self, cfg):
+            seen["thresholds"] = cfg.thresholds()
+            raise Stop
+
+    monkeypatch.setattr(analyze_mod, "Analyzer", Capture)
+    r = invoke("analyze", _write_field(tmp_path / "f.png", 1), *extra)
+    assert isinstance(r.exception, Stop), r.output
+    assert seen["thresholds"] == expected

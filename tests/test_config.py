@@ -176,3 +176,20 @@ def test_dump_config_shows_type_range_and_choices():
     assert "conf: 0.4  # (float, 0.0..1.0)" in text
     assert "capture_mode: wbc-centred  # (str, one of wbc-centred|random)" in text
     assert "min_rbc_for_ratio: 300  # (int, 1..inf)" in text
+
+
+def test_class_conf_overrides_conf_per_class_from_yaml_and_cli(tmp_path):
+    assert PipelineConfig(conf=0.3, class_conf=()).thresholds() == {"RBC": 0.3, "WBC": 0.3, "Platelets": 0.3}
+    path = tmp_path / "p.yaml"
+    path.write_text("conf: 0.3\nclass_conf: [Platelets=0.6, rbc:0.2]\n")
+    assert load_config(PipelineConfig, path).thresholds() == {"RBC": 0.2, "WBC": 0.3, "Platelets": 0.6}
+    path.write_text("conf: 0.3\nclass_conf: {Platelets: 0.6, rbc: 0.2}\n")  # a YAML mapping works too
+    assert load_config(PipelineConfig, path).thresholds() == {"RBC": 0.2, "WBC": 0.3, "Platelets": 0.6}
+    cli = load_config(PipelineConfig, None, parse_overrides(["class_conf=WBC=0.9"]))
+    assert cli.class_conf == ("WBC=0.9",) and cli.thresholds()["WBC"] == 0.9 and cli.thresholds()["Platelets"] == 0.4
+
+
+@pytest.mark.parametrize("bad", ["Neutrophil=0.5", "Platelets=1.5", "Platelets", "Platelets=high"])
+def test_bad_class_conf_is_a_config_error_naming_the_key(bad):
+    with pytest.raises(ConfigError, match=r"class_conf: got .*Class=score"):
+        build_config(PipelineConfig, {"class_conf": bad})

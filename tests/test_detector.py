@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smear.detector.predict import Detections, drop_edge_fragments, merge_tiles, tile_origins
+from smear.detector.predict import Detections, drop_edge_fragments, keep_above, merge_tiles, tile_origins
 from smear.pipeline.errors import ModelNotFoundError
 
 
@@ -55,6 +55,33 @@ def test_edge_fragments_counted_only_with_their_centre_inside():
     assert kept.classes.tolist() == [0, 0, 0, 0, 0, 1]
     assert len(drop_edge_fragments(det, (640, 480), 0.0)) == len(det)  # 0 keeps every fragment
     assert len(drop_edge_fragments(det, (640, 480), 0.9)) == 5  # the 30 px cell is < 0.9 x 40 px
+
+
+def test_keep_above_applies_each_class_its_own_threshold():
+    det = _det([[0, 0, 10, 10]] * 6, [0.3, 0.5, 0.3, 0.5, 0.5, 0.6], [0, 0, 1, 1, 2, 2])
+    kept = keep_above(det, {"RBC": 0.4, "WBC": 0.2, "Platelets": 0.55})
+    assert kept.scores.tolist() == pytest.approx([0.5, 0.3, 0.5, 0.6])
+    assert kept.classes.tolist() == [0, 1, 1, 2]
+    assert len(keep_above(det, {"Platelets": 0.9})) == 4  # classes not named keep everything
+
+
+def test_predict_with_per_class_thresholds_filters_one_low_threshold_run(tiny_detector):
+    """conf as a mapping: the same boxes as one run at the lowest threshold, each cut at its class's own."""
+    from smear.detector.config import DetectorConfig
+    from smear.detector.predict import Detector
+    from tests.conftest import draw_field
+
+    field, _ = draw_field(seed=5)
+    det = Detector(tiny_detector, cfg=DetectorConfig(imgsz=320, conf=0.0001, max_det=50))
+    low = det.predict([field], conf=0.0001)[0]
+    assert len(low) > 3
+    cut = float(np.median(low.scores))
+    thresholds = {"RBC": cut, "WBC": 0.0001, "Platelets": cut}
+    mixed = det.predict([field], conf=thresholds)[0]
+    expect = keep_above(low, thresholds)
+    assert 0 < len(mixed) < len(low)
+    np.testing.assert_allclose(mixed.boxes, expect.boxes, atol=1e-3)
+    assert mixed.classes.tolist() == expect.classes.tolist()
 
 
 def test_tiled_prediction_matches_untiled_on_repeated_fields(tiny_detector):
