@@ -38,7 +38,9 @@ def render_card_md(card: dict, title: str) -> str:
         lines.append("")
     if card.get("split"):
         lines += ["## Split", "", str(card["split"]), ""]
-    for key, heading in (("val_metrics", "Validation metrics"), ("test_metrics", "Test metrics (official test split)")):
+    for key, heading in (("val_metrics", "Validation metrics"), ("test_metrics", "Test metrics (official test split)"),
+                         ("count_mae_test", "Count error per image (official test split)"),
+                         ("chula_val", "Chula RBC-12 counting (val)"), ("chula_test", "Chula RBC-12 counting (test)")):
         if card.get(key):
             lines += [f"## {heading}", "", "```json", json.dumps(card[key], indent=2), "```", ""]
     if card.get("comparison"):
