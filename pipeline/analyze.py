@@ -99,6 +99,27 @@ class Analyzer:
             out["morphology"] = self.morphology.info()
         return out
 
+    def provenance(self) -> dict:
+        """What made a run's results (``run.json``): smear version and commit, date, settings, models."""
+        import datetime
+        from importlib import metadata
+
+        from .config import config_to_dict
+        from .paths import git_commit
+
+        try:
+            version = metadata.version("smear")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+
+        def strip(d: dict) -> dict:  # which models, not their metric tables (those are in the cards)
+            return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
+                    if k not in ("test_metrics", "cv_metrics")}
+
+        return {"smear": version, "commit": git_commit(),
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "thresholds": self.cfg.thresholds(), "config": config_to_dict(self.cfg), "models": strip(self.info())}
+
     def merge(self, boxes: np.ndarray, det_scores: np.ndarray, det_classes: np.ndarray, probs: np.ndarray) -> list[Cell]:
         """Per-cell calls from the two stages' opinions (see the module docstring)."""
         cfg = self.cfg

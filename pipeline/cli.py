@@ -333,7 +333,7 @@ def classify(
 def analyze(
     paths: List[str] = typer.Argument(..., help="images, folders (recursive) or globs; JPEG, PNG, TIFF, BMP"),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="write results.jsonl, summary.csv, overlays/ and report.html here"),
+                                          help="write results.jsonl, summary.csv, slides.json, run.json, overlays/ and report.html here"),
     as_json: bool = typer.Option(False, "--json", help="print the records as JSON lines on stdout"),
     slide: Optional[str] = typer.Option(None, "--slide", help="slide name for all inputs (default: one slide per "
                                         "sub-folder of a folder input)"),
@@ -367,7 +367,7 @@ def analyze(
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
     analyzer = Analyzer(cfg)
-    writer = ResultWriter(output) if output else None
+    writer = ResultWriter(output, run_info=analyzer.provenance()) if output else None
     # Each result is written and dropped as it comes (memory flat over any batch); only its table
     # line is kept, to print the table after the progress bar as before.
     name_width = table_name_width(str(f) for f in files)
@@ -394,7 +394,7 @@ def analyze(
             typer.echo(f"slide {s.slide}: {s.n_fields} fields, counts {s.counts}; differential (n={d['n_wbc']}) "
                        f"{diff or '-'}; flags: {flags}")
         if output:
-            typer.echo(f"outputs in {output} (results.jsonl, summary.csv, overlays/, report.html)")
+            typer.echo(f"outputs in {output} (results.jsonl, summary.csv, slides.json, run.json, overlays/, report.html)")
     if batch.failed:
         typer.echo(f"{len(batch.failed)} of {batch.n_images} file(s) failed:", err=True)
         for r in batch.failed:

@@ -110,10 +110,12 @@ class ResultWriter:
     keeps no record in memory, however long the batch.
     """
 
-    def __init__(self, out: Path, overlays: bool = True):
+    def __init__(self, out: Path, overlays: bool = True, run_info: dict | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.overlays = overlays
+        if run_info is not None:  # first, so an interrupted batch still says what made its results
+            atomic_write_text(self.out / "run.json", json.dumps(run_info, indent=2))
         self._jsonl = open(self.out / "results.jsonl", "w")
         # newline="": csv writes its own \r\n line ends, as write_rows does.
         self._summary_rows = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)

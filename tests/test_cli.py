@@ -110,6 +110,12 @@ def test_analyze_writes_outputs_and_fails_on_broken_input(tmp_path, analyze_args
     html = (out / "report.html").read_text()
     assert "http" not in html
     assert json.loads((out / "slides.json").read_text())[0]["n_fields"] == 2
+    run = json.loads((out / "run.json").read_text())  # what made these results
+    assert run["thresholds"] == {"RBC": 0.0001, "WBC": 0.0001, "Platelets": 0.0001}  # --conf: one for all
+    assert run["config"]["conf"] == 0.0001 and run["config"]["class_conf"] == []
+    detector_given = Path(analyze_args[1].split("=", 1)[1])
+    assert Path(run["models"]["detector"]["weights"]).resolve().is_relative_to(detector_given.resolve())
+    assert "test_metrics" not in run["models"]["detector"] and run["smear"] and run["date"]
 
 
 def test_analyze_json_and_slides_from_subfolders(tmp_path, analyze_args):
