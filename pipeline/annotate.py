@@ -353,7 +353,8 @@ def annotate_folder(directory: Path, output: Path | None = None, format: str = "
         if analyzer is None:
             from .analyze import Analyzer
 
-            analyzer = Analyzer(dataclasses.replace(cfg or default_config(), conf=conf))
+            # --conf is one threshold for every class: pre-labels for a person to correct, not counts
+            analyzer = Analyzer(dataclasses.replace(cfg or default_config(), conf=conf, class_conf=()))
         versions = _model_versions(analyzer)
         batch = int(getattr(getattr(analyzer, "cfg", None), "batch", 8) or 8)
         pending_rows: list[dict[str, Any]] = []

@@ -315,3 +315,23 @@ def test_summary_text_counts():
     text = s.text()
     assert "4 image(s): 1 annotated, 2 skipped" in text and "RBC 4, WBC 1, Platelets 0" in text
     assert "d.jpg: cannot decode" in text
+
+
+def test_default_analyzer_uses_one_threshold_for_every_class(slides, monkeypatch):
+    """--conf 0.25 pre-labels platelets from 0.25 too, not from the counting threshold class_conf gives them."""
+    import smear.pipeline.analyze as analyze_mod
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Capture:
+        def __init__(self, cfg):
+            seen["thresholds"] = cfg.thresholds()
+            raise Stop
+
+    monkeypatch.setattr(analyze_mod, "Analyzer", Capture)
+    with pytest.raises(Stop):
+        annotate_folder(slides, slides.parent / "out_thr", format="yolo", conf=0.25, progress=False)
+    assert seen["thresholds"] == {"RBC": 0.25, "WBC": 0.25, "Platelets": 0.25}
