@@ -54,8 +54,8 @@ def main() -> None:
         n = 0
         for k in range(0, len(paths), analyzer.cfg.batch):
             ims = [cv2.imread(str(p)) for p in paths[k:k + analyzer.cfg.batch]]
-            for r in yolo.predict(ims, imgsz=imgsz, conf=min(analyzer.cfg.thresholds().values()), iou=analyzer.cfg.iou, verbose=False,
-                                  device="cpu"):
+            for r in yolo.predict(ims, imgsz=imgsz, conf=min(analyzer.cfg.thresholds().values()),
+                                  iou=analyzer.cfg.iou, verbose=False, device="cpu"):
                 n += len(r.boxes)
         return n
 

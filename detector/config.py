@@ -18,7 +18,10 @@ class DetectorConfig:
     time: float = param(0.0, "wall-clock training budget in hours; > 0 overrides epochs (ultralytics re-fits the "
                              "epoch count and schedule to the budget after each epoch)", range=(0.0, 1000.0))
     batch: int = param(16, "images per batch", range=(1, 512))
-    workers: int = param(2, "data loader workers", range=(0, 64))
+    workers: int = param(2, "data loader workers (ultralytics loads in the main process on a CPU device)",
+                         range=(0, 64))
+    threads: int = param(0, "torch CPU threads for training and inference; 0: one per core (ultralytics alone "
+                            "would use cores - 1, one thread on a 2-core machine)", range=(0, 256))
     device: str = param("cpu", "torch device: cpu, 0, cuda:0, mps")
     optimizer: str = param("auto", "optimizer", choices=("auto", "SGD", "Adam", "AdamW", "MuSGD"))
     lr0: float = param(0.01, "initial learning rate", range=(1e-6, 1.0))

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from smear.pipeline.dataset import GROUPS
-from smear.pipeline.offline import ensure_offline
+from smear.pipeline.offline import ensure_offline, use_cpu_threads
 
 from .config import DetectorConfig
 from .model import DetectorModelInfo, find_detector
@@ -154,6 +154,7 @@ class Detector:
         self.cfg = base
         self.imgsz = int(card_cfg.get("imgsz", base.imgsz)) if cfg is None else base.imgsz
         self.device = device or base.device
+        use_cpu_threads(base.threads)
         self.model = YOLO(str(self.info.weights), task="detect")
         names = self.model.names
         self._class_map = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 from smear.pipeline.config import config_to_dict, dump_config
 from smear.pipeline.dataset import GROUPS
 from smear.pipeline.errors import SmearError
-from smear.pipeline.offline import ensure_offline
+from smear.pipeline.offline import ensure_offline, use_cpu_threads
 from smear.pipeline.paths import git_commit, resolve_path
 
 from .config import DetectorConfig
@@ -32,6 +32,8 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
     ensure_offline()
     from ultralytics import YOLO
 
+    threads = use_cpu_threads(cfg.threads)
+    log.info("training on %d CPU thread(s) (device %s)", threads, cfg.device)
     data = resolve_path(cfg.data)
     if not data.is_file():
         raise SmearError(f"{data}: detector data.yaml not found; make it with "

@@ -50,15 +50,14 @@ class Analyzer:
     """
 
     def __init__(self, cfg: PipelineConfig | None = None):
-        import torch
-
         from smear.classifier.model import load_classifier
         from smear.detector.predict import Detector
 
+        from .offline import use_cpu_threads
+
         self.cfg = cfg or PipelineConfig()
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
         self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device)
+        use_cpu_threads(self.cfg.threads)  # after the detector: ultralytics would drop to cores - 1 threads
         self.detector.cfg = dataclasses.replace(self.detector.cfg, conf=self.cfg.conf, iou=self.cfg.iou)
         self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device)
         self._group_index = {g: [i for i, c in enumerate(self.classifier.classes) if group_of(c) == g] for g in GROUPS}

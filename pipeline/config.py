@@ -214,7 +214,8 @@ class PipelineConfig:
                                           "counts it); 0 counts every fragment", range=(0.0, 1.0))
     device: str = param("cpu", "torch device: cpu, cuda, cuda:0, mps")
     batch: int = param(8, "images per detector batch", range=(1, 1024))
-    threads: int = param(0, "torch CPU threads; 0 lets torch decide", range=(0, 256))
+    threads: int = param(0, "torch CPU threads; 0: one per core (ultralytics alone would use cores - 1)",
+                          range=(0, 256))
     scale: float = param(1.0, "resize factor applied before detection (other microscopes)", range=(0.05, 20.0))
     pixel_size_um: float = param(0.0, "micrometres per pixel of the inputs; 0 if unknown (sizes then in px)", range=(0.0, 100.0))
     match_training_scale: bool = param(False, "with pixel_size_um set, resize inputs to the detector's training scale")

@@ -1,4 +1,5 @@
-"""Keep ultralytics and torchvision offline: no weight, font or asset downloads at run time."""
+"""The environment ultralytics and torchvision run in: offline (no weight, font or asset downloads at
+run time) and on every CPU core (ultralytics alone keeps one core idle)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,24 @@ def ensure_offline() -> None:
     except Exception:  # noqa: BLE001  ultralytics missing or read-only config dir: nothing to provide
         pass
     _DONE = True
+
+
+def use_cpu_threads(threads: int = 0) -> int:
+    """Run torch on ``threads`` CPU threads (0: one per core) and keep ultralytics from lowering it.
+
+    ultralytics sets torch to ``cores - 1`` threads whenever it picks a CPU device (every
+    ``train``, ``val`` and first ``predict``): on a 2-core machine that is one thread, half the
+    machine. Its thread count is a module constant read at that moment, so setting it here holds
+    for every later call in this process. Returns the thread count now in use.
+    """
+    import torch
+
+    n = int(threads) if threads and threads > 0 else (os.cpu_count() or 1)
+    try:
+        import ultralytics.utils.torch_utils as torch_utils
+
+        torch_utils.NUM_THREADS = n
+    except Exception:  # noqa: BLE001  ultralytics missing: torch alone
+        pass
+    torch.set_num_threads(n)
+    return n

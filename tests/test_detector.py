@@ -170,3 +170,43 @@ def test_interpolation_refuses_other_architectures_and_bad_alpha(tiny_detector, 
         interpolate_detectors(tiny_detector, other, 0.5, tmp_path / "out")
     with pytest.raises(SmearError, match="alpha 1.5"):
         interpolate_detectors(tiny_detector, tiny_detector, 1.5, tmp_path / "out")
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    from smear.pipeline.offline import use_cpu_threads
+
+    use_cpu_threads(before)
+
+
+def test_ultralytics_cpu_device_keeps_the_threads_asked_for(restore_threads):
+    """ultralytics drops torch to cores - 1 threads (1 of 2 here) when it picks the CPU; use_cpu_threads holds."""
+    import os
+
+    import torch
+    from ultralytics.utils.torch_utils import select_device
+
+    from smear.pipeline.offline import use_cpu_threads
+
+    assert use_cpu_threads(0) == (os.cpu_count() or 1)  # 0: one per core
+    select_device("cpu", verbose=False)
+    assert torch.get_num_threads() == (os.cpu_count() or 1)
+    assert use_cpu_threads(3) == 3
+    select_device("cpu", verbose=False)
+    assert torch.get_num_threads() == 3
+
+
+def test_detector_predicts_on_its_configured_threads(tiny_detector, restore_threads):
+    import torch
+
+    from smear.detector.config import DetectorConfig
+    from smear.detector.predict import Detector
+    from tests.conftest import draw_field
+
+    det = Detector(tiny_detector, cfg=DetectorConfig(imgsz=320, conf=0.0001, threads=3))
+    det.predict([draw_field(seed=1)[0]])  # the first predict is where ultralytics picks the device
+    assert torch.get_num_threads() == 3

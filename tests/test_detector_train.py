@@ -29,8 +29,17 @@ def test_detector_trains_one_epoch_offline_and_writes_a_run_folder(tmp_path, no_
     prepare_dataset([voc], tmp_path / "prep", DataConfig(), subtypes_csv=None)
     cfg = build_config(DetectorConfig, {"data": str(tmp_path / "prep" / "yolo" / "data.yaml"), "imgsz": 64,
                                         "epochs": 1, "batch": 2, "workers": 0, "mosaic": 0.0,
-                                        "project": str(tmp_path / "runs"), "name": "tiny"})
-    run = train_detector(cfg)
+                                        "project": str(tmp_path / "runs"), "name": "tiny", "threads": 3})
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        run = train_detector(cfg)
+        assert torch.get_num_threads() == 3  # ultralytics' trainer and validator did not lower it
+    finally:
+        from smear.pipeline.offline import use_cpu_threads
+
+        use_cpu_threads(before)
     assert (run / "weights" / "last.pt").is_file() and (run / "weights" / "best.pt").is_file()
     card = json.loads((run / "card.json").read_text())
     assert card["classes"] == ["RBC", "WBC", "Platelets"] and card["config"]["imgsz"] == 64
