@@ -131,3 +131,26 @@ def tiny_classifier(tmp_path_factory) -> Path:
 
 requires_shared_data = pytest.mark.skipif(not (SHARED_DATA / "bccd" / "Annotations").is_dir(),
                                           reason="../shared/data not present")
+
+
+class AnalyzerBuilt(Exception):
+    """Raised by the stand-in of :func:`analyzer_thresholds` once it has seen the config."""
+
+
+@pytest.fixture
+def analyzer_thresholds(monkeypatch) -> dict:
+    """Replace ``Analyzer`` with a stand-in that records its config's thresholds, then raises AnalyzerBuilt.
+
+    Lets a test check which operating point a command hands the pipeline without loading models.
+    """
+    import smear.pipeline.analyze as analyze_mod
+
+    seen: dict = {}
+
+    class Capture:
+        def __init__(self, cfg):
+            seen["thresholds"] = cfg.thresholds()
+            raise AnalyzerBuilt
+
+    monkeypatch.setattr(analyze_mod, "Analyzer", Capture)
+    return seen

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import draw_field
+from conftest import AnalyzerBuilt, draw_field
 from smear.pipeline import annotate as annotate_module
 from smear.pipeline.annotate import (COCO_NAME, LABEL_SETS, MANIFEST_NAME, YOLO_CLASSES_NAME, AnnotateSummary,
                                      annotate_folder)
@@ -317,21 +317,8 @@ def test_summary_text_counts():
     assert "d.jpg: cannot decode" in text
 
 
-def test_default_analyzer_uses_one_threshold_for_every_class(slides, monkeypatch):
+def test_default_analyzer_uses_one_threshold_for_every_class(slides, analyzer_thresholds):
     """--conf 0.25 pre-labels platelets from 0.25 too, not from the counting threshold class_conf gives them."""
-    import smear.pipeline.analyze as analyze_mod
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    class Capture:
-        def __init__(self, cfg):
-            seen["thresholds"] = cfg.thresholds()
-            raise Stop
-
-    monkeypatch.setattr(analyze_mod, "Analyzer", Capture)
-    with pytest.raises(Stop):
+    with pytest.raises(AnalyzerBuilt):
         annotate_folder(slides, slides.parent / "out_thr", format="yolo", conf=0.25, progress=False)
-    assert seen["thresholds"] == {"RBC": 0.25, "WBC": 0.25, "Platelets": 0.25}
+    assert analyzer_thresholds["thresholds"] == {"RBC": 0.25, "WBC": 0.25, "Platelets": 0.25}

@@ -14,7 +14,7 @@ import cv2
 import pytest
 from typer.testing import CliRunner
 
-from conftest import draw_field, write_voc
+from conftest import AnalyzerBuilt, draw_field, write_voc
 from smear.pipeline.cli import app
 from smear.pipeline.dataset import crop_cell
 from smear.pipeline.errors import ConfigError
@@ -203,20 +203,7 @@ def test_cli_import_does_not_load_torch():
     (["--conf", "0.3"], {"RBC": 0.3, "WBC": 0.3, "Platelets": 0.3}),  # --conf alone: one threshold for all
     (["--conf", "0.3", "--set", "class_conf=Platelets=0.7"], {"RBC": 0.3, "WBC": 0.3, "Platelets": 0.7}),
 ])
-def test_analyze_conf_option_and_class_thresholds(tmp_path, monkeypatch, extra, expected):
-    import smear.pipeline.analyze as analyze_mod
-
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    class Capture:
-        def __init__(self, cfg):
-            seen["thresholds"] = cfg.thresholds()
-            raise Stop
-
-    monkeypatch.setattr(analyze_mod, "Analyzer", Capture)
+def test_analyze_conf_option_and_class_thresholds(tmp_path, analyzer_thresholds, extra, expected):
     r = invoke("analyze", _write_field(tmp_path / "f.png", 1), *extra)
-    assert isinstance(r.exception, Stop), r.output
-    assert seen["thresholds"] == expected
+    assert isinstance(r.exception, AnalyzerBuilt), r.output
+    assert analyzer_thresholds["thresholds"] == expected
