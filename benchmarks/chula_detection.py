@@ -83,6 +83,7 @@ def main() -> None:
 
     pipeline = PipelineConfig()  # the operating point the pipeline counts with
     conf = pipeline.thresholds() if args.conf is None else args.conf  # per class, as smear analyze
+    rbc_conf = conf["RBC"] if isinstance(conf, dict) else conf
     edge_min = pipeline.edge_fragment_min if args.edge_fragment_min is None else args.edge_fragment_min
     probe = Detector(args.weights)
     tile = args.tile_px or probe.imgsz
@@ -110,7 +111,7 @@ def main() -> None:
     write_rows(out, rows)
 
     # Summaries from the table only.
-    print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {conf if args.conf is not None else conf['RBC']} for RBCs); "
+    print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {rbc_conf} for RBCs); "
           f"edge fragments < {edge_min:g} of a cell dropped; "
           f"{len(test_ids)} Chula {args.split} images ({split_source}), {sum(len(data[i]) for i in test_ids)} labelled cells; "
           f"{time.time() - t0:.0f} s")

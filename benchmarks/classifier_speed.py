@@ -96,7 +96,8 @@ def time_cascade(args) -> None:
         best = min(best, time.perf_counter() - t0)
         predict.predict_crops = real
     n = sum(len(b) for b in boxes)
-    row = {"weights": args.weights or "shipped", "images": len(images), "crops": n, "seconds": round(best, 3), "ms_per_crop": round(1000 * best / n, 3),
+    row = {"weights": args.weights or "shipped", "images": len(images), "crops": n, "seconds": round(best, 3),
+           "ms_per_crop": round(1000 * best / n, 3),
            "primary_crops": seen.get("primary", 0), "refiner_crops": seen.get("refiner", 0),
            "subtyper_crops": seen.get("subtyper", 0), "threads": args.threads}
     write_rows(Path(__file__).parent / "results" / "classifier_speed_cascade.csv", [row])

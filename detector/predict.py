@@ -144,7 +144,8 @@ class Detector:
         >>> found = det.predict([image])[0]
     """
 
-    def __init__(self, weights: str | Path | None = None, cfg: DetectorConfig | None = None, device: str | None = None):
+    def __init__(self, weights: str | Path | None = None, cfg: DetectorConfig | None = None, device: str | None = None,
+                 threads: int | None = None):
         ensure_offline()
         from ultralytics import YOLO
 
@@ -154,7 +155,7 @@ class Detector:
         self.cfg = base
         self.imgsz = int(card_cfg.get("imgsz", base.imgsz)) if cfg is None else base.imgsz
         self.device = device or base.device
-        use_cpu_threads(base.threads)
+        use_cpu_threads(base.threads if threads is None else threads)  # held through ultralytics' device pick
         self.model = YOLO(str(self.info.weights), task="detect")
         names = self.model.names
         self._class_map = {}

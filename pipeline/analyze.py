@@ -53,11 +53,9 @@ class Analyzer:
         from smear.classifier.model import load_classifier
         from smear.detector.predict import Detector
 
-        from .offline import use_cpu_threads
-
         self.cfg = cfg or PipelineConfig()
-        self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device)
-        use_cpu_threads(self.cfg.threads)  # after the detector: ultralytics would drop to cores - 1 threads
+        # the thread count is process-wide: the detector sets it for the classifier too
+        self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device, threads=self.cfg.threads)
         self.detector.cfg = dataclasses.replace(self.detector.cfg, conf=self.cfg.conf, iou=self.cfg.iou)
         self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device)
         self._group_index = {g: [i for i, c in enumerate(self.classifier.classes) if group_of(c) == g] for g in GROUPS}

@@ -354,7 +354,7 @@ def annotate_folder(directory: Path, output: Path | None = None, format: str = "
             from .analyze import Analyzer
 
             # --conf is one threshold for every class: pre-labels for a person to correct, not counts
-            analyzer = Analyzer(dataclasses.replace(cfg or default_config(), conf=conf, class_conf=()))
+            analyzer = Analyzer((cfg or default_config()).one_threshold(conf))
         versions = _model_versions(analyzer)
         batch = int(getattr(getattr(analyzer, "cfg", None), "batch", 8) or 8)
         pending_rows: list[dict[str, Any]] = []

@@ -25,7 +25,6 @@ the surviving boxes above any threshold do not depend on the threshold the detec
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -580,7 +579,7 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
     if analyzer is None:
         from .analyze import Analyzer
 
-        analyzer = Analyzer(dataclasses.replace(cfg, conf=RANKING_CONF, class_conf=()))
+        analyzer = Analyzer(cfg.one_threshold(RANKING_CONF))
     acfg = getattr(analyzer, "cfg", None)
     ran_at = max(acfg.thresholds().values()) if isinstance(acfg, PipelineConfig) else RANKING_CONF
     if ran_at > 0.01:

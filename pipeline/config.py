@@ -237,6 +237,10 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         self.thresholds()  # a bad class_conf entry fails when the config is made, not mid-batch
 
+    def one_threshold(self, conf: float) -> "PipelineConfig":
+        """This config with ``conf`` for every class (``class_conf`` cleared), e.g. for a full ranked list."""
+        return dataclasses.replace(self, conf=conf, class_conf=())
+
     def thresholds(self) -> dict[str, float]:
         """Minimum detector score per group: ``conf``, or the group's ``class_conf`` entry.
 

@@ -154,3 +154,15 @@ def analyzer_thresholds(monkeypatch) -> dict:
 
     monkeypatch.setattr(analyze_mod, "Analyzer", Capture)
     return seen
+
+
+@pytest.fixture
+def restore_threads():
+    """Put torch's (and ultralytics') CPU thread count back after a test that changes it."""
+    import torch
+
+    from smear.pipeline.offline import use_cpu_threads
+
+    before = torch.get_num_threads()
+    yield
+    use_cpu_threads(before)

@@ -193,3 +193,8 @@ def test_class_conf_overrides_conf_per_class_from_yaml_and_cli(tmp_path):
 def test_bad_class_conf_is_a_config_error_naming_the_key(bad):
     with pytest.raises(ConfigError, match=r"class_conf: got .*Class=score"):
         build_config(PipelineConfig, {"class_conf": bad})
+
+
+def test_one_threshold_clears_the_per_class_entries():
+    cfg = PipelineConfig(conf=0.4, class_conf=("Platelets=0.55",)).one_threshold(0.2)
+    assert cfg.thresholds() == {"RBC": 0.2, "WBC": 0.2, "Platelets": 0.2} and cfg.class_conf == ()

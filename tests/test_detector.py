@@ -172,17 +172,6 @@ def test_interpolation_refuses_other_architectures_and_bad_alpha(tiny_detector, 
         interpolate_detectors(tiny_detector, tiny_detector, 1.5, tmp_path / "out")
 
 
-@pytest.fixture
-def restore_threads():
-    import torch
-
-    before = torch.get_num_threads()
-    yield
-    from smear.pipeline.offline import use_cpu_threads
-
-    use_cpu_threads(before)
-
-
 def test_ultralytics_cpu_device_keeps_the_threads_asked_for(restore_threads):
     """ultralytics drops torch to cores - 1 threads (1 of 2 here) when it picks the CPU; use_cpu_threads holds."""
     import os

@@ -18,7 +18,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-def test_detector_trains_one_epoch_offline_and_writes_a_run_folder(tmp_path, no_network):
+def test_detector_trains_one_epoch_offline_and_writes_a_run_folder(tmp_path, no_network, restore_threads):
     from smear.detector.config import DetectorConfig
     from smear.detector.train import package_detector, train_detector
     from smear.pipeline.config import build_config
@@ -32,14 +32,8 @@ def test_detector_trains_one_epoch_offline_and_writes_a_run_folder(tmp_path, no_
                                         "project": str(tmp_path / "runs"), "name": "tiny", "threads": 3})
     import torch
 
-    before = torch.get_num_threads()
-    try:
-        run = train_detector(cfg)
-        assert torch.get_num_threads() == 3  # ultralytics' trainer and validator did not lower it
-    finally:
-        from smear.pipeline.offline import use_cpu_threads
-
-        use_cpu_threads(before)
+    run = train_detector(cfg)
+    assert torch.get_num_threads() == 3  # ultralytics' trainer and validator did not lower it
     assert (run / "weights" / "last.pt").is_file() and (run / "weights" / "best.pt").is_file()
     card = json.loads((run / "card.json").read_text())
     assert card["classes"] == ["RBC", "WBC", "Platelets"] and card["config"]["imgsz"] == 64
