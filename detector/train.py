@@ -19,7 +19,7 @@ from .config import DetectorConfig
 
 log = logging.getLogger(__name__)
 
-_TRAIN_KEYS = ("imgsz", "epochs", "time", "batch", "workers", "device", "optimizer", "lr0", "cos_lr", "warmup_epochs", "patience", "seed",
+_TRAIN_KEYS = ("imgsz", "epochs", "time", "batch", "nbs", "cache", "workers", "device", "optimizer", "lr0", "cos_lr", "warmup_epochs", "patience", "seed",
                "fliplr", "flipud", "degrees", "scale", "translate", "hsv_h", "hsv_s", "hsv_v", "mosaic", "mixup",
                "close_mosaic", "rect")
 

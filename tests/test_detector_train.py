@@ -29,7 +29,8 @@ def test_detector_trains_one_epoch_offline_and_writes_a_run_folder(tmp_path, no_
     prepare_dataset([voc], tmp_path / "prep", DataConfig(), subtypes_csv=None)
     cfg = build_config(DetectorConfig, {"data": str(tmp_path / "prep" / "yolo" / "data.yaml"), "imgsz": 64,
                                         "epochs": 1, "batch": 2, "workers": 0, "mosaic": 0.0,
-                                        "project": str(tmp_path / "runs"), "name": "tiny", "threads": 3})
+                                        "project": str(tmp_path / "runs"), "name": "tiny", "threads": 3,
+                                        "nbs": 2, "cache": True})
     import torch
 
     run = train_detector(cfg)
@@ -38,6 +39,10 @@ def test_detector_trains_one_epoch_offline_and_writes_a_run_folder(tmp_path, no_
     card = json.loads((run / "card.json").read_text())
     assert card["classes"] == ["RBC", "WBC", "Platelets"] and card["config"]["imgsz"] == 64
     assert "smear_config.yaml" in {p.name for p in run.iterdir()}
+    import yaml
+
+    args = yaml.safe_load((run / "args.yaml").read_text())  # what ultralytics actually trained with
+    assert (args["nbs"], args["cache"], args["batch"]) == (2, True, 2)
     shipped = package_detector(run, tmp_path / "model")
     assert {"weights.pt", "card.json", "card.md"} <= {p.name for p in shipped.iterdir()}
     assert json.loads((shipped / "card.json").read_text())["rbc_median_diameter_px"] > 0
