@@ -58,9 +58,6 @@ def main() -> None:
 
     import json
 
-    import torch
-
-    torch.set_num_threads(args.threads)
     from smear.classifier.morphology import MorphologyConfig, read_chula, resolve_morphology_folder, split_images
     from smear.detector.config import DetectorConfig
     from smear.detector.predict import Detector, drop_edge_fragments
@@ -85,10 +82,10 @@ def main() -> None:
     conf = pipeline.thresholds() if args.conf is None else args.conf  # per class, as smear analyze
     rbc_conf = conf["RBC"] if isinstance(conf, dict) else conf
     edge_min = pipeline.edge_fragment_min if args.edge_fragment_min is None else args.edge_fragment_min
-    probe = Detector(args.weights)
+    probe = Detector(args.weights, threads=args.threads)  # the Detector sets torch's thread count
     tile = args.tile_px or probe.imgsz
-    det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, tile_px=tile,
-                                                    tile_overlap_px=tile // 4))
+    det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, tile_px=tile, tile_overlap_px=tile // 4),
+                   threads=args.threads)
     rbc = GROUPS.index("RBC")
     rows = []
     t0 = time.time()

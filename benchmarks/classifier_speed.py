@@ -71,11 +71,8 @@ def time_cascade(args) -> None:
     root = resolve_path(args.data)
     ids = (root / "ImageSets" / "Main" / "test.txt").read_text().split()
     images = [read_image(root / "JPEGImages" / f"{i}.jpg") for i in ids]
-    boxes = [d.boxes for d in Detector().predict(images)]
-    # before 2026-11-26 ultralytics' device pick left torch on cores - 1 threads here (1 of 2): time on the count asked
-    from smear.pipeline.offline import use_cpu_threads
-
-    use_cpu_threads(args.threads)
+    # the Detector holds args.threads through ultralytics' device pick (which alone leaves cores - 1)
+    boxes = [d.boxes for d in Detector(threads=args.threads).predict(images)]
     model = load_classifier(args.weights)
     seen: dict[str, int] = {}
     real = predict.predict_crops

@@ -19,9 +19,9 @@ from .config import DetectorConfig
 
 log = logging.getLogger(__name__)
 
-_TRAIN_KEYS = ("imgsz", "epochs", "time", "batch", "nbs", "cache", "workers", "device", "optimizer", "lr0", "cos_lr", "warmup_epochs", "patience", "seed",
-               "fliplr", "flipud", "degrees", "scale", "translate", "hsv_h", "hsv_s", "hsv_v", "mosaic", "mixup",
-               "close_mosaic", "rect")
+_TRAIN_KEYS = ("imgsz", "epochs", "time", "batch", "nbs", "cache", "workers", "device", "optimizer", "lr0", "cos_lr",
+               "warmup_epochs", "patience", "seed", "fliplr", "flipud", "degrees", "scale", "translate", "hsv_h",
+               "hsv_s", "hsv_v", "mosaic", "mixup", "close_mosaic", "rect")
 
 
 def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
