@@ -29,9 +29,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed passes (the best is kept)")
     args = ap.parse_args()
 
-    import torch
+    import torch  # the Analyzer's Detector sets torch's thread count from PipelineConfig.threads
 
-    torch.set_num_threads(args.threads)
     from smear.classifier.model import CellClassifier
     from smear.classifier.predict import crops_from_boxes, to_tensor
     from smear.pipeline.analyze import Analyzer

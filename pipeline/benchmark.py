@@ -311,17 +311,18 @@ def operating(cell: Cell, thresholds: Mapping[str, float]) -> bool:
     return float(cell.detector["score"]) >= thresholds.get(cell.detector["label"], 0.0)
 
 
-def detection_rows(image: str, cells: Sequence[Cell], thresholds: Mapping[str, float]) -> list[dict[str, Any]]:
-    """``detections.csv`` rows: every candidate cell of the low-threshold run (tp50 columns filled later)."""
+def detection_rows(image: str, cells: Sequence[Cell], kept: Sequence[bool]) -> list[dict[str, Any]]:
+    """``detections.csv`` rows: every candidate cell of the low-threshold run, ``kept`` saying which the
+    operating thresholds keep (tp50 columns filled later)."""
     out = []
-    for c in cells:
+    for c, keep in zip(cells, kept):
         r: dict[str, Any] = {"image": image}
         r.update({f"pred_{k}": round(float(v), 1) for k, v in zip(BOX_COLUMNS, c.box)})
         r.update({"detector_label": c.detector["label"], "detector_score": _round(c.detector["score"]),
                   "classifier_label": c.classifier.get("label", ""),
                   "classifier_score": _round(c.classifier.get("score")),
                   "final_group": c.group, "final_label": c.label, "score": _round(c.score),
-                  "operating": operating(c, thresholds)})
+                  "operating": keep})
         out.append(r)
     return out
 
@@ -597,11 +598,12 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
             log.warning("%s: %s (image left out of the benchmark)", ai.image_id, res.error)
             image_rows.append({"image": ai.image_id, "error": res.error})
             continue
-        kept = [c for c in res.cells if operating(c, thresholds)]
+        keep = [operating(c, thresholds) for c in res.cells]
+        kept = [c for c, k in zip(res.cells, keep) if k]
         rows = match_image_cells(ai.image_id, [(b.xyxy, b.label) for b in ai.boxes], kept)
         cell_rows.extend(rows)
         image_rows.append(image_row(ai.image_id, rows, cfg))
-        dets = detection_rows(ai.image_id, res.cells, thresholds)
+        dets = detection_rows(ai.image_id, res.cells, keep)
         for mode in MODES:
             tp = per_class_true_positives([ai.image_id] * len(res.cells), [c.box for c in res.cells],
                                           [d[LABEL_COLUMN[mode]] for d in dets], [d[SCORE_COLUMN[mode]] for d in dets],

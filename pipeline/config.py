@@ -19,6 +19,7 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+OPERATING_CONF = 0.4  # the detector score the pipeline keeps; chosen on val (PipelineConfig.conf), shared with DetectorConfig
 
 
 def param(default: Any, help: str, *, range: tuple[float | None, float | None] | None = None,
@@ -202,7 +203,7 @@ class PipelineConfig:
 
     detector_weights: str = param("", "detector .pt or model folder; '' for the shipped default")
     classifier_weights: str = param("", "classifier model folder; '' for the shipped default")
-    conf: float = param(0.4, "minimum detector score kept (classes without a class_conf entry); 0.4 chosen on "
+    conf: float = param(OPERATING_CONF, "minimum detector score kept (classes without a class_conf entry); 0.4 chosen on "
                                       "val for the shipped detector (Chula RBC count error, cells found >= 0.97); "
                                       "0.001 gives the full ranked list for mAP", range=(0.0, 1.0))
     class_conf: tuple[str, ...] = param(("Platelets=0.55",), "per-class minimum detector score as Class=score, "
