@@ -581,6 +581,10 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
         from .analyze import Analyzer
 
         analyzer = Analyzer(cfg.one_threshold(RANKING_CONF))
+    info = getattr(getattr(analyzer, "detector", None), "info", None)  # absent on a stand-in analyzer
+    mismatch = cfg.threshold_mismatch(getattr(info, "card", None) or {})
+    if mismatch:  # the analyzer ran at the ranking threshold; the operating one is this config's
+        log.warning("%s: %s", info.weights, mismatch)
     acfg = getattr(analyzer, "cfg", None)
     ran_at = max(acfg.thresholds().values()) if isinstance(acfg, PipelineConfig) else RANKING_CONF
     if ran_at > 0.01:

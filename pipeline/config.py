@@ -265,3 +265,28 @@ class PipelineConfig:
                                   f"{', '.join(GROUPS)} and score between 0 and 1 (e.g. Platelets=0.55)")
             out[group] = score
         return out
+
+    def threshold_mismatch(self, detector_card: dict) -> str:
+        """Why these thresholds may not suit a detector, or '' when they do.
+
+        A detector card may carry ``operating_thresholds`` (per group, chosen on val for that model). When this
+        config still has the shipped default thresholds and they differ from the card's, the user has most
+        likely switched detectors without its thresholds: the message says which ``--set`` gives them.
+        Thresholds the user set on purpose (any non-default ``conf`` or ``class_conf``) are left alone.
+
+        Example:
+            >>> PipelineConfig().threshold_mismatch({"operating_thresholds": {"Platelets": 0.55}})[:20]
+            'this detector was tu'
+        """
+        tuned = detector_card.get("operating_thresholds") or {}
+        default = PipelineConfig.__dataclass_fields__
+        if not tuned or self.conf != default["conf"].default or self.class_conf != default["class_conf"].default:
+            return ""
+        mine = self.thresholds()
+        differ = {g: float(t) for g, t in tuned.items() if g in mine and abs(mine[g] - float(t)) > 1e-9}
+        if not differ:
+            return ""
+        own = ", ".join(f"{g} {t:g}" for g, t in tuned.items())
+        fix = " ".join(f"--set class_conf={g}={t:g}" for g, t in differ.items())
+        return (f"this detector was tuned at {own}; the pipeline's default thresholds are "
+                f"{', '.join(f'{g} {mine[g]:g}' for g in differ)} (chosen for the shipped detector): add {fix}")

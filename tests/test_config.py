@@ -198,3 +198,34 @@ def test_bad_class_conf_is_a_config_error_naming_the_key(bad):
 def test_one_threshold_clears_the_per_class_entries():
     cfg = PipelineConfig(conf=0.4, class_conf=("Platelets=0.55",)).one_threshold(0.2)
     assert cfg.thresholds() == {"RBC": 0.2, "WBC": 0.2, "Platelets": 0.2} and cfg.class_conf == ()
+
+
+TUNED_055 = {"operating_thresholds": {"RBC": 0.4, "WBC": 0.4, "Platelets": 0.55}}
+
+
+def test_default_thresholds_with_a_detector_tuned_otherwise_say_which_set_fixes_it():
+    msg = PipelineConfig().threshold_mismatch(TUNED_055)
+    assert "Platelets 0.55" in msg and msg.endswith("--set class_conf=Platelets=0.55")
+    fixed = PipelineConfig(class_conf=("Platelets=0.55",))
+    assert fixed.thresholds() == TUNED_055["operating_thresholds"]
+    assert fixed.threshold_mismatch(TUNED_055) == ""  # the suggested setting silences it
+
+
+@pytest.mark.parametrize("cfg, card", [
+    (PipelineConfig(conf=0.3), TUNED_055),  # thresholds set on purpose are the user's choice
+    (PipelineConfig(class_conf=("Platelets=0.7",)), TUNED_055),
+    (PipelineConfig(), {}),  # a user-trained detector without a tuned operating point
+    (PipelineConfig(), {"operating_thresholds": PipelineConfig().thresholds()}),
+])
+def test_no_threshold_warning_when_thresholds_are_chosen_or_match(cfg, card):
+    assert cfg.threshold_mismatch(card) == ""
+
+
+def test_shipped_default_detector_card_carries_the_pipeline_default_thresholds():
+    """The pipeline's default thresholds were chosen for the default detector: its card says the same."""
+    import json
+
+    from smear.detector.model import DEFAULT_MODEL, shipped_models_dir
+
+    card = json.loads((shipped_models_dir() / DEFAULT_MODEL / "card.json").read_text())
+    assert card["operating_thresholds"] == PipelineConfig().thresholds()
