@@ -183,7 +183,8 @@ def draw_overlay(path: Path, bgr: np.ndarray, boxes: np.ndarray, has_point: np.n
             cv2.circle(img, (int(x), int(y)), 2, (255, 0, 0), -1)
         else:
             cv2.drawMarker(img, (int(x), int(y)), (0, 255, 255), cv2.MARKER_CROSS, 8, 2)
-    text = f"boxes {len(boxes)}  without point {int((~has_point).sum())}  points {len(points)}  missed {int((~found).sum())}"
+    text = (f"boxes {len(boxes)}  without point {int((~has_point).sum())}  "
+            f"points {len(points)}  missed {int((~found).sum())}")
     cv2.putText(img, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 3)
     cv2.putText(img, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
     path.parent.mkdir(parents=True, exist_ok=True)

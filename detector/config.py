@@ -45,7 +45,8 @@ class DetectorConfig:
     mixup: float = param(0.0, "probability of mixup augmentation", range=(0.0, 1.0))
     close_mosaic: int = param(5, "final epochs trained without mosaic", range=(0, 1000))
     rect: bool = param(False, "rectangular batches (native 4:3 fields, disables mosaic shuffling)")
-    conf: float = param(OPERATING_CONF, "minimum detection score kept at inference (the pipeline's operating point)", range=(0.0, 1.0))
+    conf: float = param(OPERATING_CONF, "minimum detection score kept at inference (the pipeline's operating point)",
+                        range=(0.0, 1.0))
     iou: float = param(0.5, "NMS IoU threshold at inference", range=(0.05, 1.0))
     max_det: int = param(1000, "maximum detections per image (or tile)", range=(1, 100000))
     tile_px: int = param(640, "tile side at inference; images with a side > 1.5 x this are tiled", range=(128, 100000))

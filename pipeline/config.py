@@ -19,7 +19,8 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
-OPERATING_CONF = 0.4  # the detector score the pipeline keeps; chosen on val (PipelineConfig.conf), shared with DetectorConfig
+# The detector score the pipeline keeps, chosen on val (PipelineConfig.conf); DetectorConfig shares it.
+OPERATING_CONF = 0.4
 
 
 def param(default: Any, help: str, *, range: tuple[float | None, float | None] | None = None,
@@ -203,9 +204,10 @@ class PipelineConfig:
 
     detector_weights: str = param("", "detector .pt or model folder; '' for the shipped default")
     classifier_weights: str = param("", "classifier model folder; '' for the shipped default")
-    conf: float = param(OPERATING_CONF, "minimum detector score kept (classes without a class_conf entry); 0.4 chosen on "
-                                      "val for the shipped detector (Chula RBC count error, cells found >= 0.97); "
-                                      "0.001 gives the full ranked list for mAP", range=(0.0, 1.0))
+    conf: float = param(OPERATING_CONF, "minimum detector score kept (classes without a class_conf entry); "
+                                        "0.4 chosen on val for the shipped detector (Chula RBC count error, "
+                                        "cells found >= 0.97); 0.001 gives the full ranked list for mAP",
+                        range=(0.0, 1.0))
     class_conf: tuple[str, ...] = param(("Platelets=0.45",), "per-class minimum detector score as Class=score, "
                                         "overriding conf for that class; Platelets 0.45 chosen on val for the "
                                         "shipped detector (platelet count error per image; 0.55 for the GPU-trained "
