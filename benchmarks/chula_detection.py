@@ -68,7 +68,7 @@ def main() -> None:
 
     from smear.classifier.morphology import MorphologyConfig, read_chula, resolve_morphology_folder, split_images
     from smear.detector.config import DetectorConfig
-    from smear.detector.predict import Detector, drop_edge_fragments
+    from smear.detector.predict import Detector, at_border, drop_edge_fragments
     from smear.pipeline.config import PipelineConfig
     from smear.pipeline.dataset import GROUPS
     from smear.pipeline.io import read_image
@@ -106,17 +106,18 @@ def main() -> None:
                                     edge_min)
             boxes = d.boxes[d.classes == rbc]
             diam = float(np.median((boxes[:, 2] - boxes[:, 0] + boxes[:, 3] - boxes[:, 1]) / 2)) if len(boxes) else ""
-            inside_box = points_in_boxes([(c.x, c.y) for c in cells], boxes)
+            points = [(c.x, c.y) for c in cells]
+            inside_box = points_in_boxes(points, boxes)
             found = inside_box.any(0)
             # Interior count: RBC boxes clear of the field border against the points not held by a border
             # box alone (a point in no box stays: a missed cell). Chula leaves most border-cut cells unlabelled.
-            h, w = img.shape[:2]
-            clear = ((boxes[:, 0] > BORDER_PX) & (boxes[:, 1] > BORDER_PX)
-                     & (boxes[:, 2] < w - 1 - BORDER_PX) & (boxes[:, 3] < h - 1 - BORDER_PX))
+            # measured from the last pixel row/column (size - 1), as the published interior figures were
+            at_x, at_y = at_border(boxes, (img.shape[1] - 1, img.shape[0] - 1), BORDER_PX)
+            clear = ~at_x & ~at_y
             interior_points = int((inside_box[clear].any(0) | ~found).sum())
             if args.overlays and len(cells) >= DENSE[0] * estimate:
                 draw_overlay(Path(args.overlays) / f"chula_{image_id}_scale{s:g}.png", img, boxes,
-                             inside_box.any(1), [(c.x, c.y) for c in cells], found)
+                             inside_box.any(1), points, found)
             for c, inside in zip(cells, found):
                 rows.append({"image_id": image_id, "scale": s, "x": c.x, "y": c.y, "label": c.label,
                              "found": int(inside), "rbc_boxes": len(boxes), "labelled_cells": len(cells),

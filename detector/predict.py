@@ -40,6 +40,13 @@ class Detections:
         return [GROUPS[int(c)] for c in self.classes]
 
 
+def at_border(boxes: np.ndarray, size: tuple[int, int], edge_px: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Which xyxy boxes touch the field's left/right edge and which its top/bottom edge (within ``edge_px``)."""
+    w, h = size
+    return ((boxes[:, 0] <= edge_px) | (boxes[:, 2] >= w - edge_px),
+            (boxes[:, 1] <= edge_px) | (boxes[:, 3] >= h - edge_px))
+
+
 def drop_edge_fragments(det: Detections, size: tuple[int, int], min_visible: float,
                         groups: Sequence[str] = ("RBC",), edge_px: float = 1.0) -> Detections:
     """Drop boxes cut by the field border with less than ``min_visible`` of a typical cell inside.
@@ -54,11 +61,9 @@ def drop_edge_fragments(det: Detections, size: tuple[int, int], min_visible: flo
     """
     if min_visible <= 0 or not len(det):
         return det
-    w, h = size
     b = det.boxes
     bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-    at_x = (b[:, 0] <= edge_px) | (b[:, 2] >= w - edge_px)
-    at_y = (b[:, 1] <= edge_px) | (b[:, 3] >= h - edge_px)
+    at_x, at_y = at_border(b, size, edge_px)
     drop = np.zeros(len(b), bool)
     for g in groups:
         of = det.classes == GROUPS.index(g)
