@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
 
-from smear.pipeline.dataset import GROUPS
+from smear.pipeline.dataset import GROUPS, INCOMPLETE_LABELS
 from smear.pipeline.errors import SmearError
 from smear.pipeline.offline import ensure_offline
 from smear.pipeline.paths import resolve_path
@@ -20,7 +21,12 @@ log = logging.getLogger(__name__)
 def evaluate_detector(weights: str | Path | None = None, split: str = "test", data: str | Path | None = None,
                       output: Path | None = None, imgsz: int | None = None, device: str = "cpu",
                       conf: float = 0.001, iou: float = 0.7) -> dict:
-    """Score a detector with ultralytics' validator; writes metrics.json, confusion matrix and PR curves."""
+    """Score a detector with ultralytics' validator; writes metrics.json, confusion matrix and PR curves.
+
+    Where the prepared set lists images known to lack a box of some class (``incomplete_labels.csv``,
+    written by 'smear data prepare'), the metrics are given twice: as the labels stand (the official
+    figure) and under ``audited``, with that class's detections in those images ignored.
+    """
     ensure_offline()
     from ultralytics import YOLO
 
@@ -35,24 +41,72 @@ def evaluate_detector(weights: str | Path | None = None, split: str = "test", da
     size = imgsz or info.imgsz
     res = model.val(data=str(data_yaml), split=split, imgsz=size, batch=8, conf=conf, iou=iou, device=device,
                     plots=True, project=str(out.parent), name=out.name, exist_ok=True, verbose=False)
-    box = res.box
-    names = res.names
-    per_class = {}
-    for i, c in enumerate(box.ap_class_index):
-        name = names[int(c)]
-        per_class[name] = {"AP50": round(float(box.ap50[i]), 4), "AP50_95": round(float(box.ap[i]), 4),
-                           "precision": round(float(box.p[i]), 4), "recall": round(float(box.r[i]), 4)}
     metrics = {
         "split": split, "weights": str(info.weights), "imgsz": size, "images": _count_images(data_yaml, split),
-        "mAP50": round(float(box.map50), 4), "mAP50_95": round(float(box.map), 4),
-        "precision": round(float(box.mp), 4), "recall": round(float(box.mr), 4), "per_class": per_class,
+        **_box_metrics(res),
         # ultralytics' matrix: rows are predictions, columns ground truth, at the validation conf.
         "confusion_matrix": {"labels": list(GROUPS) + ["background"], "rows": "predicted", "columns": "true",
                              "conf": conf, "matrix": res.confusion_matrix.matrix.astype(int).tolist()},
         "plots": str(out),
     }
+    ignore = read_incomplete_labels(data_yaml, split)
+    if ignore:
+        audited = model.val(data=str(data_yaml), split=split, imgsz=size, batch=8, conf=conf, iou=iou,
+                            device=device, plots=False, project=str(out.parent), name=out.name, exist_ok=True,
+                            verbose=False, validator=ignoring_validator(ignore))
+        metrics["audited"] = {
+            "ignored": {stem: sorted(GROUPS[c] for c in cls) for stem, cls in sorted(ignore.items())},
+            "source": str(data_yaml.parent / INCOMPLETE_LABELS), **_box_metrics(audited),
+        }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _box_metrics(res) -> dict:
+    box = res.box
+    per_class = {}
+    for i, c in enumerate(box.ap_class_index):
+        per_class[res.names[int(c)]] = {"AP50": round(float(box.ap50[i]), 4), "AP50_95": round(float(box.ap[i]), 4),
+                                        "precision": round(float(box.p[i]), 4), "recall": round(float(box.r[i]), 4)}
+    return {"mAP50": round(float(box.map50), 4), "mAP50_95": round(float(box.map), 4),
+            "precision": round(float(box.mp), 4), "recall": round(float(box.mr), 4), "per_class": per_class}
+
+
+def read_incomplete_labels(data_yaml: Path, split: str) -> dict[str, set[int]]:
+    """Image stem -> class indices whose boxes that image is known to lack, for one split."""
+    path = Path(data_yaml).parent / INCOMPLETE_LABELS
+    if not path.is_file():
+        return {}
+    out: dict[str, set[int]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("split") != split:
+                continue
+            if row.get("class") not in GROUPS:
+                raise SmearError(f"{path}: unknown class {row.get('class')!r}; expected one of {', '.join(GROUPS)}")
+            out.setdefault(row["image"], set()).add(GROUPS.index(row["class"]))
+    return out
+
+
+def ignoring_validator(ignore: dict[str, set[int]]):
+    """ultralytics' detection validator, with the listed classes' detections dropped in the listed images.
+
+    Only for classes an image has no box of: those detections are then neither true nor false
+    positives, as with VOC's 'difficult' objects; everything else is scored unchanged.
+    """
+    import torch
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    class IgnoringValidator(DetectionValidator):
+        def update_metrics(self, preds, batch):
+            for si, pred in enumerate(preds):
+                drop = ignore.get(Path(batch["im_file"][si]).stem)
+                if drop and pred["cls"].numel():
+                    keep = ~torch.isin(pred["cls"].long(), torch.tensor(sorted(drop), device=pred["cls"].device))
+                    preds[si] = {k: v[keep] for k, v in pred.items()}
+            super().update_metrics(preds, batch)
+
+    return IgnoringValidator
 
 
 def _count_images(data_yaml: Path, split: str) -> int:

@@ -35,7 +35,7 @@ import numpy as np
 
 from .config import PipelineConfig
 from .dataset import (GROUPS, SUBTYPES, AnnotatedImage, DataConfig, assign_splits, assign_subtypes,
-                      audit_image, group_of, read_source, read_subtypes)
+                      audit_image, group_of, missing_wbc_box, read_source, read_subtypes)
 from .errors import SmearError
 from .indicators import compute_flags
 from .paths import git_commit, resolve_path
@@ -279,9 +279,14 @@ def _decisive_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) 
 COUNT_CLASSES = (*GROUPS, *SUBTYPES)
 
 
-def image_row(image: str, rows: Sequence[dict], cfg: PipelineConfig, error: str = "") -> dict[str, Any]:
-    """``images.csv`` row of one image, built from its ``cells.csv`` rows."""
-    out: dict[str, Any] = {"image": image, "error": error}
+def image_row(image: str, rows: Sequence[dict], cfg: PipelineConfig, error: str = "",
+              missing: Sequence[str] = ()) -> dict[str, Any]:
+    """``images.csv`` row of one image, built from its ``cells.csv`` rows.
+
+    ``missing``: groups the audit found on the image without a box (``labels_missing``); the
+    audited count errors leave the image out for those groups.
+    """
+    out: dict[str, Any] = {"image": image, "error": error, "labels_missing": ";".join(missing)}
     counts = {m: count_cells(_row_cells(rows, m)) for m in ("true", "detector", "pipeline")}
     for c in COUNT_CLASSES:
         out[f"n_true_{c}"] = counts["true"][c]
@@ -401,7 +406,8 @@ def image_metrics(images, mode: str) -> dict[str, Any]:
     """Count errors and flag agreement from ``images.csv`` rows (a DataFrame) for ``detector`` or ``pipeline``."""
     ok = images[images["error"] == ""]
     classes = list(GROUPS) + (list(SUBTYPES) if mode == "pipeline" else [])
-    mae, rel, bias, n = {}, {}, {}, {}
+    missing = ok["labels_missing"].astype(str) if "labels_missing" in ok else None
+    mae, rel, bias, n, audited = {}, {}, {}, {}, {}
     for c in classes:
         sel = ok[ok["true_subtypes_known"].astype(bool)] if c in SUBTYPES else ok
         err = sel[f"abs_err_{mode}_{c}"].astype(float)
@@ -410,8 +416,16 @@ def image_metrics(images, mode: str) -> dict[str, Any]:
         rel[c] = _ratio(float(err.sum()), float(sel[f"n_true_{c}"].sum()))
         bias[c] = _mean(diff)
         n[c] = len(sel)
-    return {"n_images": len(ok), "count_MAE": mae, "count_rel_err": rel, "count_bias": bias, "n_images_per_class": n,
-            "flag_agreement": _mean(ok[f"flags_agree_{mode}"].astype(bool).astype(float))}
+        if c in GROUPS and missing is not None:
+            unboxed = missing[sel.index].str.split(";").map(lambda groups, c=c: c in groups)
+            if unboxed.any():
+                audited[c] = {"count_MAE": _mean(err[~unboxed]), "n_images": int((~unboxed).sum()),
+                              "left_out": sorted(sel.loc[unboxed, "image"])}
+    out = {"n_images": len(ok), "count_MAE": mae, "count_rel_err": rel, "count_bias": bias, "n_images_per_class": n,
+           "flag_agreement": _mean(ok[f"flags_agree_{mode}"].astype(bool).astype(float))}
+    if audited:  # images whose class the audit found unboxed, left out of that class's count error
+        out["audited"] = audited
+    return out
 
 
 def set_flags(images, cfg: PipelineConfig) -> dict[str, Any]:
@@ -478,7 +492,7 @@ def read_tables(output: Path):
 
     text = ("image", "true_group", "true_subtype", "detector_label", "classifier_label", "final_group",
             "final_label", "outcome", "subtype_outcome", "error", "flags_true", "flags_detector", "flags_pipeline",
-            "flags_all_true", "flags_all_detector", "flags_all_pipeline")
+            "flags_all_true", "flags_all_detector", "flags_all_pipeline", "labels_missing")
     return load("cells.csv", text), load("detections.csv", text), load("images.csv", text)
 
 
@@ -523,6 +537,8 @@ def load_ground_truth(data: Path | None, split: str,
         audit_image(ai, cfg)
         if subtypes:
             assign_subtypes(ai, subtypes)
+            if missing_wbc_box(ai, subtypes):
+                ai.missing.append("WBC")
     return source, images
 
 
@@ -606,7 +622,7 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
         kept = [c for c, k in zip(res.cells, keep) if k]
         rows = match_image_cells(ai.image_id, [(b.xyxy, b.label) for b in ai.boxes], kept)
         cell_rows.extend(rows)
-        image_rows.append(image_row(ai.image_id, rows, cfg))
+        image_rows.append(image_row(ai.image_id, rows, cfg, missing=ai.missing))
         dets = detection_rows(ai.image_id, res.cells, keep)
         for mode in MODES:
             tp = per_class_true_positives([ai.image_id] * len(res.cells), [c.box for c in res.cells],
@@ -721,6 +737,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"{', '.join(sf['true']['flags']) or 'none'}; detector {', '.join(sf['detector']['flags']) or 'none'}; "
                   f"pipeline {', '.join(sf['pipeline']['flags']) or 'none'}.",
               "", "Subtype count errors use only images where every true WBC has a known subtype.", ""]
+    for g, a in ipl.get("audited", {}).items():
+        lines[-1:] = [f"Audited labels: {len(a['left_out'])} image(s) show a {g} that has no box (the data audit, "
+                      f"'{g} box missing'); without them the {g} count MAE is detector "
+                      f"{_fmt(idt.get('audited', {}).get(g, {}).get('count_MAE'))}, pipeline {_fmt(a['count_MAE'])} "
+                      f"({a['n_images']} images). Left out: {', '.join(a['left_out'])}.", ""]
     return "\n".join(lines)
 
 
@@ -736,6 +757,9 @@ def summary_text(s: dict[str, Any], output: Path) -> str:
              f"  mAP50-95  detector {_fmt(cd['mAP50_95'])}  pipeline {_fmt(cp['mAP50_95'])}",
              f"  F1        detector {_fmt(cd['F1'])}  pipeline {_fmt(cp['F1'])}",
              "  count MAE per image (pipeline): " + ", ".join(f"{g} {_fmt(mae[g])}" for g in GROUPS),
+             *(f"  count MAE {g}, audited labels: {_fmt(a['count_MAE'])} ({len(a['left_out'])} image(s) whose "
+               f"{g} has no box left out: {', '.join(a['left_out'])})"
+               for g, a in s["image"]["pipeline"].get("audited", {}).items()),
              f"  flag agreement per image: pipeline {_fmt(s['image']['pipeline']['flag_agreement'])}",
              "  outcomes: " + ", ".join(f"{k} {v}" for k, v in att["outcomes"].items()),
              f"  classifier net effect: {att['classifier_net_effect']:+d} cells"]

@@ -334,6 +334,34 @@ def test_run_benchmark_operates_at_each_class_threshold(tmp_path):
     assert "operating conf 0.25 (Platelets 0.6)" in (out / "summary.md").read_text()
 
 
+def test_run_benchmark_audited_counts_leave_out_an_unboxed_wbc(tmp_path):
+    """A WBC the subtype table names but no box holds: the official count error has it, the audited one not."""
+    import re
+
+    voc = write_voc(tmp_path / "voc", n_images=12)
+    subtypes = tmp_path / "wbc_subtypes.csv"
+    subtypes.write_text(",Image,Category\n,9,NEUTROPHIL\n,10,LYMPHOCYTE\n")
+    data_cfg = DataConfig(subtypes_csv=str(subtypes))
+    _, truth = load_ground_truth(voc, "test", data_cfg)
+    analyzer = FakeAnalyzer(truth)  # still finds image 10's WBC
+    xml = voc / "Annotations" / "BloodImage_00010.xml"
+    xml.write_text(re.sub(r"<object><name>WBC</name>.*?</object>", "", xml.read_text()))
+    assert [a.missing for a in load_ground_truth(voc, "test", data_cfg)[1]] == [[], ["WBC"], []]
+    out = tmp_path / "bench"
+    text = run_benchmark(voc, "test", out, analyzer=analyzer, cfg=PipelineConfig(conf=0.25, class_conf=()),
+                         data_cfg=data_cfg)
+    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+    assert images.loc["BloodImage_00010", "labels_missing"] == "WBC"
+    assert images.loc["BloodImage_00010", "abs_err_pipeline_WBC"] >= 1
+    s = json.loads((out / "summary.json").read_text())["image"]["pipeline"]
+    err = images["abs_err_pipeline_WBC"]
+    assert s["count_MAE"]["WBC"] == pytest.approx(err.mean(), abs=1e-4)
+    assert s["audited"]["WBC"] == {"count_MAE": pytest.approx(err.drop("BloodImage_00010").mean(), abs=1e-4), "n_images": 2,
+                                   "left_out": ["BloodImage_00010"]}
+    assert set(s["audited"]) == {"WBC"}
+    assert "WBC, audited labels" in text and "BloodImage_00010" in (out / "summary.md").read_text()
+
+
 def test_run_benchmark_failed_image_left_out(tmp_path):
     voc = write_voc(tmp_path / "voc", n_images=4)
     data_cfg = DataConfig(subtypes_csv="")

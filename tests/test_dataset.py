@@ -123,6 +123,27 @@ def test_image_without_wbc_noted_and_kept(defects):
     assert (defects["out"] / "yolo" / "labels" / "train" / "BloodImage_00003.txt").is_file()
 
 
+def test_wbc_named_by_the_subtype_table_but_unboxed_is_listed_as_incomplete(tmp_path):
+    from smear.detector.evaluate import read_incomplete_labels
+
+    voc = write_voc(tmp_path / "voc", n_images=4)  # train 0, 1; val 2; test 3
+    for i in (1, 2, 3):
+        _drop_objects(voc / "Annotations" / f"BloodImage_{i:05d}.xml", "WBC")
+    # 0 keeps its box; 1 and 3 lost theirs though the table names one; 2 has neither box nor name
+    subtypes = _write_subtypes(tmp_path / "wbc_subtypes.csv", {0: "NEUTROPHIL", 1: "BASOPHIL", 3: "EOSINOPHIL"})
+    prepare_dataset([voc], tmp_path / "out", DataConfig(), subtypes_csv=subtypes)
+    rows = _read_csv(tmp_path / "out" / "yolo" / "incomplete_labels.csv")
+    assert [(r["image"], r["split"], r["class"]) for r in rows] == [("BloodImage_00001", "train", "WBC"),
+                                                                  ("BloodImage_00003", "test", "WBC")]
+    assert "Basophil" in rows[0]["reason"]
+    audit = _read_csv(tmp_path / "out" / "audit.csv")
+    assert sorted(r["image_id"] for r in audit if r["reason"].startswith("WBC box missing")) == \
+        ["BloodImage_00001", "BloodImage_00003"]
+    data_yaml = tmp_path / "out" / "yolo" / "data.yaml"
+    assert read_incomplete_labels(data_yaml, "test") == {"BloodImage_00003": {GROUPS.index("WBC")}}
+    assert read_incomplete_labels(data_yaml, "val") == {}
+
+
 def test_subtype_labels_assigned_only_when_unambiguous(defects):
     wbc_labels = {}
     for r in defects["manifest"]:

@@ -74,3 +74,46 @@ def test_readme_command_runs_as_a_subprocess(tmp_path):
     for name in ("results.jsonl", "summary.csv", "report.html"):
         assert (tmp_path / name).is_file()
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 1
+
+
+def test_audited_evaluation_ignores_only_the_listed_class_in_the_listed_image(tmp_path):
+    """A WBC whose box is missing from the labels counts against the official AP, not the audited one."""
+    import shutil
+
+    import yaml
+
+    from smear.detector.evaluate import evaluate_detector
+    from smear.detector.model import find_detector
+    from smear.pipeline.offline import ensure_offline
+
+    ensure_offline()
+    from ultralytics import YOLO
+
+    model = YOLO(str(find_detector(None).weights), task="detect")
+    yolo = tmp_path / "yolo"
+    (yolo / "images" / "test").mkdir(parents=True)
+    (yolo / "labels" / "test").mkdir(parents=True)
+    wbc_seen = 0
+    for name in ("BloodImage_00007.jpg", "BloodImage_00021.jpg"):
+        shutil.copy(SAMPLES / name, yolo / "images" / "test" / name)
+        r = model.predict(str(SAMPLES / name), conf=0.5, verbose=False)[0]
+        lines = []
+        for c, xywhn in zip(r.boxes.cls.tolist(), r.boxes.xywhn.tolist()):
+            if name == "BloodImage_00021.jpg" and int(c) == 1:
+                wbc_seen += 1
+                continue  # the labeller missed this image's WBC
+            lines.append(" ".join([str(int(c))] + [f"{v:.6f}" for v in xywhn]))
+        (yolo / "labels" / "test" / name.replace(".jpg", ".txt")).write_text("\n".join(lines) + "\n")
+    assert wbc_seen == 1
+    (yolo / "data.yaml").write_text(yaml.safe_dump({"path": str(yolo), "train": "images/test", "val": "images/test",
+                                                    "test": "images/test", "names": {0: "RBC", 1: "WBC", 2: "Platelets"}}))
+    (yolo / "incomplete_labels.csv").write_text("image,split,class,reason\nBloodImage_00021,test,WBC,missed\n")
+    m = evaluate_detector(None, split="test", data=yolo / "data.yaml", output=tmp_path / "eval")
+    a = m["audited"]
+    assert a["ignored"] == {"BloodImage_00021": ["WBC"]}
+    assert m["per_class"]["WBC"]["precision"] < 0.75 < a["per_class"]["WBC"]["precision"]
+    assert m["per_class"]["WBC"]["AP50"] < a["per_class"]["WBC"]["AP50"]
+    for c in ("RBC", "Platelets"):  # their AP is untouched (ultralytics reads P and R at one shared confidence)
+        assert (a["per_class"][c]["AP50"], a["per_class"][c]["AP50_95"]) == \
+            (m["per_class"][c]["AP50"], m["per_class"][c]["AP50_95"])
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["audited"] == a
