@@ -39,6 +39,8 @@ def render_card_md(card: dict, title: str) -> str:
     if card.get("split"):
         lines += ["## Split", "", str(card["split"]), ""]
     for key, heading in (("val_metrics", "Validation metrics"), ("test_metrics", "Test metrics (official test split)"),
+                         ("test_metrics_audited", "Test metrics on audited labels (official test split, "
+                                                  "detections of a class ignored where the audit found its box missing)"),
                          ("count_mae_test", "Count error per image (official test split)"),
                          ("chula_val", "Chula RBC-12 counting (val)"), ("chula_test", "Chula RBC-12 counting (test)")):
         if card.get(key):
