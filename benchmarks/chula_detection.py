@@ -86,11 +86,11 @@ def main() -> None:
         split_source = "MorphologyConfig defaults"
     test_ids = [i for i in test_ids if i in data][: args.images or None]
 
-    pipeline = PipelineConfig()  # the operating point the pipeline counts with
+    probe = Detector(args.weights, threads=args.threads)  # the Detector sets torch's thread count
+    pipeline = PipelineConfig().for_detector(probe.info.card)  # the operating point the pipeline counts with
     conf = pipeline.thresholds() if args.conf is None else args.conf  # per class, as smear analyze
     rbc_conf = conf["RBC"] if isinstance(conf, dict) else conf
     edge_min = pipeline.edge_fragment_min if args.edge_fragment_min is None else args.edge_fragment_min
-    probe = Detector(args.weights, threads=args.threads)  # the Detector sets torch's thread count
     tile = args.tile_px or probe.imgsz
     det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, tile_px=tile, tile_overlap_px=tile // 4),
                    threads=args.threads)

@@ -57,9 +57,7 @@ class Analyzer:
         # the thread count is process-wide: the detector sets it for the classifier too
         self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device, threads=self.cfg.threads)
         self.detector.cfg = dataclasses.replace(self.detector.cfg, conf=self.cfg.conf, iou=self.cfg.iou)
-        mismatch = self.cfg.threshold_mismatch(self.detector.info.card)
-        if mismatch:
-            log.warning("%s: %s", self.detector.info.weights, mismatch)
+        self.cfg = self.cfg.for_detector(self.detector.info.card)  # class_conf 'detector': the card's thresholds
         self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device)
         self._group_index = {g: [i for i, c in enumerate(self.classifier.classes) if group_of(c) == g] for g in GROUPS}
         self.morphology = None

@@ -590,7 +590,6 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
         >>> print(run_benchmark(None, "test", Path("runs/benchmark/bccd-test")))
     """
     cfg = cfg or PipelineConfig()
-    thresholds = cfg.thresholds()
     output = Path(output)
     source, truth = load_ground_truth(data, split, data_cfg)
     if analyzer is None:
@@ -598,9 +597,8 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
 
         analyzer = Analyzer(cfg.one_threshold(RANKING_CONF))
     info = getattr(getattr(analyzer, "detector", None), "info", None)  # absent on a stand-in analyzer
-    mismatch = cfg.threshold_mismatch(getattr(info, "card", None) or {})
-    if mismatch:  # the analyzer ran at the ranking threshold; the operating one is this config's
-        log.warning("%s: %s", info.weights, mismatch)
+    cfg = cfg.for_detector(getattr(info, "card", None))  # the analyzer ranks; these thresholds operate
+    thresholds = cfg.thresholds()
     acfg = getattr(analyzer, "cfg", None)
     ran_at = max(acfg.thresholds().values()) if isinstance(acfg, PipelineConfig) else RANKING_CONF
     if ran_at > 0.01:

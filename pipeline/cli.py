@@ -59,10 +59,12 @@ def _load(cls, config: Optional[Path], overrides: List[str], extra: dict | None 
 
 
 def _one_threshold(conf: Optional[float], overrides: List[str]) -> Optional[tuple]:
-    """An explicit --conf is one threshold for every class: clear class_conf unless --set names it too."""
+    """An explicit --conf (or --set conf=...) is one threshold for every class: clear class_conf unless
+    --set names it too."""
     from .config import parse_overrides
 
-    if conf is None or "class_conf" in {k.replace("-", "_") for k in parse_overrides(overrides)}:
+    keys = {k.replace("-", "_") for k in parse_overrides(overrides)}
+    if (conf is None and "conf" not in keys) or "class_conf" in keys:
         return None
     return ()
 
@@ -453,7 +455,8 @@ def benchmark(
     from .benchmark import run_benchmark
     from .config import PipelineConfig
 
-    summary = run_benchmark(data, split, output, cfg=_load(PipelineConfig, config, overrides))
+    cfg = _load(PipelineConfig, config, overrides, {"class_conf": _one_threshold(None, overrides)})
+    summary = run_benchmark(data, split, output, cfg=cfg)
     typer.echo(summary)
 
 

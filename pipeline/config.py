@@ -21,6 +21,7 @@ from .errors import ConfigError
 T = TypeVar("T")
 # The detector score the pipeline keeps, chosen on val (PipelineConfig.conf); DetectorConfig shares it.
 OPERATING_CONF = 0.4
+FROM_DETECTOR = "detector"  # class_conf entry: the operating thresholds of the detector's card
 
 
 def param(default: Any, help: str, *, range: tuple[float | None, float | None] | None = None,
@@ -204,14 +205,15 @@ class PipelineConfig:
 
     detector_weights: str = param("", "detector .pt or model folder; '' for the shipped default")
     classifier_weights: str = param("", "classifier model folder; '' for the shipped default")
-    conf: float = param(OPERATING_CONF, "minimum detector score kept (classes without a class_conf entry); "
-                                        "0.4 chosen on val for the shipped detector (Chula RBC count error, "
-                                        "cells found >= 0.97); 0.001 gives the full ranked list for mAP",
+    conf: float = param(OPERATING_CONF, "minimum detector score kept for classes class_conf gives no threshold; "
+                                        "0.001 gives the full ranked list for mAP (an explicit --conf, or --set conf "
+                                        "without class_conf, is one threshold for every class)",
                         range=(0.0, 1.0))
-    class_conf: tuple[str, ...] = param(("Platelets=0.45",), "per-class minimum detector score as Class=score, "
-                                        "overriding conf for that class; Platelets 0.45 chosen on val for the "
-                                        "shipped detector (platelet count error per image; 0.55 for the GPU-trained "
-                                        "bccd-chula-yolov8n); [] uses conf for all")
+    class_conf: tuple[str, ...] = param((FROM_DETECTOR,), "per-class minimum detector score: 'detector' takes the "
+                                        "operating thresholds recorded in the detector's card (chosen on val for "
+                                        "that model; shipped default: RBC and WBC 0.4, Platelets 0.45; GPU-trained "
+                                        "bccd-chula-yolov8n: Platelets 0.55), Class=score sets one class, later "
+                                        "entries win; [] uses conf for all")
     iou: float = param(0.5, "detector NMS IoU", range=(0.05, 1.0))
     edge_fragment_min: float = param(0.5, "an RBC cut by the field border is counted only when this fraction of a "
                                           "typical RBC's diameter lies inside (0.5: the field holding its centre "
@@ -245,17 +247,27 @@ class PipelineConfig:
         """This config with ``conf`` for every class (``class_conf`` cleared), e.g. for a full ranked list."""
         return dataclasses.replace(self, conf=conf, class_conf=())
 
-    def thresholds(self) -> dict[str, float]:
-        """Minimum detector score per group: ``conf``, or the group's ``class_conf`` entry.
+    def thresholds(self, detector_card: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Minimum detector score per group: ``conf``, then the ``class_conf`` entries in order.
+
+        The ``detector`` entry gives the ``operating_thresholds`` of ``detector_card`` (a model card's
+        per-group thresholds, chosen on val for that model); without a card, or a card without them, it
+        gives nothing and ``conf`` stands.
 
         Example:
             >>> PipelineConfig(conf=0.4, class_conf=("Platelets=0.55",)).thresholds()
+            {'RBC': 0.4, 'WBC': 0.4, 'Platelets': 0.55}
+            >>> PipelineConfig().thresholds({"operating_thresholds": {"Platelets": 0.55}})
             {'RBC': 0.4, 'WBC': 0.4, 'Platelets': 0.55}
         """
         from .dataset import GROUPS, _canonical_label
 
         out = {g: self.conf for g in GROUPS}
         for item in self.class_conf:
+            if str(item).strip().lower() == FROM_DETECTOR:
+                tuned = (detector_card or {}).get("operating_thresholds") or {}
+                out.update({g: float(t) for g, t in tuned.items() if g in out})
+                continue
             name, sep, value = str(item).replace(":", "=", 1).partition("=")
             group = _canonical_label(name) if sep else ""
             try:
@@ -263,32 +275,23 @@ class PipelineConfig:
             except ValueError:
                 score = float("nan")
             if group not in GROUPS or not 0.0 <= score <= 1.0:
-                raise ConfigError(f"PipelineConfig.class_conf: got {item!r}; expected Class=score with Class one of "
-                                  f"{', '.join(GROUPS)} and score between 0 and 1 (e.g. Platelets=0.55)")
+                raise ConfigError(f"PipelineConfig.class_conf: got {item!r}; expected '{FROM_DETECTOR}' or "
+                                  f"Class=score with Class one of {', '.join(GROUPS)} and score between 0 and 1 "
+                                  "(e.g. Platelets=0.55)")
             out[group] = score
         return out
 
-    def threshold_mismatch(self, detector_card: dict) -> str:
-        """Why these thresholds may not suit a detector, or '' when they do.
+    def for_detector(self, detector_card: Mapping[str, Any] | None) -> "PipelineConfig":
+        """This config with the ``detector`` entry of ``class_conf`` replaced by that detector's thresholds.
 
-        A detector card may carry ``operating_thresholds`` (per group, chosen on val for that model). When this
-        config still has the shipped default thresholds and they differ from the card's, the user has most
-        likely switched detectors without its thresholds: the message says which ``--set`` gives them.
-        Thresholds the user set on purpose (any non-default ``conf`` or ``class_conf``) are left alone.
+        The result names every threshold explicitly, so what a run records is what it counted with.
 
         Example:
-            >>> PipelineConfig().threshold_mismatch({"operating_thresholds": {"Platelets": 0.55}})[:20]
-            'this detector was tu'
+            >>> PipelineConfig().for_detector({"operating_thresholds": {"Platelets": 0.55}}).class_conf
+            ('Platelets=0.55',)
         """
-        tuned = detector_card.get("operating_thresholds") or {}
-        default = PipelineConfig.__dataclass_fields__
-        if not tuned or self.conf != default["conf"].default or self.class_conf != default["class_conf"].default:
-            return ""
-        mine = self.thresholds()
-        differ = {g: float(t) for g, t in tuned.items() if g in mine and abs(mine[g] - float(t)) > 1e-9}
-        if not differ:
-            return ""
-        own = ", ".join(f"{g} {t:g}" for g, t in tuned.items())
-        fix = " ".join(f"--set class_conf={g}={t:g}" for g, t in differ.items())
-        return (f"this detector was tuned at {own}; the pipeline's default thresholds are "
-                f"{', '.join(f'{g} {mine[g]:g}' for g in differ)} (chosen for the shipped detector): add {fix}")
+        if not any(str(i).strip().lower() == FROM_DETECTOR for i in self.class_conf):
+            return self
+        own = self.thresholds(detector_card)
+        return dataclasses.replace(self, class_conf=tuple(f"{g}={t:g}" for g, t in own.items() if t != self.conf))
+

@@ -149,7 +149,10 @@ def analyzer_thresholds(monkeypatch) -> dict:
 
     class Capture:
         def __init__(self, cfg):
-            seen["thresholds"] = cfg.thresholds()
+            from smear.detector.model import find_detector
+
+            # as Analyzer does: class_conf 'detector' resolves against the chosen detector's card
+            seen["thresholds"] = cfg.for_detector(find_detector(cfg.detector_weights or None).card).thresholds()
             raise AnalyzerBuilt
 
     monkeypatch.setattr(analyze_mod, "Analyzer", Capture)

@@ -202,6 +202,11 @@ def test_cli_import_does_not_load_torch():
     ([], {"RBC": 0.4, "WBC": 0.4, "Platelets": 0.45}),  # the shipped operating point
     (["--conf", "0.3"], {"RBC": 0.3, "WBC": 0.3, "Platelets": 0.3}),  # --conf alone: one threshold for all
     (["--conf", "0.3", "--set", "class_conf=Platelets=0.7"], {"RBC": 0.3, "WBC": 0.3, "Platelets": 0.7}),
+    (["--set", "conf=0.3"], {"RBC": 0.3, "WBC": 0.3, "Platelets": 0.3}),  # as --conf
+    # another detector brings its own operating point, from its card
+    (["--set", "detector_weights=detector/models/bccd-chula-yolov8n"], {"RBC": 0.4, "WBC": 0.4, "Platelets": 0.55}),
+    (["--set", "detector_weights=detector/models/bccd-chula-yolov8n", "--set", "class_conf=[detector,RBC=0.3]"],
+     {"RBC": 0.3, "WBC": 0.4, "Platelets": 0.55}),
 ])
 def test_analyze_conf_option_and_class_thresholds(tmp_path, analyzer_thresholds, extra, expected):
     r = invoke("analyze", _write_field(tmp_path / "f.png", 1), *extra)

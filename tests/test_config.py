@@ -203,29 +203,34 @@ def test_one_threshold_clears_the_per_class_entries():
 TUNED_055 = {"operating_thresholds": {"RBC": 0.4, "WBC": 0.4, "Platelets": 0.55}}
 
 
-def test_default_thresholds_with_a_detector_tuned_otherwise_say_which_set_fixes_it():
-    msg = PipelineConfig().threshold_mismatch(TUNED_055)
-    assert "Platelets 0.55" in msg and msg.endswith("--set class_conf=Platelets=0.55")
-    fixed = PipelineConfig(class_conf=("Platelets=0.55",))
-    assert fixed.thresholds() == TUNED_055["operating_thresholds"]
-    assert fixed.threshold_mismatch(TUNED_055) == ""  # the suggested setting silences it
+def test_default_thresholds_come_from_the_detector_card():
+    cfg = PipelineConfig()
+    assert cfg.thresholds(TUNED_055) == TUNED_055["operating_thresholds"]
+    resolved = cfg.for_detector(TUNED_055)
+    assert resolved.class_conf == ("Platelets=0.55",) and resolved.thresholds() == TUNED_055["operating_thresholds"]
+    assert resolved.for_detector({"operating_thresholds": {"Platelets": 0.9}}) == resolved  # resolved once
 
 
-@pytest.mark.parametrize("cfg, card", [
-    (PipelineConfig(conf=0.3), TUNED_055),  # thresholds set on purpose are the user's choice
-    (PipelineConfig(class_conf=("Platelets=0.7",)), TUNED_055),
-    (PipelineConfig(), {}),  # a user-trained detector without a tuned operating point
-    (PipelineConfig(), {"operating_thresholds": PipelineConfig().thresholds()}),
+@pytest.mark.parametrize("cfg, card, expected", [
+    (PipelineConfig(), {}, (0.4, 0.4, 0.4)),  # a user-trained detector without a tuned operating point: conf
+    (PipelineConfig(conf=0.3), {}, (0.3, 0.3, 0.3)),
+    (PipelineConfig(class_conf=("Platelets=0.7",)), TUNED_055, (0.4, 0.4, 0.7)),  # set on purpose: the card is unused
+    (PipelineConfig(class_conf=("detector", "RBC=0.2")), TUNED_055, (0.2, 0.4, 0.55)),  # later entries win
+    (PipelineConfig(class_conf=("RBC=0.2", "detector")), TUNED_055, (0.4, 0.4, 0.55)),
+    (PipelineConfig(conf=0.3, class_conf=()), TUNED_055, (0.3, 0.3, 0.3)),  # --conf: one threshold for all
 ])
-def test_no_threshold_warning_when_thresholds_are_chosen_or_match(cfg, card):
-    assert cfg.threshold_mismatch(card) == ""
+def test_class_conf_entries_and_the_card_in_order(cfg, card, expected):
+    assert tuple(cfg.thresholds(card).values()) == expected
+    assert tuple(cfg.for_detector(card).thresholds().values()) == expected
 
 
-def test_shipped_default_detector_card_carries_the_pipeline_default_thresholds():
-    """The pipeline's default thresholds were chosen for the default detector: its card says the same."""
+@pytest.mark.parametrize("model", ["bccd-chula-yolov8n-cpu", "bccd-chula-yolov8n"])
+def test_shipped_detector_cards_carry_thresholds_for_every_group(model):
+    """Each shipped detector brings the operating point chosen on val for it; the default config takes it."""
     import json
 
-    from smear.detector.model import DEFAULT_MODEL, shipped_models_dir
+    from smear.detector.model import shipped_models_dir
 
-    card = json.loads((shipped_models_dir() / DEFAULT_MODEL / "card.json").read_text())
-    assert card["operating_thresholds"] == PipelineConfig().thresholds()
+    card = json.loads((shipped_models_dir() / model / "card.json").read_text())
+    assert set(card["operating_thresholds"]) == {"RBC", "WBC", "Platelets"}
+    assert PipelineConfig().thresholds(card) == card["operating_thresholds"]
