@@ -1,4 +1,4 @@
-"""Find and load detector models: a self-describing folder or a bare ultralytics .pt."""
+"""Find and load detector models: a self-describing folder, a bare ultralytics .pt, or its ONNX export."""
 
 from __future__ import annotations
 
@@ -28,8 +28,14 @@ class DetectorModelInfo:
         return int(self.card.get("config", {}).get("imgsz", 640))
 
 
+WEIGHT_SUFFIXES = (".pt", ".onnx", ".torchscript")
+
+
 def find_detector(weights: str | Path | None = None) -> DetectorModelInfo:
-    """Resolve ``weights`` (a .pt file or model folder), else the shipped default.
+    """Resolve ``weights`` (a .pt or .onnx file, or a model folder), else the shipped default.
+
+    A folder holds ``weights.pt`` (or ultralytics' ``weights/best.pt``), or ``weights.onnx`` /
+    ``weights.torchscript`` as written by 'smear detector export', with its ``card.json``.
 
     Raises:
         ModelNotFoundError: listing where it looked and how to make the file.
@@ -37,7 +43,8 @@ def find_detector(weights: str | Path | None = None) -> DetectorModelInfo:
     looked: list[Path] = []
     candidates = [Path(weights)] if weights else [shipped_models_dir() / DEFAULT_MODEL]
     for c in candidates:
-        for p in ([c / "weights.pt", c / "weights" / "best.pt"] if c.is_dir() or c.suffix != ".pt" else [c]):
+        inside = [c / "weights.pt", c / "weights" / "best.pt", c / "weights.onnx", c / "weights.torchscript"]
+        for p in (inside if c.is_dir() or c.suffix not in WEIGHT_SUFFIXES else [c]):
             looked.append(p)
             if p.is_file():
                 folder = p.parent if p.parent.name != "weights" else p.parent.parent

@@ -200,20 +200,15 @@ def detector_interpolate(
 def detector_export(
     weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),
     format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+    out: Optional[Path] = typer.Option(None, "--out", help="model folder to write (default: runs/export/NAME-FORMAT)"),
 ) -> None:
-    """Export the detector (ONNX needs the onnx package; nothing is downloaded)."""
-    from smear.detector.model import find_detector
-    from smear.pipeline.offline import ensure_offline
+    """Export the detector as a model folder (weights + card); run it with --set detector_weights=FOLDER.
 
-    ensure_offline()
-    from ultralytics import YOLO
+    ONNX needs pip install 'smear[onnx]' (onnx to export, onnxruntime to run); nothing is downloaded.
+    """
+    from smear.detector.export import export_detector
 
-    info = find_detector(weights)
-    try:
-        path = YOLO(str(info.weights)).export(format=format, imgsz=info.imgsz)
-    except Exception as e:  # noqa: BLE001
-        _fail(f"{info.weights}: export to {format} failed ({type(e).__name__}: {e}); for ONNX: pip install onnx")
-    typer.echo(f"exported: {path}")
+    typer.echo(f"written: {export_detector(weights, format, out)}")
 
 
 # ------------------------------------------------------------------ classifier

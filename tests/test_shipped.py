@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,3 +118,28 @@ def test_audited_evaluation_ignores_only_the_listed_class_in_the_listed_image(tm
         assert (a["per_class"][c]["AP50"], a["per_class"][c]["AP50_95"]) == \
             (m["per_class"][c]["AP50"], m["per_class"][c]["AP50_95"])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["audited"] == a
+
+
+def test_onnx_export_finds_the_same_cells_with_the_same_operating_point(tmp_path):
+    """'smear detector export' writes a model folder that runs like the .pt it came from."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from smear.detector.export import export_detector
+    from smear.detector.predict import Detector
+    from smear.pipeline.config import PipelineConfig
+    from smear.pipeline.errors import SmearError
+    from smear.pipeline.io import read_image
+
+    folder = export_detector(None, "onnx", tmp_path / "onnx")
+    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "weights.onnx"]
+    torch_det, onnx_det = Detector(None), Detector(folder)
+    assert onnx_det.info.weights.suffix == ".onnx" and onnx_det.imgsz == torch_det.imgsz
+    assert PipelineConfig().for_detector(onnx_det.info.card) == PipelineConfig().for_detector(torch_det.info.card)
+    images = [read_image(SAMPLES / n) for n in ("BloodImage_00007.jpg", "BloodImage_00041.jpg")]
+    for a, b in zip(torch_det.predict(images, conf=0.4), onnx_det.predict(images, conf=0.4)):
+        assert len(a) == len(b) > 5
+        order_a, order_b = np.lexsort(a.boxes.T[::-1]), np.lexsort(b.boxes.T[::-1])
+        assert (a.classes[order_a] == b.classes[order_b]).all()
+        assert np.abs(a.boxes[order_a] - b.boxes[order_b]).max() < 1.0  # px
+    with pytest.raises(SmearError, match="exists"):
+        export_detector(None, "onnx", folder)
