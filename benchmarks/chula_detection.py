@@ -68,6 +68,7 @@ def main() -> None:
 
     from smear.classifier.morphology import MorphologyConfig, read_chula, resolve_morphology_folder, split_images
     from smear.detector.config import DetectorConfig
+    from smear.detector.model import find_detector
     from smear.detector.predict import Detector, at_border, drop_edge_fragments
     from smear.pipeline.config import PipelineConfig
     from smear.pipeline.dataset import GROUPS
@@ -86,14 +87,14 @@ def main() -> None:
         split_source = "MorphologyConfig defaults"
     test_ids = [i for i in test_ids if i in data][: args.images or None]
 
-    probe = Detector(args.weights, threads=args.threads)  # the Detector sets torch's thread count
-    pipeline = PipelineConfig().for_detector(probe.info.card)  # the operating point the pipeline counts with
+    info = find_detector(args.weights)
+    pipeline = PipelineConfig().for_detector(info.card)  # the operating point the pipeline counts with
     conf = pipeline.thresholds() if args.conf is None else args.conf  # per class, as smear analyze
     rbc_conf = conf["RBC"] if isinstance(conf, dict) else conf
     edge_min = pipeline.edge_fragment_min if args.edge_fragment_min is None else args.edge_fragment_min
-    tile = args.tile_px or probe.imgsz
-    det = Detector(args.weights, cfg=DetectorConfig(imgsz=probe.imgsz, tile_px=tile, tile_overlap_px=tile // 4),
-                   threads=args.threads)
+    tile = args.tile_px or info.imgsz
+    det = Detector(args.weights, cfg=DetectorConfig(imgsz=info.imgsz, tile_px=tile, tile_overlap_px=tile // 4),
+                   threads=args.threads)  # the Detector sets torch's thread count
     rbc = GROUPS.index("RBC")
     rows = []
     t0 = time.time()
