@@ -142,6 +142,41 @@ def data_add_points(
     typer.echo(f"written: {data_yaml} (per field: {data_yaml.parent / 'point_fields_train.csv'})")
 
 
+@data_app.command("pseudo-label")
+def data_pseudo_label(
+    base: Path = typer.Option(Path("runs/prepared/bccd-chula/yolo"), "--base", help="YOLO set to start from"),
+    out: Path = typer.Option(..., "--out", help="output folder (gets yolo/)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="detector that proposes labels (default: shipped)"),
+    conf: float = typer.Option(0.5, "--conf", help="minimum score of an RBC pseudo-label"),
+    wbc_conf: float = typer.Option(0.8, "--wbc-conf", help="minimum score of a WBC pseudo-label"),
+) -> None:
+    """Copy a YOLO set and label the cells its annotators skipped in the training split (val and test untouched).
+
+    Example: smear data pseudo-label --out runs/prepared/bccd-chula-pl
+    """
+    import shutil
+
+    from .paths import resolve_path
+    from .pointlabels import pseudo_label_split
+
+    src, yolo = resolve_path(str(base)), Path(out) / "yolo"
+    if not (src / "data.yaml").is_file():
+        _fail(f"{src / 'data.yaml'}: not found; make it with 'smear data prepare'")
+    if yolo.exists():
+        _fail(f"{yolo}: exists; choose another --out or remove it")
+    shutil.copytree(src, yolo, ignore=shutil.ignore_patterns("*.cache"))
+    import yaml
+
+    cfg = yaml.safe_load((yolo / "data.yaml").read_text())
+    cfg["path"] = str(yolo.resolve())
+    (yolo / "data.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rows = pseudo_label_split(yolo, weights, "train", conf=conf, wbc_conf=wbc_conf)
+    added = {g: sum(r[f"pseudo_{g}"] for r in rows) for g in ("RBC", "WBC", "Platelets")}
+    typer.echo(f"{len(rows)} training images; labelled boxes {sum(r['labelled'] for r in rows)}; "
+               f"pseudo-labels added: " + ", ".join(f"{g} {n}" for g, n in added.items()))
+    typer.echo(f"written: {yolo / 'data.yaml'} (per image: {yolo / 'pseudo_labels_train.csv'})")
+
+
 # ------------------------------------------------------------------ detector
 
 @detector_app.command("train")

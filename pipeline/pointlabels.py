@@ -252,6 +252,71 @@ def add_point_labelled_fields(yolo_dir: Path, chula_root: Path, image_ids: Itera
     return rows
 
 
+def read_yolo_boxes(label_file: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A YOLO label file as pixel boxes (x1, y1, x2, y2) and class indices."""
+    w, h = size
+    rows = [line.split() for line in Path(label_file).read_text().splitlines() if line.strip()] \
+        if Path(label_file).is_file() else []
+    a = np.array([[float(v) for v in r[:5]] for r in rows], np.float32).reshape(-1, 5)
+    boxes = np.stack([(a[:, 1] - a[:, 3] / 2) * w, (a[:, 2] - a[:, 4] / 2) * h,
+                      (a[:, 1] + a[:, 3] / 2) * w, (a[:, 2] + a[:, 4] / 2) * h], 1)
+    return boxes, a[:, 0].astype(int)
+
+
+def pseudo_label_split(yolo_dir: Path, detector_weights: str | None = None, split: str = "train",
+                       conf: float = 0.5, wbc_conf: float = 0.8, max_iou: float = 0.3) -> list[dict]:
+    """Add confident detections that no label covers to the labels of one split, in place.
+
+    For sets whose annotators skipped cells (BCCD leaves many RBCs, and a few WBCs, without a box): a
+    detection becomes a label when it scores at least ``conf`` (WBCs ``wbc_conf``; platelets are left as
+    labelled) and overlaps no labelled box of any class above ``max_iou``. Only ever for a training split:
+    labels of the splits that choose and report models stay as published. Writes
+    ``yolo_dir/pseudo_labels_<split>.csv`` (per image: labelled boxes, pseudo-labels added per class).
+    """
+    import cv2
+
+    from smear.detector.predict import Detector
+
+    from .errors import SmearError
+
+    if split != "train":
+        raise SmearError(f"pseudo-labels go into the training split only, not '{split}'")
+    det = Detector(detector_weights)
+    img_dir, lbl_dir = Path(yolo_dir) / "images" / split, Path(yolo_dir) / "labels" / split
+    floor = {GROUPS.index("RBC"): conf, GROUPS.index("WBC"): wbc_conf}
+    rows = []
+    for img_path in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+        bgr = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            log.warning("%s: cannot be decoded, skipped", img_path)
+            continue
+        h, w = bgr.shape[:2]
+        label_file = lbl_dir / f"{img_path.stem}.txt"
+        boxes, classes = read_yolo_boxes(label_file, (w, h))
+        found = det.predict([cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)], conf=min(floor.values()))[0]
+        need = np.array([floor.get(int(c), 2.0) for c in found.classes], np.float32)
+        overl = iou_matrix(found.boxes, boxes).max(1) if len(boxes) else np.zeros(len(found))
+        new = (found.scores >= need) & (overl <= max_iou)
+        # two confident detections on one unlabelled cell: keep the higher-scoring one only
+        order = [int(i) for i in np.argsort(-found.scores) if new[i]]
+        kept: list[int] = []
+        for i in order:
+            if not kept or iou_matrix(found.boxes[i:i + 1], found.boxes[kept]).max() <= max_iou:
+                kept.append(i)
+        lines = [f"{int(found.classes[i])} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} "
+                 f"{(b[2] - b[0]) / w:.6f} {(b[3] - b[1]) / h:.6f}" for i in kept for b in [found.boxes[i]]]
+        if lines:
+            text = label_file.read_text() if label_file.is_file() else ""
+            label_file.write_text(text + ("" if not text or text.endswith("\n") else "\n") + "\n".join(lines) + "\n")
+        rows.append({"image": img_path.name, "labelled": len(boxes),
+                     **{f"pseudo_{g}": sum(int(found.classes[i]) == GROUPS.index(g) for i in kept) for g in GROUPS}})
+    with open(Path(yolo_dir) / f"pseudo_labels_{split}.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["image", "labelled"] + [f"pseudo_{g}" for g in GROUPS])
+        wr.writeheader()
+        wr.writerows(rows)
+    return rows
+
+
 def sample_ids(image_ids: Sequence[str], max_images: int, seed: int = 0) -> list[str]:
     """A deterministic sample of at most ``max_images`` ids (hash order), returned in input order."""
     import hashlib

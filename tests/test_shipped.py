@@ -143,3 +143,43 @@ def test_onnx_export_finds_the_same_cells_with_the_same_operating_point(tmp_path
         assert np.abs(a.boxes[order_a] - b.boxes[order_b]).max() < 1.0  # px
     with pytest.raises(SmearError, match="exists"):
         export_detector(None, "onnx", folder)
+
+
+def test_pseudo_labels_restore_the_cells_a_labeller_skipped_and_only_those(tmp_path):
+    """The training split gets the confident detections no label covers; nothing is boxed twice."""
+    import shutil
+
+    from smear.detector.predict import Detector
+    from smear.pipeline.errors import SmearError
+    from smear.pipeline.io import read_image
+    from smear.pipeline.pointlabels import pseudo_label_split, read_yolo_boxes
+
+    det = Detector(None)
+    yolo = tmp_path / "yolo"
+    names = ("BloodImage_00007.jpg", "BloodImage_00021.jpg")
+    expected = {}
+    for name in names:
+        (yolo / "images" / "train").mkdir(parents=True, exist_ok=True)
+        (yolo / "labels" / "train").mkdir(parents=True, exist_ok=True)
+        shutil.copy(SAMPLES / name, yolo / "images" / "train" / name)
+        img = read_image(SAMPLES / name)
+        found = det.predict([img], conf={"RBC": 0.5, "WBC": 0.8, "Platelets": 2.0})[0]
+        h, w = img.shape[:2]
+        keep = np.ones(len(found), bool)
+        if name == names[1]:
+            keep[np.flatnonzero(found.classes == 0)[:3]] = False  # the labeller skipped three RBCs here
+        lines = [f"{c} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
+                 f"{(b[3] - b[1]) / h:.6f}" for b, c in zip(found.boxes[keep], found.classes[keep])]
+        (yolo / "labels" / "train" / name.replace(".jpg", ".txt")).write_text("\n".join(lines) + "\n")
+        expected[name] = (int(keep.sum()), int((~keep).sum()), found.boxes[~keep])
+    rows = {r["image"]: r for r in pseudo_label_split(yolo, None, "train")}
+    for name, (n_labelled, n_skipped, skipped) in expected.items():
+        assert rows[name]["labelled"] == n_labelled
+        assert rows[name]["pseudo_RBC"] == n_skipped and rows[name]["pseudo_WBC"] == rows[name]["pseudo_Platelets"] == 0
+        boxes, classes = read_yolo_boxes(yolo / "labels" / "train" / name.replace(".jpg", ".txt"), (640, 480))
+        assert len(boxes) == n_labelled + n_skipped
+        if n_skipped:
+            assert np.abs(boxes[-n_skipped:] - skipped).max() < 1.0 and (classes[-n_skipped:] == 0).all()
+    assert (yolo / "pseudo_labels_train.csv").is_file()
+    with pytest.raises(SmearError, match="training split only"):
+        pseudo_label_split(yolo, None, "val")
