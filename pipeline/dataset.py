@@ -379,8 +379,13 @@ def missing_wbc_box(ai: AnnotatedImage, subtypes: dict[str, list[str]]) -> Audit
     named = subtypes.get(ai.image_id)
     if not named or any(group_of(b.label) == "WBC" for b in ai.boxes):
         return None
+    rbc_sides = [max(b.x2 - b.x1, b.y2 - b.y1) for b in ai.boxes if b.label == "RBC"]
+    typical = float(np.median(rbc_sides)) if rbc_sides else 0.0
+    big = [b for b in ai.boxes if b.label == "Platelets" and typical and max(b.x2 - b.x1, b.y2 - b.y1) > typical]
+    hint = "".join(f"; its Platelets box {b.x1:g},{b.y1:g},{b.x2:g},{b.y2:g} is larger than its median RBC "
+                   f"({typical:g} px): likely that WBC under the wrong class" for b in big)
     return AuditRow(ai.image_id, "WBC", "", "note",
-                    f"WBC box missing: the subtype table names {', '.join(named)}; "
+                    f"WBC box missing: the subtype table names {', '.join(named)}{hint}; "
                     "the audited evaluation ignores WBC detections in this image")
 
 

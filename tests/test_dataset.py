@@ -126,7 +126,8 @@ def test_image_without_wbc_noted_and_kept(defects):
 def test_wbc_named_by_the_subtype_table_but_unboxed_is_listed_as_incomplete(tmp_path):
     from smear.detector.evaluate import read_incomplete_labels
 
-    voc = write_voc(tmp_path / "voc", n_images=4)  # train 0, 1; val 2; test 3
+    # train 0, 1; val 2; test 3, whose WBC the labeller boxed as a platelet
+    voc = write_voc(tmp_path / "voc", n_images=4, extra_objects={"BloodImage_00003": [("Platelets", (300, 200, 460, 360))]})
     for i in (1, 2, 3):
         _drop_objects(voc / "Annotations" / f"BloodImage_{i:05d}.xml", "WBC")
     # 0 keeps its box; 1 and 3 lost theirs though the table names one; 2 has neither box nor name
@@ -135,7 +136,8 @@ def test_wbc_named_by_the_subtype_table_but_unboxed_is_listed_as_incomplete(tmp_
     rows = _read_csv(tmp_path / "out" / "yolo" / "incomplete_labels.csv")
     assert [(r["image"], r["split"], r["class"]) for r in rows] == [("BloodImage_00001", "train", "WBC"),
                                                                   ("BloodImage_00003", "test", "WBC")]
-    assert "Basophil" in rows[0]["reason"]
+    assert "Basophil" in rows[0]["reason"] and "wrong class" not in rows[0]["reason"]
+    assert "Platelets box 300,200,460,360 is larger than its median RBC" in rows[1]["reason"]
     audit = _read_csv(tmp_path / "out" / "audit.csv")
     assert sorted(r["image_id"] for r in audit if r["reason"].startswith("WBC box missing")) == \
         ["BloodImage_00001", "BloodImage_00003"]
