@@ -212,13 +212,18 @@ class FakeAnalyzer:
         return out
 
 
-@pytest.fixture
-def bench(tmp_path):
+def _voc_with_subtypes(tmp_path, categories: str):
+    """A 12-image drawn VOC set (test: images 9-11), its subtype table and the test split's ground truth."""
     voc = write_voc(tmp_path / "voc", n_images=12)
     subtypes = tmp_path / "wbc_subtypes.csv"
-    subtypes.write_text(",Image,Category\n,9,NEUTROPHIL\n,10,LYMPHOCYTE\n,11,\"EOSINOPHIL,NEUTROPHIL\"\n")
+    subtypes.write_text(",Image,Category\n" + categories)
     data_cfg = DataConfig(subtypes_csv=str(subtypes))
-    _, truth = load_ground_truth(voc, "test", data_cfg)
+    return voc, data_cfg, load_ground_truth(voc, "test", data_cfg)[1]
+
+
+@pytest.fixture
+def bench(tmp_path):
+    voc, data_cfg, truth = _voc_with_subtypes(tmp_path, ",9,NEUTROPHIL\n,10,LYMPHOCYTE\n,11,\"EOSINOPHIL,NEUTROPHIL\"\n")
     out = tmp_path / "bench"
     # operating threshold 0.25: the stand-in's miss scores 0.1 and its duplicate 0.3
     text = run_benchmark(voc, "test", out, analyzer=FakeAnalyzer(truth), cfg=PipelineConfig(conf=0.25, class_conf=()), data_cfg=data_cfg)
@@ -338,11 +343,7 @@ def test_run_benchmark_audited_counts_leave_out_an_unboxed_wbc(tmp_path):
     """A WBC the subtype table names but no box holds: the official count error has it, the audited one not."""
     import re
 
-    voc = write_voc(tmp_path / "voc", n_images=12)
-    subtypes = tmp_path / "wbc_subtypes.csv"
-    subtypes.write_text(",Image,Category\n,9,NEUTROPHIL\n,10,LYMPHOCYTE\n")
-    data_cfg = DataConfig(subtypes_csv=str(subtypes))
-    _, truth = load_ground_truth(voc, "test", data_cfg)
+    voc, data_cfg, truth = _voc_with_subtypes(tmp_path, ",9,NEUTROPHIL\n,10,LYMPHOCYTE\n")
     analyzer = FakeAnalyzer(truth)  # still finds image 10's WBC
     xml = voc / "Annotations" / "BloodImage_00010.xml"
     xml.write_text(re.sub(r"<object><name>WBC</name>.*?</object>", "", xml.read_text()))
