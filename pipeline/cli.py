@@ -154,22 +154,10 @@ def data_pseudo_label(
 
     Example: smear data pseudo-label --out runs/prepared/bccd-chula-pl
     """
-    import shutil
-
     from .paths import resolve_path
-    from .pointlabels import pseudo_label_split
+    from .pointlabels import copy_yolo_set, pseudo_label_split
 
-    src, yolo = resolve_path(str(base)), Path(out) / "yolo"
-    if not (src / "data.yaml").is_file():
-        _fail(f"{src / 'data.yaml'}: not found; make it with 'smear data prepare'")
-    if yolo.exists():
-        _fail(f"{yolo}: exists; choose another --out or remove it")
-    shutil.copytree(src, yolo, ignore=shutil.ignore_patterns("*.cache"))
-    import yaml
-
-    cfg = yaml.safe_load((yolo / "data.yaml").read_text())
-    cfg["path"] = str(yolo.resolve())
-    (yolo / "data.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    yolo = copy_yolo_set(resolve_path(str(base)), out)  # a SmearError becomes one line via main()
     rows = pseudo_label_split(yolo, weights, "train", conf=conf, wbc_conf=wbc_conf)
     added = {g: sum(r[f"pseudo_{g}"] for r in rows) for g in ("RBC", "WBC", "Platelets")}
     typer.echo(f"{len(rows)} training images; labelled boxes {sum(r['labelled'] for r in rows)}; "

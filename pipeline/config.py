@@ -24,6 +24,10 @@ OPERATING_CONF = 0.4
 FROM_DETECTOR = "detector"  # class_conf entry: the operating thresholds of the detector's card
 
 
+def _from_detector(entry: Any) -> bool:
+    return str(entry).strip().lower() == FROM_DETECTOR
+
+
 def param(default: Any, help: str, *, range: tuple[float | None, float | None] | None = None,
           choices: typing.Sequence[Any] | None = None) -> Any:
     """A config field with its meaning and valid values, for validation and YAML comments."""
@@ -264,7 +268,7 @@ class PipelineConfig:
 
         out = {g: self.conf for g in GROUPS}
         for item in self.class_conf:
-            if str(item).strip().lower() == FROM_DETECTOR:
+            if _from_detector(item):
                 tuned = (detector_card or {}).get("operating_thresholds") or {}
                 out.update({g: float(t) for g, t in tuned.items() if g in out})
                 continue
@@ -290,7 +294,7 @@ class PipelineConfig:
             >>> PipelineConfig().for_detector({"operating_thresholds": {"Platelets": 0.55}}).class_conf
             ('Platelets=0.55',)
         """
-        if not any(str(i).strip().lower() == FROM_DETECTOR for i in self.class_conf):
+        if not any(_from_detector(i) for i in self.class_conf):
             return self
         own = self.thresholds(detector_card)
         return dataclasses.replace(self, class_conf=tuple(f"{g}={t:g}" for g, t in own.items() if t != self.conf))

@@ -309,36 +309,38 @@ def read_subtypes(csv_path: Path) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------- audit
 
+def _fmt_box(b: Box) -> str:
+    return f"{b.x1:g},{b.y1:g},{b.x2:g},{b.y2:g}"
+
+
 def audit_image(ai: AnnotatedImage, cfg: DataConfig) -> list[AuditRow]:
     """Clip, drop and deduplicate the boxes of one image in place; return what was done and why."""
     rows: list[AuditRow] = []
     kept: list[Box] = []
-
-    def fmt(b: Box) -> str:
-        return f"{b.x1:g},{b.y1:g},{b.x2:g},{b.y2:g}"
-
     for b in ai.boxes:
         if b.label not in GROUPS and b.label not in CELL_CLASSES:
-            rows.append(AuditRow(ai.image_id, b.label, fmt(b), "dropped", f"unknown class '{b.label}'"))
+            rows.append(AuditRow(ai.image_id, b.label, _fmt_box(b), "dropped", f"unknown class '{b.label}'"))
             continue
         if b.x2 <= b.x1 or b.y2 <= b.y1:
-            rows.append(AuditRow(ai.image_id, b.label, fmt(b), "dropped", "degenerate box (max <= min)"))
+            rows.append(AuditRow(ai.image_id, b.label, _fmt_box(b), "dropped", "degenerate box (max <= min)"))
             continue
         if ai.width and ai.height:
             c = Box(b.label, max(0.0, b.x1), max(0.0, b.y1), min(float(ai.width), b.x2), min(float(ai.height), b.y2), b.score)
             if c.xyxy != b.xyxy:
                 if c.x2 - c.x1 < cfg.min_box_px or c.y2 - c.y1 < cfg.min_box_px:
-                    rows.append(AuditRow(ai.image_id, b.label, fmt(b), "dropped", "outside the image"))
+                    rows.append(AuditRow(ai.image_id, b.label, _fmt_box(b), "dropped", "outside the image"))
                     continue
-                rows.append(AuditRow(ai.image_id, b.label, fmt(b), "clipped", f"crossed the image border; now {fmt(c)}"))
+                rows.append(AuditRow(ai.image_id, b.label, _fmt_box(b), "clipped",
+                                     f"crossed the image border; now {_fmt_box(c)}"))
                 b = c
         if b.x2 - b.x1 < cfg.min_box_px or b.y2 - b.y1 < cfg.min_box_px:
-            rows.append(AuditRow(ai.image_id, b.label, fmt(b), "dropped", f"smaller than {cfg.min_box_px:g} px"))
+            rows.append(AuditRow(ai.image_id, b.label, _fmt_box(b), "dropped", f"smaller than {cfg.min_box_px:g} px"))
             continue
         dup = next((k for k in kept if group_of(k.label) == group_of(b.label) and box_iou(k.xyxy, b.xyxy) > cfg.duplicate_iou), None)
         if dup is not None:
-            rows.append(AuditRow(ai.image_id, b.label, fmt(b), "dropped",
-                                 f"near-duplicate of {fmt(dup)} (IoU {box_iou(dup.xyxy, b.xyxy):.2f} > {cfg.duplicate_iou:g})"))
+            rows.append(AuditRow(ai.image_id, b.label, _fmt_box(b), "dropped",
+                                 f"near-duplicate of {_fmt_box(dup)} "
+                                 f"(IoU {box_iou(dup.xyxy, b.xyxy):.2f} > {cfg.duplicate_iou:g})"))
             continue
         kept.append(b)
     ai.boxes = kept
@@ -382,7 +384,7 @@ def missing_wbc_box(ai: AnnotatedImage, subtypes: dict[str, list[str]]) -> Audit
     rbc_sides = [max(b.x2 - b.x1, b.y2 - b.y1) for b in ai.boxes if b.label == "RBC"]
     typical = float(np.median(rbc_sides)) if rbc_sides else 0.0
     big = [b for b in ai.boxes if b.label == "Platelets" and typical and max(b.x2 - b.x1, b.y2 - b.y1) > typical]
-    hint = "".join(f"; its Platelets box {b.x1:g},{b.y1:g},{b.x2:g},{b.y2:g} is larger than its median RBC "
+    hint = "".join(f"; its Platelets box {_fmt_box(b)} is larger than its median RBC "
                    f"({typical:g} px): likely that WBC under the wrong class" for b in big)
     return AuditRow(ai.image_id, "WBC", "", "note",
                     f"WBC box missing: the subtype table names {', '.join(named)}{hint}; "

@@ -240,8 +240,7 @@ def add_point_labelled_fields(yolo_dir: Path, chula_root: Path, image_ids: Itera
         clipped, keep = clip_to_window(all_boxes, x0, y0, ww, wh)
         name = f"{prefix}_{image_id}"
         cv2.imwrite(str(img_dir / f"{name}.jpg"), bgr[y0:y0 + wh, x0:x0 + ww], [cv2.IMWRITE_JPEG_QUALITY, 95])
-        lines = [f"{all_classes[k]} {(b[0] + b[2]) / 2 / ww:.6f} {(b[1] + b[3]) / 2 / wh:.6f} "
-                 f"{(b[2] - b[0]) / ww:.6f} {(b[3] - b[1]) / wh:.6f}" for k, b in zip(keep, clipped)]
+        lines = yolo_lines(clipped, all_classes[keep], (ww, wh))
         (lbl_dir / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
         rows.append(PointField(image_id, len(cells), in_det, sources.count("mask"), sources.count("median"),
                                n_pseudo, round(in_det / len(cells), 3)))
@@ -250,6 +249,13 @@ def add_point_labelled_fields(yolo_dir: Path, chula_root: Path, image_ids: Itera
         wr.writeheader()
         wr.writerows([r.__dict__ for r in rows])
     return rows
+
+
+def yolo_lines(boxes: np.ndarray, classes: Sequence[int], size: tuple[int, int]) -> list[str]:
+    """Pixel xyxy boxes as YOLO label lines (class, centre and size as fractions of the image)."""
+    w, h = size
+    return [f"{int(c)} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
+            f"{(b[3] - b[1]) / h:.6f}" for b, c in zip(boxes, classes)]
 
 
 def read_yolo_boxes(label_file: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -303,8 +309,7 @@ def pseudo_label_split(yolo_dir: Path, detector_weights: str | None = None, spli
         for i in order:
             if not kept or iou_matrix(found.boxes[i:i + 1], found.boxes[kept]).max() <= max_iou:
                 kept.append(i)
-        lines = [f"{int(found.classes[i])} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} "
-                 f"{(b[2] - b[0]) / w:.6f} {(b[3] - b[1]) / h:.6f}" for i in kept for b in [found.boxes[i]]]
+        lines = yolo_lines(found.boxes[kept], found.classes[kept], (w, h))
         if lines:
             text = label_file.read_text() if label_file.is_file() else ""
             label_file.write_text(text + ("" if not text or text.endswith("\n") else "\n") + "\n".join(lines) + "\n")
@@ -334,25 +339,30 @@ def build_point_augmented_set(base_yolo: Path, out: Path, chula_root: Path, trai
 
     Validation and test stay the base set's (BCCD), so model selection is unchanged.
     """
+    yolo = copy_yolo_set(base_yolo, out)
+    ids = sample_ids(list(train_ids), max_images)
+    rows = add_point_labelled_fields(yolo, chula_root, ids, scale, detector_weights=detector_weights)
+    return yolo / "data.yaml", rows
+
+
+def copy_yolo_set(base_yolo: Path, out: Path) -> Path:
+    """Copy a prepared YOLO set to ``out/yolo`` (label caches left behind), its data.yaml pointing at the copy."""
     import shutil
 
     import yaml
 
     from smear.pipeline.errors import SmearError
 
-    base_yolo, out = Path(base_yolo), Path(out)
+    base_yolo, yolo = Path(base_yolo), Path(out) / "yolo"
     if not (base_yolo / "data.yaml").is_file():
         raise SmearError(f"{base_yolo / 'data.yaml'}: not found; make it with 'smear data prepare'")
-    yolo = out / "yolo"
     if yolo.exists():
         raise SmearError(f"{yolo}: exists; choose another --out or remove it")
     shutil.copytree(base_yolo, yolo, ignore=shutil.ignore_patterns("*.cache"))
-    ids = sample_ids(list(train_ids), max_images)
-    rows = add_point_labelled_fields(yolo, chula_root, ids, scale, detector_weights=detector_weights)
     cfg = yaml.safe_load((base_yolo / "data.yaml").read_text())
     cfg["path"] = str(yolo.resolve())
     (yolo / "data.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return yolo / "data.yaml", rows
+    return yolo
 
 
 def estimate_cell_count(bgr: np.ndarray) -> float:
