@@ -58,17 +58,6 @@ def _load(cls, config: Optional[Path], overrides: List[str], extra: dict | None 
     return load_config(cls, config, values)
 
 
-def _one_threshold(conf: Optional[float], overrides: List[str]) -> Optional[tuple]:
-    """An explicit --conf (or --set conf=...) is one threshold for every class: clear class_conf unless
-    --set names it too."""
-    from .config import parse_overrides
-
-    keys = {k.replace("-", "_") for k in parse_overrides(overrides)}
-    if (conf is None and "conf" not in keys) or "class_conf" in keys:
-        return None
-    return ()
-
-
 # ------------------------------------------------------------------ data
 
 @data_app.command("prepare")
@@ -382,7 +371,7 @@ def analyze(
 
     cfg = _load(PipelineConfig, config, overrides, {"conf": conf, "device": device, "batch": batch,
                                                    "capture_mode": capture_mode, "pixel_size_um": pixel_size_um,
-                                                   "scale": scale, "class_conf": _one_threshold(conf, overrides)})
+                                                   "scale": scale})
     files = expand_inputs(paths)
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
@@ -473,7 +462,7 @@ def benchmark(
     from .benchmark import run_benchmark
     from .config import PipelineConfig
 
-    cfg = _load(PipelineConfig, config, overrides, {"class_conf": _one_threshold(None, overrides)})
+    cfg = _load(PipelineConfig, config, overrides)
     summary = run_benchmark(data, split, output, cfg=cfg)
     typer.echo(summary)
 

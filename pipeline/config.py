@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -19,6 +20,7 @@ import yaml
 from .errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # The detector score the pipeline keeps, chosen on val (PipelineConfig.conf); DetectorConfig shares it.
 OPERATING_CONF = 0.4
 FROM_DETECTOR = "detector"  # class_conf entry: the operating thresholds of the detector's card
@@ -171,12 +173,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Mapping
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value lines, got {type(data).__name__}")
         build_config(cls, data, source=str(p))  # report errors against the file first
-        values.update(data)
+        values.update(_layer(cls, data))
         source = str(p)
     if overrides:
         build_config(cls, overrides, source="overrides")
-        values.update({k.replace("-", "_"): v for k, v in overrides.items()})
+        values.update(_layer(cls, overrides))
     return build_config(cls, values, source=source)
+
+
+def _layer(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """One layer of values (a YAML file or the overrides) with what it implies: a config class may
+    define ``implied(values)``, e.g. PipelineConfig's 'a layer that sets conf alone means one threshold'."""
+    out = {k.replace("-", "_"): v for k, v in values.items()}
+    implied = getattr(cls, "implied", None)
+    return implied(out) if implied is not None else out
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -210,8 +220,8 @@ class PipelineConfig:
     detector_weights: str = param("", "detector .pt or model folder; '' for the shipped default")
     classifier_weights: str = param("", "classifier model folder; '' for the shipped default")
     conf: float = param(OPERATING_CONF, "minimum detector score kept for classes class_conf gives no threshold; "
-                                        "0.001 gives the full ranked list for mAP (an explicit --conf, or --set conf "
-                                        "without class_conf, is one threshold for every class)",
+                                        "0.001 gives the full ranked list for mAP (--conf, --set conf or a YAML file "
+                                        "that sets conf without class_conf means one threshold for every class)",
                         range=(0.0, 1.0))
     class_conf: tuple[str, ...] = param((FROM_DETECTOR,), "per-class minimum detector score: 'detector' takes the "
                                         "operating thresholds recorded in the detector's card (chosen on val for "
@@ -246,6 +256,19 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         self.thresholds()  # a bad class_conf entry fails when the config is made, not mid-batch
+
+    @staticmethod
+    def implied(values: dict[str, Any]) -> dict[str, Any]:
+        """A layer of values (YAML file, CLI overrides) that sets ``conf`` and not ``class_conf`` means one
+        threshold for every class: it clears ``class_conf`` for that layer, so a later layer still wins.
+
+        Example:
+            >>> PipelineConfig.implied({"conf": 0.3})
+            {'conf': 0.3, 'class_conf': ()}
+        """
+        if "conf" in values and values["conf"] is not None and "class_conf" not in values:
+            return {**values, "class_conf": ()}
+        return values
 
     def one_threshold(self, conf: float) -> "PipelineConfig":
         """This config with ``conf`` for every class (``class_conf`` cleared), e.g. for a full ranked list."""
@@ -297,5 +320,10 @@ class PipelineConfig:
         if not any(_from_detector(i) for i in self.class_conf):
             return self
         own = self.thresholds(detector_card)
+        if self.conf != OPERATING_CONF and all(t != self.conf for t in own.values()):
+            log.warning(
+                "conf %g is used for no class: class_conf %s sets every class (%s); for one threshold give "
+                "--conf, or class_conf: [] beside conf in the YAML", self.conf, list(self.class_conf),
+                ", ".join(f"{g} {t:g}" for g, t in own.items()))
         return dataclasses.replace(self, class_conf=tuple(f"{g}={t:g}" for g, t in own.items() if t != self.conf))
 

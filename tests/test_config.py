@@ -224,6 +224,32 @@ def test_class_conf_entries_and_the_card_in_order(cfg, card, expected):
     assert tuple(cfg.for_detector(card).thresholds().values()) == expected
 
 
+@pytest.mark.parametrize("yaml_text, cli, expected", [
+    ("conf: 0.3\n", [], (0.3, 0.3, 0.3)),  # a YAML that sets conf alone: one threshold, as --conf does
+    ("conf: 0.3\nclass_conf: [detector]\n", [], (0.4, 0.4, 0.55)),  # both named: the card's, as written
+    ("conf: 0.3\nclass_conf: [Platelets=0.6]\n", [], (0.3, 0.3, 0.6)),
+    ("class_conf: [Platelets=0.6]\n", ["conf=0.2"], (0.2, 0.2, 0.2)),  # a later layer's conf alone wins
+    ("conf: 0.3\n", ["class_conf=[detector]"], (0.4, 0.4, 0.55)),  # a later layer's class_conf wins
+    (None, [], (0.4, 0.4, 0.55)),  # nothing set: the card's
+])
+def test_each_config_layer_that_sets_conf_alone_means_one_threshold(tmp_path, yaml_text, cli, expected):
+    path = None
+    if yaml_text is not None:
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml_text)
+    cfg = load_config(PipelineConfig, path, parse_overrides(cli)).for_detector(TUNED_055)
+    assert tuple(cfg.thresholds().values()) == expected
+
+
+def test_a_conf_that_no_class_uses_is_warned_about(caplog):
+    PipelineConfig(conf=0.2, class_conf=("detector",)).for_detector(TUNED_055)
+    assert "conf 0.2 is used for no class" in caplog.text
+    caplog.clear()
+    PipelineConfig(conf=0.2, class_conf=("detector",)).for_detector({"operating_thresholds": {"Platelets": 0.55}})
+    PipelineConfig().for_detector(TUNED_055)
+    assert caplog.text == ""  # conf still counts RBC and WBC; the default conf is not a choice to warn about
+
+
 @pytest.mark.parametrize("model", ["bccd-chula-yolov8n-cpu", "bccd-chula-yolov8n"])
 def test_shipped_detector_cards_carry_thresholds_for_every_group(model):
     """Each shipped detector brings the operating point chosen on val for it; the default config takes it."""
