@@ -10,6 +10,12 @@ Writes a tidy per-run table to benchmarks/results/speed_analyze.csv.
     python benchmarks/speed_analyze.py [--images N] [--threads 2]
     python benchmarks/speed_analyze.py --detector-weights runs/export/bccd-chula-yolov8n-cpu-onnx \
         --no-study --out benchmarks/results/speed_analyze_onnx.csv   # after 'smear detector export'
+    python benchmarks/speed_analyze.py --device cuda --threads 16 --no-study \
+        --out benchmarks/results/speed_analyze_gpu.csv [--no-pad]
+
+Also timed, once each: the first pass (model load excluded; on a GPU it includes the one-time
+kernel set-up for each new input shape) and, after it, a pass over as many val fields (new
+fields, so new crop counts per batch).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed passes (the best is kept)")
     ap.add_argument("--detector-weights", default="", help="detector .pt, .onnx or model folder (default: shipped)")
     ap.add_argument("--no-study", action="store_true", help="skip the slow ResNet50 comparison")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0")
+    ap.add_argument("--no-pad", action="store_true", help="for comparison: classify each batch at its own size "
+                    "(no padding to a few shapes on a GPU)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed_analyze.csv")
     args = ap.parse_args()
 
@@ -46,7 +55,14 @@ def main() -> None:
     root = resolve_path(args.data)
     ids = (root / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]
     paths = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
-    analyzer = Analyzer(PipelineConfig(threads=args.threads, detector_weights=args.detector_weights))
+    new_ids = (root / "ImageSets" / "Main" / "val.txt").read_text().split()[: args.images]
+    new_paths = [root / "JPEGImages" / f"{i}.jpg" for i in new_ids]
+    if args.no_pad:
+        import smear.classifier.predict as classify
+
+        classify.padded_size = lambda n, batch: n
+    analyzer = Analyzer(PipelineConfig(threads=args.threads, detector_weights=args.detector_weights,
+                                       device=args.device))
     yolo = analyzer.detector.model
     imgsz = analyzer.detector.imgsz
     import cv2
@@ -59,7 +75,7 @@ def main() -> None:
         for k in range(0, len(paths), analyzer.cfg.batch):
             ims = [cv2.imread(str(p)) for p in paths[k:k + analyzer.cfg.batch]]
             for r in yolo.predict(ims, imgsz=imgsz, conf=min(analyzer.cfg.thresholds().values()),
-                                  iou=analyzer.cfg.iou, verbose=False, device="cpu"):
+                                  iou=analyzer.cfg.iou, verbose=False, device=args.device):
                 n += len(r.boxes)
         return n
 
@@ -78,8 +94,19 @@ def main() -> None:
             n += len(crops)
         return n
 
-    run_pipeline()  # warm-up (model load, first-call allocations)
     rows = []
+
+    def once(name: str, fields: list) -> float:
+        t0 = time.perf_counter()
+        cells = sum(len(r.cells) for r in analyzer.analyze_images(fields))
+        dt = time.perf_counter() - t0
+        rows.append({"run": name, "repeat": 0, "images": len(fields), "cells": cells, "seconds": round(dt, 3),
+                     "images_per_s": round(len(fields) / dt, 3), "threads": args.threads,
+                     "detector": analyzer.detector.info.weights.suffix.lstrip(".")})
+        return dt
+
+    first = once("smear_analyze_first_pass", paths)  # warm-up: first-call allocations, kernel set-up
+    new = once("smear_analyze_new_fields", new_paths)
     runs = [("detector_alone", run_detector_alone), ("smear_analyze", run_pipeline)]
     for name, fn in runs + ([] if args.no_study else [("study_resnet50_224", run_study)]):
         best = None
@@ -91,10 +118,14 @@ def main() -> None:
                          "images_per_s": round(len(paths) / dt, 3), "threads": args.threads,
                          "detector": analyzer.detector.info.weights.suffix.lstrip(".")})
             best = dt if best is None else min(best, dt)
+    for r in rows:
+        r.update(device=args.device, pad=not args.no_pad and args.device != "cpu")
     out = args.out
     write_rows(out, rows)
     best = {n: min(r["seconds"] for r in rows if r["run"] == n) for n in {r["run"] for r in rows}}
     n = len(paths)
+    print(f"device: {args.device}{' (no padding)' if args.no_pad else ''}, first pass {first:.2f} s, then "
+          f"{len(new_paths)} new fields {new:.2f} s")
     print(f"images: {n}, threads: {args.threads}, classifier: {analyzer.classifier.card['config']['backbone']} "
           f"@ {analyzer.classifier.crop_size_px} px, detector {analyzer.detector.info.weights} imgsz {imgsz}")
     print(f"detector alone (ultralytics predict): {best['detector_alone']:.2f} s  ({n / best['detector_alone']:.2f} img/s)")

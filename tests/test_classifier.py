@@ -250,3 +250,21 @@ def test_subtyper_with_unknown_classes_is_refused(tmp_path, tiny_classifier):
     (tmp_path / "subtypes" / "card.json").write_text(json.dumps(card))
     with pytest.raises(SmearError, match="Blast"):
         load_classifier(primary)
+
+
+def test_padding_a_batch_to_a_few_shapes_leaves_the_probabilities_unchanged(tiny_classifier):
+    """On a GPU, batches are padded to a power of two (few shapes to prepare kernels for); the blank
+    crops must not change any real crop's probabilities (eval-mode batch norm) nor add rows."""
+    from smear.classifier.model import load_classifier
+    from smear.classifier.predict import padded_size, predict_crops
+
+    model = load_classifier(tiny_classifier, with_refiner=False)
+    rng = np.random.default_rng(0)
+    size = model.crop_size_px
+    crops = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(11)]
+    plain = predict_crops(model, crops, batch=4, pad=False)
+    padded = predict_crops(model, crops, batch=4, pad=True)
+    assert plain.shape == padded.shape == (11, len(model.classes))
+    assert np.allclose(plain, padded, atol=1e-5)
+    assert [padded_size(n, 256) for n in (1, 8, 9, 100, 255, 256)] == [8, 8, 16, 128, 256, 256]
+    assert padded_size(70, 100) == 100 and padded_size(3, 4) == 4
