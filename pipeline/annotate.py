@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import PipelineConfig
-from .dataset import GROUPS, SUBTYPES
+from .dataset import GROUPS, SUBTYPES, yolo_lines
 from .errors import SmearError
 from .io import IMAGE_SUFFIXES, expand_inputs
 from .progress import progress_bar
@@ -142,12 +142,9 @@ def voc_xml(image_path: Path, result: ImageResult, cells: Sequence, labels: str)
 def yolo_txt(result: ImageResult, cells: Sequence, labels: str) -> str:
     """YOLO lines ``class cx cy w h score`` (normalised; the score column is dropped by ``smear data prepare``)."""
     names = LABEL_SETS[labels]
-    w, h = float(result.width), float(result.height)
-    lines = []
-    for cell in cells:
-        x1, y1, x2, y2 = _clipped_box(cell, result.width, result.height)
-        lines.append(f"{names.index(_label_of(cell, labels))} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
-                     f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} {float(cell.score):.4f}")
+    lines = yolo_lines([_clipped_box(c, result.width, result.height) for c in cells],
+                       [names.index(_label_of(c, labels)) for c in cells],
+                       (float(result.width), float(result.height)), scores=[c.score for c in cells])
     return "".join(line + "\n" for line in lines)
 
 

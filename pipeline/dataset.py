@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -196,6 +196,42 @@ def read_voc(source: Path, images: Path | None = None) -> list[AnnotatedImage]:
     return out
 
 
+def yolo_lines(boxes: Sequence[Sequence[float]], classes: Sequence[int], size: tuple[float, float],
+               scores: Sequence[float] | None = None) -> list[str]:
+    """Pixel xyxy boxes as YOLO label lines: class, centre and size as fractions of the image (6 decimals),
+    and a score column (4 decimals) where ``scores`` are given. The one writer of YOLO labels.
+
+    Example:
+        >>> yolo_lines([(0, 0, 64, 48)], [2], (640, 480), scores=[0.5])
+        ['2 0.050000 0.050000 0.100000 0.100000 0.5000']
+    """
+    w, h = size
+    out = []
+    for k, (b, c) in enumerate(zip(boxes, classes)):
+        line = (f"{int(c)} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
+                f"{(b[3] - b[1]) / h:.6f}")
+        out.append(line if scores is None else f"{line} {float(scores[k]):.4f}")
+    return out
+
+
+def parse_yolo_line(line: str, size: tuple[float, float]) -> tuple[int, tuple[float, float, float, float],
+                                                                   float | None] | None:
+    """One YOLO label line as (class, pixel xyxy box, score or None); None for a line without a box.
+    The one reader of YOLO labels.
+
+    Example:
+        >>> parse_yolo_line("2 0.05 0.05 0.1 0.1 0.5", (640, 480))
+        (2, (0.0, 0.0, 64.0, 48.0), 0.5)
+    """
+    parts = line.split()
+    if len(parts) < 5:
+        return None
+    w, h = size
+    c, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:5])
+    return c, ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h), \
+        (float(parts[5]) if len(parts) > 5 else None)
+
+
 def read_yolo(data_yaml: Path) -> list[AnnotatedImage]:
     """Read a YOLO dataset from its ``data.yaml`` (``path``, ``train``/``val``/``test``, ``names``)."""
     import cv2
@@ -220,14 +256,7 @@ def read_yolo(data_yaml: Path) -> list[AnnotatedImage]:
             h, w = (im.shape[:2] if im is not None else (0, 0))
             ai = AnnotatedImage(str(rel.with_suffix("")), img, w, h, split=split)
             if lbl.is_file():
-                for line in lbl.read_text().splitlines():
-                    parts = line.split()
-                    if len(parts) < 5:
-                        continue
-                    c, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:5])
-                    ai.boxes.append(Box(_canonical_label(names.get(c, str(c))), (cx - bw / 2) * w, (cy - bh / 2) * h,
-                                        (cx + bw / 2) * w, (cy + bh / 2) * h,
-                                        score=float(parts[5]) if len(parts) > 5 else None))
+                _add_yolo_boxes(ai, lbl.read_text(), names)
             out.append(ai)
     return out
 
@@ -247,16 +276,18 @@ def read_yolo_folder(source: Path, images: Path | None = None) -> list[Annotated
         im = cv2.imread(str(img), cv2.IMREAD_UNCHANGED) if img is not None else None
         h, w = (im.shape[:2] if im is not None else (0, 0))
         ai = AnnotatedImage(rel.as_posix(), img or (images or source) / rel.parent / f"{rel.name}.jpg", w, h)
-        for line in txt.read_text().splitlines():
-            parts = line.split()
-            if len(parts) < 5 or not w:
-                continue
-            c, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:5])
-            score = float(parts[5]) if len(parts) > 5 else None
-            ai.boxes.append(Box(_canonical_label(names.get(c, str(c))), (cx - bw / 2) * w, (cy - bh / 2) * h,
-                                (cx + bw / 2) * w, (cy + bh / 2) * h, score=score))
+        if w:
+            _add_yolo_boxes(ai, txt.read_text(), names)
         out.append(ai)
     return out
+
+
+def _add_yolo_boxes(ai: AnnotatedImage, text: str, names: dict) -> None:
+    for line in text.splitlines():
+        parsed = parse_yolo_line(line, (ai.width, ai.height))
+        if parsed is not None:
+            c, (x1, y1, x2, y2), score = parsed
+            ai.boxes.append(Box(_canonical_label(names.get(c, str(c))), x1, y1, x2, y2, score=score))
 
 
 def read_coco(path: Path, images: Path | None = None) -> list[AnnotatedImage]:
@@ -505,12 +536,10 @@ def prepare_dataset(sources: list[Path], out: Path, cfg: DataConfig, images: Pat
         split_counts[ai.split] += 1
         suffix = Path(ai.image_path).suffix.lower() or ".jpg"
         shutil.copyfile(ai.image_path, yolo / "images" / ai.split / f"{name}{suffix}")
-        lines = []
+        lines = yolo_lines([b.xyxy for b in ai.boxes], [GROUPS.index(group_of(b.label)) for b in ai.boxes], (w, h))
         for j, b in enumerate(ai.boxes):
             g = group_of(b.label)
             box_counts[g] += 1
-            cx, cy = (b.x1 + b.x2) / 2 / w, (b.y1 + b.y2) / 2 / h
-            lines.append(f"{GROUPS.index(g)} {cx:.6f} {cy:.6f} {(b.x2 - b.x1) / w:.6f} {(b.y2 - b.y1) / h:.6f}")
             crop_rel = Path(ai.split) / b.label / f"{name}_{j:03d}.png"
             (crops / crop_rel).parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(crops / crop_rel), crop_cell(img, b.xyxy, cfg.crop_margin, cfg.crop_size_px))

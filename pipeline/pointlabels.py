@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .benchmark import iou_matrix
-from .dataset import GROUPS
+from .dataset import GROUPS, parse_yolo_line, yolo_lines
 
 log = logging.getLogger(__name__)
 
@@ -251,22 +251,12 @@ def add_point_labelled_fields(yolo_dir: Path, chula_root: Path, image_ids: Itera
     return rows
 
 
-def yolo_lines(boxes: np.ndarray, classes: Sequence[int], size: tuple[int, int]) -> list[str]:
-    """Pixel xyxy boxes as YOLO label lines (class, centre and size as fractions of the image)."""
-    w, h = size
-    return [f"{int(c)} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
-            f"{(b[3] - b[1]) / h:.6f}" for b, c in zip(boxes, classes)]
-
-
 def read_yolo_boxes(label_file: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """A YOLO label file as pixel boxes (x1, y1, x2, y2) and class indices."""
-    w, h = size
-    rows = [line.split() for line in Path(label_file).read_text().splitlines() if line.strip()] \
-        if Path(label_file).is_file() else []
-    a = np.array([[float(v) for v in r[:5]] for r in rows], np.float32).reshape(-1, 5)
-    boxes = np.stack([(a[:, 1] - a[:, 3] / 2) * w, (a[:, 2] - a[:, 4] / 2) * h,
-                      (a[:, 1] + a[:, 3] / 2) * w, (a[:, 2] + a[:, 4] / 2) * h], 1)
-    return boxes, a[:, 0].astype(int)
+    lines = Path(label_file).read_text().splitlines() if Path(label_file).is_file() else []
+    parsed = [p for p in (parse_yolo_line(line, size) for line in lines) if p is not None]
+    return (np.array([b for _, b, _ in parsed], np.float32).reshape(-1, 4),
+            np.array([c for c, _, _ in parsed], int))
 
 
 def pseudo_label_split(yolo_dir: Path, detector_weights: str | None = None, split: str = "train",
