@@ -25,7 +25,8 @@ def evaluate_detector(weights: str | Path | None = None, split: str = "test", da
 
     Where the prepared set lists images known to lack a box of some class (``incomplete_labels.csv``,
     written by 'smear data prepare'), the metrics are given twice: as the labels stand (the official
-    figure) and under ``audited``, with that class's detections in those images ignored.
+    figure) and under ``audited``: a WBC boxed as an oversized "platelet" is scored as a WBC, and
+    otherwise that class's detections in those images are ignored (see :func:`ignoring_validator`).
     """
     ensure_offline()
     from ultralytics import YOLO
@@ -89,18 +90,39 @@ def read_incomplete_labels(data_yaml: Path, split: str) -> dict[str, set[int]]:
 
 
 def ignoring_validator(ignore: dict[str, set[int]]):
-    """ultralytics' detection validator, with the listed classes' detections dropped in the listed images.
+    """ultralytics' detection validator, scoring the listed images on audited labels.
 
-    Only for classes an image has no box of: those detections are then neither true nor false
-    positives, as with VOC's 'difficult' objects; everything else is scored unchanged.
+    In an image listed as lacking its WBC box, a "Platelets" box larger than the image's median RBC
+    (:func:`~smear.pipeline.dataset.oversized_platelets`, the audit's rule) is scored as that WBC.
+    Otherwise the listed classes' detections are dropped there: an image has no box of such a class,
+    so they are neither true nor false positives, as with VOC's 'difficult' objects. Everything else is
+    scored unchanged.
     """
     import torch
     from ultralytics.models.yolo.detect import DetectionValidator
 
+    from smear.pipeline.dataset import oversized_platelets
+
+    wbc = GROUPS.index("WBC")
+
     class IgnoringValidator(DetectionValidator):
+        def _prepare_batch(self, si, batch):
+            pbatch = super()._prepare_batch(si, batch)
+            if wbc in ignore.get(Path(pbatch["im_file"]).stem, ()) and len(pbatch["cls"]):
+                b = pbatch["bboxes"]
+                sides = torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]).cpu().numpy()
+                big, _ = oversized_platelets([GROUPS[int(c)] for c in pbatch["cls"]], sides)
+                if big.any():
+                    cls = pbatch["cls"].clone()
+                    cls[torch.from_numpy(big).to(cls.device)] = wbc
+                    pbatch["cls"] = cls
+            return pbatch
+
         def update_metrics(self, preds, batch):
             for si, pred in enumerate(preds):
-                drop = ignore.get(Path(batch["im_file"][si]).stem)
+                drop = set(ignore.get(Path(batch["im_file"][si]).stem, ()))
+                if wbc in drop and (self._prepare_batch(si, batch)["cls"] == wbc).any():
+                    drop.discard(wbc)  # its WBC is boxed after all, as a "platelet": scored, not ignored
                 if drop and pred["cls"].numel():
                     keep = ~torch.isin(pred["cls"].long(), torch.tensor(sorted(drop), device=pred["cls"].device))
                     preds[si] = {k: v[keep] for k, v in pred.items()}

@@ -35,7 +35,8 @@ import numpy as np
 
 from .config import PipelineConfig
 from .dataset import (GROUPS, SUBTYPES, AnnotatedImage, DataConfig, assign_splits, assign_subtypes,
-                      audit_image, group_of, missing_wbc_box, read_source, read_subtypes)
+                      audit_image, group_of, missing_wbc_box, read_source, read_subtypes,
+                      wbc_boxed_as_platelets)
 from .errors import SmearError
 from .indicators import compute_flags
 from .paths import git_commit, resolve_path
@@ -283,7 +284,7 @@ def image_row(image: str, rows: Sequence[dict], cfg: PipelineConfig, error: str 
               missing: Sequence[str] = ()) -> dict[str, Any]:
     """``images.csv`` row of one image, built from its ``cells.csv`` rows.
 
-    ``missing``: groups the audit found on the image without a box (``labels_missing``); the
+    ``missing``: groups whose boxes the audit found missing or wrong on the image (``labels_missing``); the
     audited count errors leave the image out for those groups.
     """
     out: dict[str, Any] = {"image": image, "error": error, "labels_missing": ";".join(missing)}
@@ -539,6 +540,8 @@ def load_ground_truth(data: Path | None, split: str,
             assign_subtypes(ai, subtypes)
             if missing_wbc_box(ai, subtypes):
                 ai.missing.append("WBC")
+                if wbc_boxed_as_platelets(ai)[0]:
+                    ai.missing.append("Platelets")  # its platelet count holds the WBC: wrong, left out too
     return source, images
 
 
@@ -736,8 +739,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"pipeline {', '.join(sf['pipeline']['flags']) or 'none'}.",
               "", "Subtype count errors use only images where every true WBC has a known subtype.", ""]
     for g, a in ipl.get("audited", {}).items():
-        lines[-1:] = [f"Audited labels: {len(a['left_out'])} image(s) show a {g} that has no box (the data audit, "
-                      f"'{g} box missing'); without them the {g} count MAE is detector "
+        lines[-1:] = [f"Audited labels: the data audit found {len(a['left_out'])} image(s) whose {g} boxes are "
+                      f"missing or wrong (a WBC without its box, or boxed as a platelet); without them the {g} count "
+                      f"MAE is detector "
                       f"{_fmt(idt.get('audited', {}).get(g, {}).get('count_MAE'))}, pipeline {_fmt(a['count_MAE'])} "
                       f"({a['n_images']} images). Left out: {', '.join(a['left_out'])}.", ""]
     return "\n".join(lines)
@@ -756,7 +760,7 @@ def summary_text(s: dict[str, Any], output: Path) -> str:
              f"  F1        detector {_fmt(cd['F1'])}  pipeline {_fmt(cp['F1'])}",
              "  count MAE per image (pipeline): " + ", ".join(f"{g} {_fmt(mae[g])}" for g in GROUPS),
              *(f"  count MAE {g}, audited labels: {_fmt(a['count_MAE'])} ({len(a['left_out'])} image(s) whose "
-               f"{g} has no box left out: {', '.join(a['left_out'])})"
+               f"{g} boxes are missing or wrong left out: {', '.join(a['left_out'])})"
                for g, a in s["image"]["pipeline"].get("audited", {}).items()),
              f"  flag agreement per image: pipeline {_fmt(s['image']['pipeline']['flag_agreement'])}",
              "  outcomes: " + ", ".join(f"{k} {v}" for k, v in att["outcomes"].items()),

@@ -389,3 +389,26 @@ def test_cli_benchmark_is_wired():
 
     res = CliRunner().invoke(app, ["benchmark", "--help"])
     assert res.exit_code == 0 and "--split" in res.output
+
+
+def test_a_wbc_boxed_as_a_platelet_leaves_the_image_out_of_both_audited_counts(tmp_path):
+    """BCCD 00135: the WBC's box is there but named Platelets. Its WBC and its platelet counts are both
+    wrong, so the audited count errors leave the image out of both."""
+    import re
+
+    voc, data_cfg, truth = _voc_with_subtypes(tmp_path, ",9,NEUTROPHIL\n,10,LYMPHOCYTE\n")
+    xml = voc / "Annotations" / "BloodImage_00010.xml"
+    xml.write_text(re.sub(r"<object><name>WBC</name>", "<object><name>Platelets</name>", xml.read_text()))
+    assert [a.missing for a in load_ground_truth(voc, "test", data_cfg)[1]] == [[], ["WBC", "Platelets"], []]
+    out = tmp_path / "bench"
+    text = run_benchmark(voc, "test", out, analyzer=FakeAnalyzer(truth), cfg=PipelineConfig(conf=0.25, class_conf=()),
+                         data_cfg=data_cfg)
+    s = json.loads((out / "summary.json").read_text())["image"]["pipeline"]
+    assert {g: a["left_out"] for g, a in s["audited"].items()} == {"WBC": ["BloodImage_00010"],
+                                                                   "Platelets": ["BloodImage_00010"]}
+    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+    assert images.loc["BloodImage_00010", "labels_missing"] == "WBC;Platelets"
+    err = images["abs_err_pipeline_Platelets"]
+    assert err["BloodImage_00010"] >= 1  # the "platelet" the analyzer rightly did not find
+    assert s["audited"]["Platelets"]["count_MAE"] == pytest.approx(err.drop("BloodImage_00010").mean(), abs=1e-4)
+    assert "Platelets, audited labels" in text

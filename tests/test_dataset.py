@@ -138,6 +138,7 @@ def test_wbc_named_by_the_subtype_table_but_unboxed_is_listed_as_incomplete(tmp_
                                                                   ("BloodImage_00003", "test", "WBC")]
     assert "Basophil" in rows[0]["reason"] and "wrong class" not in rows[0]["reason"]
     assert "Platelets box 300,200,460,360 is larger than its median RBC" in rows[1]["reason"]
+    assert "ignores WBC detections" in rows[0]["reason"] and "scores that box as the WBC" in rows[1]["reason"]
     audit = _read_csv(tmp_path / "out" / "audit.csv")
     assert sorted(r["image_id"] for r in audit if r["reason"].startswith("WBC box missing")) == \
         ["BloodImage_00001", "BloodImage_00003"]

@@ -79,8 +79,11 @@ def test_readme_command_runs_as_a_subprocess(tmp_path):
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 1
 
 
-def test_audited_evaluation_ignores_only_the_listed_class_in_the_listed_image(tmp_path):
-    """A WBC whose box is missing from the labels counts against the official AP, not the audited one."""
+@pytest.mark.parametrize("labelled_as", [None, "Platelets"])
+def test_audited_evaluation_ignores_only_the_listed_class_in_the_listed_image(tmp_path, labelled_as):
+    """A WBC whose box is missing from the labels counts against the official AP, not the audited one.
+    Boxed as a "platelet" (BCCD 00135), the audited evaluation scores that box as the WBC: the detection
+    is a true positive and no platelet is missed."""
     import shutil
 
     import yaml
@@ -104,7 +107,9 @@ def test_audited_evaluation_ignores_only_the_listed_class_in_the_listed_image(tm
         for c, xywhn in zip(r.boxes.cls.tolist(), r.boxes.xywhn.tolist()):
             if name == "BloodImage_00021.jpg" and int(c) == 1:
                 wbc_seen += 1
-                continue  # the labeller missed this image's WBC
+                if labelled_as is None:
+                    continue  # the labeller missed this image's WBC
+                c = 2  # or boxed it as a platelet
             lines.append(" ".join([str(int(c))] + [f"{v:.6f}" for v in xywhn]))
         (yolo / "labels" / "test" / name.replace(".jpg", ".txt")).write_text("\n".join(lines) + "\n")
     assert wbc_seen == 1
@@ -116,7 +121,10 @@ def test_audited_evaluation_ignores_only_the_listed_class_in_the_listed_image(tm
     assert a["ignored"] == {"BloodImage_00021": ["WBC"]}
     assert m["per_class"]["WBC"]["precision"] < 0.75 < a["per_class"]["WBC"]["precision"]
     assert m["per_class"]["WBC"]["AP50"] < a["per_class"]["WBC"]["AP50"]
-    for c in ("RBC", "Platelets"):  # their AP is untouched (ultralytics reads P and R at one shared confidence)
+    if labelled_as == "Platelets":
+        assert a["per_class"]["WBC"]["recall"] == 1.0  # the "platelet" box is the WBC, and it was found
+        assert m["per_class"]["Platelets"]["recall"] < a["per_class"]["Platelets"]["recall"]
+    for c in ("RBC",) if labelled_as else ("RBC", "Platelets"):  # untouched (P and R at one shared confidence)
         assert (a["per_class"][c]["AP50"], a["per_class"][c]["AP50_95"]) == \
             (m["per_class"][c]["AP50"], m["per_class"][c]["AP50_95"])
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["audited"] == a
