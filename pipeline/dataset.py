@@ -60,6 +60,9 @@ class DataConfig:
     split_seed: int = param(0, "seed of the image-level split for sources without ImageSets", range=(0, None))
     val_fraction: float = param(0.2, "image fraction for val when the source has no split", range=(0.0, 0.5))
     test_fraction: float = param(0.2, "image fraction for test when the source has no split", range=(0.0, 0.5))
+    relabel_train_wbc: bool = param(True, "training split only: a Platelets box the audit finds to be an unboxed WBC "
+                                          "(larger than the median RBC, where the subtype table names a WBC and no WBC "
+                                          "box exists) becomes that WBC; val and test keep their labels")
 
 
 @dataclass
@@ -96,7 +99,7 @@ class AuditRow:
     image_id: str
     label: str
     box: str
-    action: str  # clipped, dropped, note
+    action: str  # clipped, dropped, relabelled, note
     reason: str
 
 
@@ -420,6 +423,19 @@ def missing_wbc_box(ai: AnnotatedImage, subtypes: dict[str, list[str]]) -> Audit
     return AuditRow(ai.image_id, "WBC", "", "note", f"WBC box missing: the subtype table names {', '.join(named)}{hint}; {scored}")
 
 
+def relabel_wbc_boxed_as_platelets(ai: AnnotatedImage, subtypes: dict[str, list[str]]) -> list[AuditRow]:
+    """Name the WBC that :func:`wbc_boxed_as_platelets` finds as a WBC (its subtype where the table makes that
+    unambiguous), for training data: the detector and the classifier then learn it as what it is."""
+    big, typical = wbc_boxed_as_platelets(ai)
+    for b in big:
+        b.label = "WBC"
+    note = assign_subtypes(ai, subtypes)
+    return [AuditRow(ai.image_id, "Platelets", _fmt_box(b), "relabelled",
+                     f"WBC boxed as Platelets: the subtype table names {', '.join(subtypes.get(ai.image_id, []))}, the "
+                     f"image has no WBC box and this box is larger than its median RBC ({typical:g} px); now {b.label}")
+            for b in big] + ([note] if note else [])
+
+
 def wbc_boxed_as_platelets(ai: AnnotatedImage) -> tuple[list[Box], float]:
     """The image's "Platelets" boxes larger than its median RBC (:func:`oversized_platelets`), and that median.
     Meant for images whose WBC has no box (:func:`missing_wbc_box`)."""
@@ -550,7 +566,9 @@ def prepare_dataset(sources: list[Path], out: Path, cfg: DataConfig, images: Pat
             audit.append(note)
         name = _safe_name(ai.image_id)
         missing = missing_wbc_box(ai, subtypes)
-        if missing:
+        if missing and ai.split == "train" and cfg.relabel_train_wbc and wbc_boxed_as_platelets(ai)[0]:
+            audit.extend(relabel_wbc_boxed_as_platelets(ai, subtypes))
+        elif missing:
             audit.append(missing)
             ai.missing.append("WBC")
             incomplete.append([name, ai.split, "WBC", missing.reason])

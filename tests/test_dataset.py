@@ -147,6 +147,29 @@ def test_wbc_named_by_the_subtype_table_but_unboxed_is_listed_as_incomplete(tmp_
     assert read_incomplete_labels(data_yaml, "val") == {}
 
 
+@pytest.mark.parametrize("relabel", [True, False])
+def test_a_training_wbc_boxed_as_a_platelet_is_relabelled_in_training_data_only(tmp_path, relabel):
+    """BCCD 00133: in train, the WBC boxed as a platelet becomes that WBC (subtype from the table) for the
+    detector and the classifier; in test (00003 here) the official labels stay and the audit lists it."""
+    voc = write_voc(tmp_path / "voc", n_images=4, extra_objects={
+        "BloodImage_00000": [("Platelets", (300, 200, 460, 360))], "BloodImage_00003": [("Platelets", (300, 200, 460, 360))]})
+    for i in (0, 3):
+        _drop_objects(voc / "Annotations" / f"BloodImage_{i:05d}.xml", "WBC")
+    subtypes = _write_subtypes(tmp_path / "wbc_subtypes.csv", {0: "EOSINOPHIL", 3: "EOSINOPHIL"})
+    prepare_dataset([voc], tmp_path / "out", DataConfig(relabel_train_wbc=relabel), subtypes_csv=subtypes)
+    rows = _read_csv(tmp_path / "out" / "yolo" / "incomplete_labels.csv")
+    assert [r["image"] for r in rows] == (["BloodImage_00003"] if relabel else ["BloodImage_00000", "BloodImage_00003"])
+    manifest = _read_csv(tmp_path / "out" / "crops" / "manifest.csv")
+    big = [r["label"] for r in manifest if r["image_id"] == "BloodImage_00000" and float(r["x1"]) == 300]
+    assert big == (["Eosinophil"] if relabel else ["Platelets"])
+    labels = (tmp_path / "out" / "yolo" / "labels" / "train" / "BloodImage_00000.txt").read_text().splitlines()
+    assert sum(line.startswith(f"{GROUPS.index('WBC')} ") for line in labels) == (1 if relabel else 0)
+    test_labels = (tmp_path / "out" / "yolo" / "labels" / "test" / "BloodImage_00003.txt").read_text().splitlines()
+    assert not any(line.startswith(f"{GROUPS.index('WBC')} ") for line in test_labels)  # official labels kept
+    audit = _read_csv(tmp_path / "out" / "audit.csv")
+    assert [r["image_id"] for r in audit if r["action"] == "relabelled"] == (["BloodImage_00000"] if relabel else [])
+
+
 def test_subtype_labels_assigned_only_when_unambiguous(defects):
     wbc_labels = {}
     for r in defects["manifest"]:
