@@ -67,8 +67,8 @@ def main() -> None:
     imgsz = analyzer.detector.imgsz
     import cv2
 
-    def run_pipeline() -> int:
-        return sum(len(r.cells) for r in analyzer.analyze_images(paths))
+    def run_pipeline(fields: list = paths) -> int:
+        return sum(len(r.cells) for r in analyzer.analyze_images(fields))
 
     def run_detector_alone() -> int:
         n = 0
@@ -96,28 +96,22 @@ def main() -> None:
 
     rows = []
 
-    def once(name: str, fields: list) -> float:
+    def timed(name: str, fn, n_images: int, rep: int = 0) -> float:
         t0 = time.perf_counter()
-        cells = sum(len(r.cells) for r in analyzer.analyze_images(fields))
+        cells = fn()
         dt = time.perf_counter() - t0
-        rows.append({"run": name, "repeat": 0, "images": len(fields), "cells": cells, "seconds": round(dt, 3),
-                     "images_per_s": round(len(fields) / dt, 3), "threads": args.threads,
+        rows.append({"run": name, "repeat": rep, "images": n_images, "cells": cells, "seconds": round(dt, 3),
+                     "images_per_s": round(n_images / dt, 3), "threads": args.threads,
                      "detector": analyzer.detector.info.weights.suffix.lstrip(".")})
         return dt
 
-    first = once("smear_analyze_first_pass", paths)  # warm-up: first-call allocations, kernel set-up
-    new = once("smear_analyze_new_fields", new_paths)
+    # warm-up (first-call allocations, kernel set-up), then as many new fields
+    first = timed("smear_analyze_first_pass", run_pipeline, len(paths))
+    new = timed("smear_analyze_new_fields", lambda: run_pipeline(new_paths), len(new_paths))
     runs = [("detector_alone", run_detector_alone), ("smear_analyze", run_pipeline)]
     for name, fn in runs + ([] if args.no_study else [("study_resnet50_224", run_study)]):
-        best = None
         for rep in range(args.repeats if name != "study_resnet50_224" else 1):
-            t0 = time.perf_counter()
-            cells = fn()
-            dt = time.perf_counter() - t0
-            rows.append({"run": name, "repeat": rep, "images": len(paths), "cells": cells, "seconds": round(dt, 3),
-                         "images_per_s": round(len(paths) / dt, 3), "threads": args.threads,
-                         "detector": analyzer.detector.info.weights.suffix.lstrip(".")})
-            best = dt if best is None else min(best, dt)
+            timed(name, fn, len(paths), rep)
     for r in rows:
         r.update(device=args.device, pad=not args.no_pad and args.device != "cpu")
     out = args.out

@@ -462,8 +462,7 @@ def benchmark(
     from .benchmark import run_benchmark
     from .config import PipelineConfig
 
-    cfg = _load(PipelineConfig, config, overrides)
-    summary = run_benchmark(data, split, output, cfg=cfg)
+    summary = run_benchmark(data, split, output, cfg=_load(PipelineConfig, config, overrides))
     typer.echo(summary)
 
 

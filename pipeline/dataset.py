@@ -570,7 +570,6 @@ def prepare_dataset(sources: list[Path], out: Path, cfg: DataConfig, images: Pat
             audit.extend(relabel_wbc_boxed_as_platelets(ai, subtypes))
         elif missing:
             audit.append(missing)
-            ai.missing.append("WBC")
             incomplete.append([name, ai.split, "WBC", missing.reason])
         split_counts[ai.split] += 1
         suffix = Path(ai.image_path).suffix.lower() or ".jpg"

@@ -40,7 +40,7 @@ def render_card_md(card: dict, title: str) -> str:
         lines += ["## Split", "", str(card["split"]), ""]
     for key, heading in (("val_metrics", "Validation metrics"), ("test_metrics", "Test metrics (official test split)"),
                          ("test_metrics_audited", "Test metrics on audited labels (official test split, "
-                                                  "detections of a class ignored where the audit found its box missing)"),
+                                                  "scored where the audit found boxes missing or wrong as its note says)"),
                          ("count_mae_test", "Count error per image (official test split)"),
                          ("chula_val", "Chula RBC-12 counting (val)"), ("chula_test", "Chula RBC-12 counting (test)")):
         if card.get(key):

@@ -162,6 +162,7 @@ def test_pseudo_labels_restore_the_cells_a_labeller_skipped_and_only_those(tmp_p
     from smear.detector.predict import Detector
     from smear.pipeline.errors import SmearError
     from smear.pipeline.io import read_image
+    from smear.pipeline.dataset import yolo_lines
     from smear.pipeline.pointlabels import pseudo_label_split, read_yolo_boxes
 
     det = Detector(None)
@@ -178,8 +179,7 @@ def test_pseudo_labels_restore_the_cells_a_labeller_skipped_and_only_those(tmp_p
         keep = np.ones(len(found), bool)
         if name == names[1]:
             keep[np.flatnonzero(found.classes == 0)[:3]] = False  # the labeller skipped three RBCs here
-        lines = [f"{c} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
-                 f"{(b[3] - b[1]) / h:.6f}" for b, c in zip(found.boxes[keep], found.classes[keep])]
+        lines = yolo_lines(found.boxes[keep], found.classes[keep], (w, h))
         (yolo / "labels" / "train" / name.replace(".jpg", ".txt")).write_text("\n".join(lines) + "\n")
         expected[name] = (int(keep.sum()), int((~keep).sum()), found.boxes[~keep])
     rows = {r["image"]: r for r in pseudo_label_split(yolo, None, "train")}
