@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
+    from smear.configs.errors import ModelNotFoundError, SmearError
     from smear.pipeline.benchmark import run_benchmark
     from smear.pipeline.config import PipelineConfig
-    from smear.pipeline.errors import ModelNotFoundError, SmearError
 
     cfg = PipelineConfig(detector_weights=args.detector_weights, classifier_weights=args.classifier_weights,
                          device=args.device, threads=args.threads)

@@ -33,10 +33,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from smear.pipeline.report import write_rows
-
 import numpy as np
 
+from smear.pipeline.report import write_rows
 
 DENSE = (0.75, 0.85, 0.9)
 BORDER_PX = 2  # a box edge this close to the field's edge marks a cell cut by the border
@@ -67,14 +66,14 @@ def main() -> None:
     import json
 
     from smear.classifier.morphology import MorphologyConfig, read_chula, resolve_morphology_folder, split_images
+    from smear.configs.paths import resolve_path
+    from smear.data.images import read_image
+    from smear.data.pointlabels import estimate_cell_count, points_in_boxes
+    from smear.data.taxonomy import GROUPS
     from smear.detector.config import DetectorConfig
     from smear.detector.model import find_detector
     from smear.detector.predict import Detector, at_border, drop_edge_fragments
     from smear.pipeline.config import PipelineConfig
-    from smear.pipeline.dataset import GROUPS
-    from smear.pipeline.io import read_image
-    from smear.pipeline.paths import resolve_path
-    from smear.pipeline.pointlabels import estimate_cell_count, points_in_boxes
 
     mcfg = MorphologyConfig()
     data = read_chula(resolve_path(args.data_root or mcfg.data_root))

@@ -28,7 +28,7 @@ from smear.pipeline.report import write_rows
 
 def summarize(rows: list[dict]) -> dict:
     from smear.classifier.evaluate import classification_report
-    from smear.pipeline.dataset import CELL_CLASSES
+    from smear.data.taxonomy import CELL_CLASSES
 
     rep = classification_report([r["true"] for r in rows], [r["pred"] for r in rows], CELL_CLASSES)
     per_fold = {}
@@ -93,8 +93,8 @@ def main() -> None:
     from smear.classifier.model import load_classifier
     from smear.classifier.predict import predict_crops
     from smear.classifier.train import ImageCache, eval_crops, model_classes, read_manifest, train_classifier
-    from smear.pipeline.config import build_config, parse_overrides
-    from smear.pipeline.paths import resolve_path
+    from smear.configs.loader import build_config, parse_overrides
+    from smear.configs.paths import resolve_path
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = load_classifier(args.weights)

@@ -63,10 +63,10 @@ def time_cascade(args) -> None:
     """Mean cost per crop of the shipped cascade on the detector's boxes of the BCCD test fields."""
     from smear.classifier import predict
     from smear.classifier.model import load_classifier
+    from smear.configs.paths import resolve_path
+    from smear.data.images import read_image
     from smear.detector.predict import Detector
     from smear.pipeline.analyze import CLASSIFIER_BATCH
-    from smear.pipeline.io import read_image
-    from smear.pipeline.paths import resolve_path
 
     root = resolve_path(args.data)
     ids = (root / "ImageSets" / "Main" / "test.txt").read_text().split()

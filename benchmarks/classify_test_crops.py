@@ -26,7 +26,7 @@ def main() -> None:
     from smear.classifier.evaluate import classification_report
     from smear.classifier.model import load_classifier
     from smear.classifier.predict import classify_files
-    from smear.pipeline.paths import resolve_path
+    from smear.configs.paths import resolve_path
 
     root = resolve_path(args.crops) / args.split
     model = load_classifier(args.weights)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from smear.configs.offline import ensure_offline
+from smear.configs.paths import resolve_path
 from smear.detector.config import DetectorConfig
 from smear.detector.model import find_detector
-from smear.pipeline.offline import ensure_offline
-from smear.pipeline.paths import resolve_path
 
 
 def main() -> None:

@@ -122,9 +122,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from smear.configs.paths import resolve_path
     from smear.pipeline import report
     from smear.pipeline.cli import app
-    from smear.pipeline.paths import resolve_path
 
     code = commit()  # before the run: the code that ran, not whatever is edited meanwhile
     rows: list[dict] = []

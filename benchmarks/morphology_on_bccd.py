@@ -16,9 +16,9 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from smear.pipeline.report import write_rows
-
 import numpy as np
+
+from smear.pipeline.report import write_rows
 
 
 def main() -> None:
@@ -33,10 +33,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from smear.classifier.morphology import MORPHOLOGY_CLASSES, load_morphology_model, summarize_morphology
-    from smear.pipeline.dataset import read_voc
-    from smear.pipeline.io import read_image
-    from smear.pipeline.paths import resolve_path
+    from smear.classifier.morphology import load_morphology_model
+    from smear.data.taxonomy import MORPHOLOGY_CLASSES
+    from smear.pipeline.flags import summarize_morphology
+    from smear.configs.paths import resolve_path
+    from smear.data.formats import read_voc
+    from smear.data.images import read_image
     from smear.pipeline.results import Cell
 
     model = load_morphology_model(args.weights)

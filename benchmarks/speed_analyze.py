@@ -26,8 +26,6 @@ from pathlib import Path
 
 from smear.pipeline.report import write_rows
 
-import numpy as np
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,10 +45,10 @@ def main() -> None:
 
     from smear.classifier.model import CellClassifier
     from smear.classifier.predict import crops_from_boxes, to_tensor
+    from smear.configs.paths import resolve_path
+    from smear.data.images import read_image
     from smear.pipeline.analyze import Analyzer
     from smear.pipeline.config import PipelineConfig
-    from smear.pipeline.io import read_image
-    from smear.pipeline.paths import resolve_path
 
     root = resolve_path(args.data)
     ids = (root / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]

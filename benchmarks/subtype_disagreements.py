@@ -90,8 +90,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
 def _sheet(rows: list[dict], images: Path, out: Path, tile: int = 112) -> None:
     import cv2
 
-    from smear.pipeline.dataset import crop_cell
-    from smear.pipeline.io import read_image
+    from smear.data.crops import crop_cell
+    from smear.data.images import read_image
 
     cols = 8
     n = len(rows)
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/wbc_subtypes_reviewed.csv"), help="corrected table")
     args = ap.parse_args(argv)
 
-    from smear.pipeline.dataset import DataConfig
-    from smear.pipeline.paths import resolve_path
+    from smear.configs.paths import resolve_path
+    from smear.data.config import DataConfig
 
     data_cfg = DataConfig()
     if args.apply:

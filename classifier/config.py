@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smear.pipeline.config import param
+from smear.configs.loader import param
 
 BACKBONES = ("resnet50", "efficientnet_lite0", "mobilenet_v2")
 

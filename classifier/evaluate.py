@@ -9,9 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from smear.pipeline.dataset import SUBTYPES, group_of
-from smear.pipeline.errors import SmearError
-from smear.pipeline.paths import resolve_path
+from smear.configs.errors import SmearError
+from smear.configs.paths import resolve_path
+from smear.data.taxonomy import SUBTYPES, group_of
 
 log = logging.getLogger(__name__)
 

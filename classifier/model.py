@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smear.pipeline.errors import ModelNotFoundError, SmearError
+from smear.configs.errors import ModelNotFoundError, SmearError
 
 log = logging.getLogger(__name__)
 

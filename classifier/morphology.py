@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -46,17 +45,15 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from smear.pipeline.config import param
-from smear.pipeline.errors import ModelNotFoundError, SmearError
+from smear.configs.errors import ModelNotFoundError, SmearError
+from smear.configs.loader import param
+from smear.data.chula import PointLabel, read_chula, split_images
+from smear.data.taxonomy import MORPHOLOGY_CLASSES, NORMAL, UNCATEGORISED
 
 from .config import BACKBONES
 
 log = logging.getLogger(__name__)
 
-MORPHOLOGY_CLASSES = ("normal", "macrocyte", "microcyte", "spherocyte", "target_cell", "stomatocyte", "ovalocyte",
-                      "teardrop", "burr_cell", "schistocyte", "uncategorised", "hypochromia", "elliptocyte")
-NORMAL = "normal"
-UNCATEGORISED = "uncategorised"
 DEFAULT_MODEL = "chula-morphology"
 RBC_DIAMETER_UM = 7.5
 MIN_RBC_FOR_FIELD_SCALE = 5
@@ -105,71 +102,14 @@ class MorphologyConfig:
 
 # ---------------------------------------------------------------- data
 
-@dataclass
-class PointLabel:
-    """One labelled cell: its centre in image pixels and its class name."""
-
-    image_id: str
-    image: str
-    x: float
-    y: float
-    label: str
 
 
-def _id_key(image_id: str) -> tuple[int, str]:
-    return (int(image_id), image_id) if image_id.isdigit() else (10**9, image_id)
 
 
-def read_chula(root: str | Path) -> dict[str, list[PointLabel]]:
-    """Labelled cells per image id of a Chula RBC-12 folder, ids in numeric order.
-
-    Images without a label file are left out (they have no cells to learn from); label files
-    without an image and lines that do not parse are skipped with a warning.
-    """
-    root = Path(root)
-    img_dir, lbl_dir = root / "Dataset", root / "Label"
-    if not img_dir.is_dir() or not lbl_dir.is_dir():
-        raise SmearError(f"{root}: not a Chula RBC-12 folder (expected Dataset/ and Label/); "
-                         f"set data_root to the folder that holds them")
-    images = {p.stem: p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
-    out: dict[str, list[PointLabel]] = {}
-    bad = 0
-    for lbl in sorted(lbl_dir.glob("*.txt"), key=lambda p: _id_key(p.stem)):
-        if lbl.stem not in images:
-            log.warning("%s: label file without an image, skipped", lbl)
-            continue
-        cells = []
-        for line in lbl.read_text().splitlines():
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                x, y, k = float(parts[0]), float(parts[1]), int(parts[2])
-                cells.append(PointLabel(lbl.stem, str(images[lbl.stem]), x, y, MORPHOLOGY_CLASSES[k]))
-            except (IndexError, ValueError):
-                bad += 1
-        if cells:
-            out[lbl.stem] = cells
-    if bad:
-        log.warning("%s: %d label lines did not parse as 'x y class(0-12)' and were skipped", lbl_dir, bad)
-    if not out:
-        raise SmearError(f"{lbl_dir}: no labelled cells found (lines 'x y class', class 0-12)")
-    return out
 
 
-def split_of(image_id: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
-    """Deterministic split of one image: a hash of seed and id, so adding images moves none."""
-    h = int(hashlib.sha256(f"chula:{seed}:{image_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if h < test_fraction else "val" if h < test_fraction + val_fraction else "train"
 
 
-def split_images(image_ids: Iterable[str], val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 seed: int = 0) -> dict[str, list[str]]:
-    """``{"train": [...], "val": [...], "test": [...]}`` image ids, by image, in numeric order."""
-    out: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for i in sorted(image_ids, key=_id_key):
-        out[split_of(i, val_fraction, test_fraction, seed)].append(i)
-    return out
 
 
 def point_crop(image: np.ndarray, x: float, y: float, side_px: float, size_px: int, angle: float = 0.0,
@@ -204,7 +144,7 @@ def augmented_point_crop(image: np.ndarray, cell: PointLabel, cfg: MorphologyCon
 def eval_point_crops(cells: Sequence[PointLabel], crop_px: float, size_px: int,
                      images: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """Plain (unaugmented) crops of labelled cells, each image decoded once."""
-    from smear.pipeline.io import read_image
+    from smear.data.images import read_image
 
     images = {} if images is None else images
     out = []
@@ -286,9 +226,9 @@ def train_morphology(cfg: MorphologyConfig | None = None, resume: bool = False, 
     import torch
     from torch import nn
 
-    from smear.pipeline.config import config_to_dict, dump_config
-    from smear.pipeline.io import read_image
-    from smear.pipeline.paths import git_commit, resolve_path
+    from smear.configs.loader import config_to_dict, dump_config
+    from smear.configs.paths import git_commit, resolve_path
+    from smear.data.images import read_image
 
     from .model import CellClassifier, ClassifierModel, save_model_folder
     from .predict import to_tensor
@@ -534,7 +474,7 @@ def evaluate_morphology(folder: str | Path | None, split: str = "test", output: 
     every figure is computed from it) to ``output``. ``record=True`` stores the result in the
     folder's card as ``{split}_metrics`` and rewrites ``card.md``.
     """
-    from smear.pipeline.paths import resolve_path
+    from smear.configs.paths import resolve_path
 
     from .evaluate import plot_confusion
 
@@ -625,82 +565,19 @@ def write_card_md(folder: Path) -> None:
     (folder / "card.md").write_text("\n".join(lines))
 
 
-# ---------------------------------------------------------------- summaries and flags
-
-MIN_RBC_FOR_MORPHOLOGY = 100
-# (flag name, labels pooled, threshold % of RBCs with a call, what the pattern points to).
-# Schistocytes: ICSH 2021 (> 1% suspicious for thrombotic microangiopathy). Spherocytes and
-# teardrops: clinically weighty at low shares, graded from about 5%. Target cells, elliptocytes/
-# ovalocytes, microcytes/hypochromia and macrocytes occur at low shares in normal films and are
-# graded moderate from about 11% (ICSH 2015), so > 10%.
-MORPHOLOGY_RULES: tuple[tuple[str, tuple[str, ...], float, str], ...] = (
-    ("schistocytes", ("schistocyte",), 1.0,
-     "fragments point to microangiopathic haemolysis (TTP, HUS, DIC) or mechanical damage"),
-    ("spherocytes", ("spherocyte",), 5.0, "point to hereditary spherocytosis or immune haemolysis"),
-    ("teardrop_cells", ("teardrop",), 5.0, "point to marrow fibrosis or infiltration, or thalassaemia"),
-    ("microcytic_hypochromic_pattern", ("microcyte", "hypochromia"), 10.0,
-     "points to iron deficiency or thalassaemia trait (check ferritin, Hb electrophoresis)"),
-    ("target_cells", ("target_cell",), 10.0, "point to haemoglobinopathy/thalassaemia, liver disease, hyposplenism"),
-    ("elliptocytes_ovalocytes", ("elliptocyte", "ovalocyte"), 10.0,
-     "point to hereditary elliptocytosis, iron deficiency, thalassaemia or myelofibrosis"),
-    ("macrocytes", ("macrocyte",), 10.0, "point to B12/folate deficiency, liver disease, alcohol or reticulocytosis"),
-)
-MORPHOLOGY_CAVEAT = ("Morphology hints from a model trained on one laboratory's images (Chula RBC-12); not anemia, "
-                     "which is defined by haemoglobin, and not a diagnosis. Confirm on the slide and with a full "
-                     "blood count.")
 
 
-def summarize_morphology(cells: Iterable[Any]) -> dict:
-    """``{"n_rbc", "counts", "percent"}`` over the cells that carry a morphology call.
-
-    Example:
-        >>> summarize_morphology(result.cells)["percent"]["schistocyte"]
-    """
-    from collections import Counter
-
-    return summarize_morphology_counts(Counter(c.morphology["label"] for c in cells if getattr(c, "morphology", None)))
 
 
-def summarize_morphology_counts(label_counts: dict[str, int]) -> dict:
-    """The same summary from calls counted per label (e.g. running totals over a slide's fields)."""
-    n = sum(label_counts.values())
-    names = list(MORPHOLOGY_CLASSES) + sorted(lab for lab in label_counts if lab not in MORPHOLOGY_CLASSES)
-    counts = {k: int(label_counts.get(k, 0)) for k in names}
-    return {"n_rbc": n, "counts": counts,
-            "percent": {k: (round(100 * v / n, 2) if n else None) for k, v in counts.items()}}
 
 
-def morphology_flags(summary: dict | None, counts: dict[str, int], n_fields: int) -> list:
-    """Morphology flags (see ``MORPHOLOGY_RULES``), or one 'insufficient evidence' flag below 100 RBCs."""
-    from smear.pipeline.results import Flag, wilson_interval
-
-    if not summary:
-        return []
-    n = int(summary.get("n_rbc", 0))
-    evidence = {"fields": n_fields, "rbc": counts.get("RBC", n), "rbc_with_morphology": n}
-    if n < MIN_RBC_FOR_MORPHOLOGY:
-        return [Flag("rbc_morphology", "insufficient evidence", "share of RBCs per morphology class",
-                     f">= {MIN_RBC_FOR_MORPHOLOGY} RBCs with a morphology call", f"{n} RBCs", evidence,
-                     f"Only {n} RBCs carry a morphology call; analyse more fields before reading shares. "
-                     + MORPHOLOGY_CAVEAT)]
-    flags = []
-    for name, labels, threshold, meaning in MORPHOLOGY_RULES:
-        k = sum(int(summary["counts"].get(lab, 0)) for lab in labels)
-        pct = 100 * k / n
-        if pct > threshold:
-            lo, hi = wilson_interval(k, n)
-            flags.append(Flag(name, "warning", f"share of RBCs called {' or '.join(labels)}", f"> {threshold:g}%",
-                              f"{pct:.1f}% ({k} of {n} RBCs, 95% CI {lo}-{hi}%)",
-                              {**evidence, "cells": k, "labels": list(labels)},
-                              f"{meaning[0].upper()}{meaning[1:]}. " + MORPHOLOGY_CAVEAT))
-    return flags
 
 
 # ---------------------------------------------------------------- entry point
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m smear.classifier.morphology train|evaluate``: parse, call one function, print."""
-    from smear.pipeline.config import load_config, parse_overrides
+    from smear.configs.loader import load_config, parse_overrides
 
     ap = argparse.ArgumentParser(
         prog="python -m smear.classifier.morphology",

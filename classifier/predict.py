@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from smear.pipeline.dataset import crop_cell
+from smear.data.crops import crop_cell
 
 from .model import IMAGENET_MEAN, IMAGENET_STD, ClassifierModel
 
@@ -69,7 +69,7 @@ def crops_from_boxes(model: ClassifierModel, image_rgb: np.ndarray, boxes: Seque
 
 def _refine_mask(model: ClassifierModel, probs: np.ndarray) -> np.ndarray:
     """Crops whose probability for a refined group reaches ``refine_min_prob``."""
-    from smear.pipeline.dataset import group_of
+    from smear.data.taxonomy import group_of
 
     cols = [k for k, c in enumerate(model.classes) if group_of(c) in model.refine_groups]
     if model.refiner is None or not cols or not len(probs):
@@ -86,7 +86,7 @@ def rescore_cascade(model: ClassifierModel, probs: np.ndarray, crop_of, batch: i
     shares it out: ``p(subtype) = p(WBC) x p_subtyper(subtype | WBC)``, so group decisions are
     unchanged. ``crop_of(k, stage_model)`` returns crop ``k`` cut the way ``stage_model`` wants it.
     """
-    from smear.pipeline.dataset import SUBTYPES
+    from smear.data.taxonomy import SUBTYPES
 
     mask = _refine_mask(model, probs)
     if mask.any():
@@ -144,7 +144,7 @@ def crop_from_cell_image(model: ClassifierModel, image_rgb: np.ndarray) -> np.nd
 
 def classify_files(model: ClassifierModel, paths: Sequence[Path], batch: int = 256) -> list[dict]:
     """``{"image", "label", "score", "probs"}`` per file, or ``{"image", "error"}``; the batch goes on."""
-    from smear.pipeline.io import read_image
+    from smear.data.images import read_image
 
     records: list[dict] = []
     pending: list[tuple[int, np.ndarray]] = []

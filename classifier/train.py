@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from smear.pipeline.config import config_to_dict, dump_config
-from smear.pipeline.dataset import CELL_CLASSES, SUBTYPES
-from smear.pipeline.errors import SmearError
-from smear.pipeline.paths import git_commit, resolve_path
+from smear.configs.errors import SmearError
+from smear.configs.loader import config_to_dict, dump_config
+from smear.configs.paths import git_commit, resolve_path
+from smear.data.taxonomy import CELL_CLASSES, SUBTYPES
 
 from .config import ClassifierConfig
 from .model import CellClassifier, save_model_folder
@@ -60,7 +60,7 @@ class ImageCache:
 
     def get(self, path: str) -> np.ndarray:
         if path not in self._images:
-            from smear.pipeline.io import read_image
+            from smear.data.images import read_image
 
             self._images[path] = read_image(path)
         return self._images[path]
@@ -103,7 +103,7 @@ def stain_jitter(crop: np.ndarray, hue: float, saturation: float, brightness: fl
 
 
 def eval_crops(rows: list[CropRow], cache: ImageCache, size: int, margin: float) -> list[np.ndarray]:
-    from smear.pipeline.dataset import crop_cell
+    from smear.data.crops import crop_cell
 
     return [crop_cell(cache.get(r.image), r.box, margin, size) for r in rows]
 
@@ -115,7 +115,7 @@ def class_weights(labels: list[str], classes: tuple[str, ...], power: float) -> 
 
 
 def _epoch_metrics(probs: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> dict:
-    from smear.pipeline.dataset import SUBTYPES
+    from smear.data.taxonomy import SUBTYPES
 
     pred = probs.argmax(1)
     loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1)).mean()) if len(y) else float("nan")
@@ -279,7 +279,7 @@ def package_classifier(model_folder: Path, dest: Path, extra: dict | None = None
     """Copy a trained model folder to ``dest`` (e.g. the shipped models folder) with its card (json + md)."""
     import shutil
 
-    from smear.pipeline.modelcard import write_card
+    from smear.configs.modelcard import write_card
 
     model_folder = Path(model_folder)
     card = json.loads((model_folder / "card.json").read_text())

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smear.pipeline.config import OPERATING_CONF, param
+from smear.configs.loader import param
+
+# The detector score the pipeline keeps, chosen on val (PipelineConfig.conf shares it).
+OPERATING_CONF = 0.4
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,11 @@ import json
 import logging
 from pathlib import Path
 
-from smear.pipeline.dataset import GROUPS, INCOMPLETE_LABELS
-from smear.pipeline.errors import SmearError
-from smear.pipeline.offline import ensure_offline
-from smear.pipeline.paths import resolve_path
+from smear.configs.errors import SmearError
+from smear.configs.offline import ensure_offline
+from smear.configs.paths import resolve_path
+from smear.data.audit import INCOMPLETE_LABELS
+from smear.data.taxonomy import GROUPS
 
 from .config import DetectorConfig
 from .model import find_detector
@@ -101,7 +102,7 @@ def ignoring_validator(ignore: dict[str, set[int]]):
     import torch
     from ultralytics.models.yolo.detect import DetectionValidator
 
-    from smear.pipeline.dataset import oversized_platelets
+    from smear.data.audit import oversized_platelets
 
     wbc = GROUPS.index("WBC")
 
@@ -134,7 +135,7 @@ def ignoring_validator(ignore: dict[str, set[int]]):
 def _count_images(data_yaml: Path, split: str) -> int:
     import yaml
 
-    from smear.pipeline.io import IMAGE_SUFFIXES
+    from smear.data.images import IMAGE_SUFFIXES
 
     cfg = yaml.safe_load(Path(data_yaml).read_text())
     root = Path(cfg.get("path") or Path(data_yaml).parent)

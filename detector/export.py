@@ -13,9 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-from smear.pipeline.errors import SmearError
-from smear.pipeline.offline import ensure_offline
-from smear.pipeline.paths import git_commit, resolve_path
+from smear.configs.errors import SmearError
+from smear.configs.offline import ensure_offline
+from smear.configs.paths import git_commit, resolve_path
 
 from .model import find_detector
 

@@ -14,8 +14,8 @@ import copy
 import logging
 from pathlib import Path
 
-from smear.pipeline.errors import SmearError
-from smear.pipeline.offline import ensure_offline
+from smear.configs.errors import SmearError
+from smear.configs.offline import ensure_offline
 
 from .model import find_detector
 
@@ -49,7 +49,7 @@ def interpolate_detectors(base: str | Path, tuned: str | Path, alpha: float, des
     """
     import torch
 
-    from smear.pipeline.modelcard import write_card
+    from smear.configs.modelcard import write_card
 
     ensure_offline()
     if not 0.0 <= alpha <= 1.0:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from smear.pipeline.errors import ModelNotFoundError
+from smear.configs.errors import ModelNotFoundError
 
 DEFAULT_MODEL = "bccd-chula-yolov8n-cpu"
 

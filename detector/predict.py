@@ -9,8 +9,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from smear.pipeline.dataset import GROUPS
-from smear.pipeline.offline import ensure_offline, use_cpu_threads
+from smear.configs.offline import ensure_offline, use_cpu_threads
+from smear.data.taxonomy import GROUPS
 
 from .config import DetectorConfig
 from .model import DetectorModelInfo, find_detector
@@ -165,7 +165,7 @@ class Detector:
         names = self.model.names
         self._class_map = {}
         for idx, name in (names.items() if isinstance(names, dict) else enumerate(names)):
-            from smear.pipeline.dataset import _canonical_label
+            from smear.data.taxonomy import _canonical_label
 
             canon = _canonical_label(str(name))
             if canon not in GROUPS:

@@ -6,14 +6,13 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from smear.pipeline.config import config_to_dict, dump_config
-from smear.pipeline.dataset import GROUPS
-from smear.pipeline.errors import SmearError
-from smear.pipeline.offline import ensure_offline, use_cpu_threads
-from smear.pipeline.paths import git_commit, resolve_path
+from smear.configs.errors import SmearError
+from smear.configs.loader import config_to_dict, dump_config
+from smear.configs.offline import ensure_offline, use_cpu_threads
+from smear.configs.paths import git_commit, resolve_path
+from smear.data.taxonomy import GROUPS
 
 from .config import DetectorConfig
 
@@ -106,7 +105,7 @@ def package_detector(run_dir: Path, dest: Path, extra: dict | None = None) -> Pa
     """Copy a run's best weights into a self-describing model folder (weights.pt, card.json, card.md)."""
     import csv
 
-    from smear.pipeline.modelcard import write_card
+    from smear.configs.modelcard import write_card
 
     run_dir = Path(run_dir)
     card = json.loads((run_dir / "card.json").read_text()) if (run_dir / "card.json").is_file() else {}

@@ -22,13 +22,22 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from smear.configs.errors import SmearError
+from smear.data.taxonomy import GROUPS, group_of
+
 from .config import PipelineConfig
-from .dataset import GROUPS, SUBTYPES, group_of
-from .errors import SmearError
-from .indicators import compute_flags
+from .flags import compute_flags
 from .progress import progress_bar
-from .results import (BatchResult, Cell, Flag, ImageResult, SlideResult, count_cells, differential_from_counts,
-                      ratios_from_counts)
+from .results import (
+    BatchResult,
+    Cell,
+    Flag,
+    ImageResult,
+    SlideResult,
+    count_cells,
+    differential_from_counts,
+    ratios_from_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +113,8 @@ class Analyzer:
         import datetime
         from importlib import metadata
 
-        from .config import config_to_dict
-        from .paths import git_commit
+        from smear.configs.loader import config_to_dict
+        from smear.configs.paths import git_commit
 
         try:
             version = metadata.version("smear")
@@ -174,14 +183,14 @@ class Analyzer:
                 "in_domain": in_domain}
 
     def _morphology_outputs(self, cells: list[Cell], counts: dict[str, int], n_fields: int) -> tuple[dict, list]:
-        from smear.classifier.morphology import summarize_morphology
+        from .flags import summarize_morphology
 
         return self._morphology_outputs_from(summarize_morphology(cells), rbc_diameters_px(cells), counts, n_fields)
 
     def _morphology_outputs_from(self, summary: dict, diameters_px: Sequence[float], counts: dict[str, int],
                                  n_fields: int) -> tuple[dict, list]:
         """Morphology shares and flags; out of the model's domain, one flag that says why there are none."""
-        from smear.classifier.morphology import morphology_flags
+        from .flags import morphology_flags
 
         domain = self._morphology_domain_px(diameters_px)
         summary["domain"] = domain
@@ -220,7 +229,7 @@ class Analyzer:
 
         Unreadable files give a result with ``error`` set and ``image_rgb`` None.
         """
-        from .io import read_image
+        from smear.data.images import read_image
 
         bar = progress_bar(len(paths), "analyze", progress)
         try:
@@ -325,7 +334,7 @@ class Analyzer:
         slide.flags = compute_flags(counts, slide.differential, n, self.cfg, totals.unplaced_wbc,
                                     mean_diameter_um(totals.rbc_diameters_px, self.cfg))
         if self.morphology is not None:
-            from smear.classifier.morphology import summarize_morphology_counts
+            from .flags import summarize_morphology_counts
 
             summary = summarize_morphology_counts(totals.morphology_labels)
             slide.morphology, extra = self._morphology_outputs_from(summary, totals.rbc_diameters_px, counts, n)

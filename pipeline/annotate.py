@@ -33,10 +33,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from smear.configs.errors import SmearError
+from smear.data.formats import yolo_lines
+from smear.data.images import IMAGE_SUFFIXES, expand_inputs
+from smear.data.taxonomy import GROUPS, SUBTYPES
+
 from .config import PipelineConfig
-from .dataset import GROUPS, SUBTYPES, yolo_lines
-from .errors import SmearError
-from .io import IMAGE_SUFFIXES, expand_inputs
 from .progress import progress_bar
 from .report import atomic_write_text
 from .results import ImageResult
@@ -149,7 +151,7 @@ def yolo_txt(result: ImageResult, cells: Sequence, labels: str) -> str:
 
 
 def coco_categories(labels: str) -> list[dict[str, Any]]:
-    from .dataset import group_of
+    from smear.data.taxonomy import group_of
 
     return [{"id": i + 1, "name": n, "supercategory": group_of(n)} for i, n in enumerate(LABEL_SETS[labels])]
 

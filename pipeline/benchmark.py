@@ -33,13 +33,17 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from smear.configs.errors import SmearError
+from smear.configs.paths import git_commit, resolve_path
+from smear.data.audit import assign_subtypes, audit_image, missing_wbc_box, wbc_boxed_as_platelets
+from smear.data.boxes import iou_matrix
+from smear.data.config import DataConfig
+from smear.data.formats import AnnotatedImage, read_source, read_subtypes
+from smear.data.splits import assign_splits
+from smear.data.taxonomy import GROUPS, SUBTYPES, group_of
+
 from .config import PipelineConfig
-from .dataset import (GROUPS, SUBTYPES, AnnotatedImage, DataConfig, assign_splits, assign_subtypes,
-                      audit_image, group_of, missing_wbc_box, read_source, read_subtypes,
-                      wbc_boxed_as_platelets)
-from .errors import SmearError
-from .indicators import compute_flags
-from .paths import git_commit, resolve_path
+from .flags import compute_flags
 from .results import Cell, ImageResult, count_cells, differential_from_counts
 
 log = logging.getLogger(__name__)
@@ -70,19 +74,6 @@ BCCD_NOTE = ("BCCD labels are incomplete for RBCs (many RBCs, mostly at the bord
 
 # ---------------------------------------------------------------- matching and AP
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every xyxy box in ``a`` (N, 4) with every box in ``b`` (M, 4), shape (N, M)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    if not len(a) or not len(b):
-        return np.zeros((len(a), len(b)))
-    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = iw * ih
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 def match_greedy(pred_scores: Sequence[float], ious: np.ndarray, iou_threshold: float = MATCH_IOU) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import SmearError
+from smear.configs.errors import SmearError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -51,7 +51,7 @@ def main_callback(verbose: bool = typer.Option(False, "--verbose", "-v", help="s
 
 
 def _load(cls, config: Optional[Path], overrides: List[str], extra: dict | None = None):
-    from .config import load_config, parse_overrides
+    from smear.configs.loader import load_config, parse_overrides
 
     values = parse_overrides(overrides)
     values.update({k: v for k, v in (extra or {}).items() if v is not None})
@@ -73,8 +73,9 @@ def data_prepare(
 
     Example: smear data prepare --source ../shared/data/bccd --out /tmp/bccd
     """
-    from .dataset import DataConfig, prepare_dataset
-    from .paths import resolve_path
+    from smear.configs.paths import resolve_path
+    from smear.data.config import DataConfig
+    from smear.data.prepare import prepare_dataset
 
     cfg = _load(DataConfig, config, overrides or [])
     sources = [Path(s) for s in source] if source else [resolve_path(cfg.source)]
@@ -115,14 +116,17 @@ def data_add_points(
     import json
 
     from smear.classifier.morphology import resolve_morphology_folder
-
-    from .paths import resolve_path
-    from .pointlabels import build_point_augmented_set
+    from smear.configs.paths import resolve_path
+    from smear.data.pointlabels import build_point_augmented_set
+    from smear.detector.predict import Detector
 
     folder = Path(split_from) if split_from else resolve_morphology_folder(None)
     train_ids = json.loads((folder / "split.json").read_text())["train"]
-    data_yaml, rows = build_point_augmented_set(resolve_path(str(base)), out, resolve_path(str(source)), train_ids,
-                                                scale, detector_weights=weights, max_images=max_images)
+    det = Detector(weights)
+    data_yaml, rows = build_point_augmented_set(
+        resolve_path(str(base)), out, resolve_path(str(source)), train_ids, scale,
+        lambda rgb, k: det.predict([rgb], scale=k)[0], float(det.info.card.get("rbc_median_diameter_px") or 100.0),
+        max_images=max_images)
     n = len(rows)
     typer.echo(f"{n} point-labelled training fields added (split from {folder / 'split.json'})")
     if n:
@@ -143,11 +147,14 @@ def data_pseudo_label(
 
     Example: smear data pseudo-label --out runs/prepared/bccd-chula-pl
     """
-    from .paths import resolve_path
-    from .pointlabels import copy_yolo_set, pseudo_label_split
+    from smear.configs.paths import resolve_path
+    from smear.data.pointlabels import copy_yolo_set, pseudo_label_split
+    from smear.detector.predict import Detector
 
     yolo = copy_yolo_set(resolve_path(str(base)), out)  # a SmearError becomes one line via main()
-    rows = pseudo_label_split(yolo, weights, "train", conf=conf, wbc_conf=wbc_conf)
+    det = Detector(weights)
+    rows = pseudo_label_split(yolo, lambda rgb, k: det.predict([rgb], conf=min(conf, wbc_conf), scale=k)[0], "train",
+                              conf=conf, wbc_conf=wbc_conf)
     added = {g: sum(r[f"pseudo_{g}"] for r in rows) for g in ("RBC", "WBC", "Platelets")}
     typer.echo(f"{len(rows)} training images; labelled boxes {sum(r['labelled'] for r in rows)}; "
                f"pseudo-labels added: " + ", ".join(f"{g} {n}" for g, n in added.items()))
@@ -308,8 +315,7 @@ def classify(
     """
     from smear.classifier.model import load_classifier
     from smear.classifier.predict import classify_files
-
-    from .io import expand_inputs
+    from smear.data.images import expand_inputs
 
     files = expand_inputs(paths)
     if not files:
@@ -364,9 +370,10 @@ def analyze(
 
       smear analyze slides/ --output out/ --capture-mode random --set platelet_factor_per_field=15000
     """
+    from smear.data.images import expand_inputs
+
     from .analyze import Analyzer, slide_names
     from .config import PipelineConfig
-    from .io import expand_inputs
     from .report import ResultWriter, table_header, table_name_width, table_row
 
     cfg = _load(PipelineConfig, config, overrides, {"conf": conf, "device": device, "batch": batch,

@@ -14,8 +14,9 @@ from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .dataset import SUBTYPES
-from .errors import SmearError
+from smear.configs.errors import SmearError
+from smear.data.taxonomy import SUBTYPES
+
 from .results import ImageResult, SlideResult
 
 # Colours (RGB) per final label, chosen to stay distinct on pink/purple stained fields.

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .dataset import GROUPS, SUBTYPES
+from smear.data.taxonomy import GROUPS, SUBTYPES
 
 
 @dataclass

@@ -88,7 +88,7 @@ def tiny_detector(tmp_path_factory) -> Path:
     """An untrained 3-class YOLOv8n checkpoint that ultralytics loads like a trained one."""
     import torch
 
-    from smear.pipeline.offline import ensure_offline
+    from smear.configs.offline import ensure_offline
 
     ensure_offline()
     from ultralytics.nn.tasks import DetectionModel
@@ -109,7 +109,7 @@ def make_untrained_model_folder(folder: Path, config_cls, values: dict, classes,
     import torch
 
     from smear.classifier.model import CellClassifier, save_model_folder
-    from smear.pipeline.config import build_config, config_to_dict
+    from smear.configs.loader import build_config, config_to_dict
 
     torch.manual_seed(0)
     cfg = build_config(config_cls, values)
@@ -122,7 +122,7 @@ def make_untrained_model_folder(folder: Path, config_cls, values: dict, classes,
 def tiny_classifier(tmp_path_factory) -> Path:
     """An untrained classifier folder (mobilenet_v2, no pretrained weights) at 32 px."""
     from smear.classifier.config import ClassifierConfig
-    from smear.pipeline.dataset import CELL_CLASSES
+    from smear.data.taxonomy import CELL_CLASSES
 
     return make_untrained_model_folder(
         tmp_path_factory.mktemp("tiny_classifier"), ClassifierConfig,
@@ -164,7 +164,7 @@ def restore_threads():
     """Put torch's (and ultralytics') CPU thread count back after a test that changes it."""
     import torch
 
-    from smear.pipeline.offline import use_cpu_threads
+    from smear.configs.offline import use_cpu_threads
 
     before = torch.get_num_threads()
     yield

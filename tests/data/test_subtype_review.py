@@ -8,10 +8,9 @@ from pathlib import Path
 
 import cv2
 import pytest
-
 from conftest import draw_field
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("subtype_disagreements", ROOT / "benchmarks" / "subtype_disagreements.py")
 sd = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sd)

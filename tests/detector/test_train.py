@@ -19,10 +19,11 @@ def no_network(monkeypatch):
 
 
 def test_detector_trains_one_epoch_offline_and_writes_a_run_folder(tmp_path, no_network, restore_threads):
+    from smear.configs.loader import build_config
+    from smear.data.config import DataConfig
+    from smear.data.prepare import prepare_dataset
     from smear.detector.config import DetectorConfig
     from smear.detector.train import package_detector, train_detector
-    from smear.pipeline.config import build_config
-    from smear.pipeline.dataset import DataConfig, prepare_dataset
     from tests.conftest import write_voc
 
     voc = write_voc(tmp_path / "voc", n_images=4)

@@ -10,14 +10,23 @@ from pathlib import Path
 
 import cv2
 import pytest
-
 from conftest import AnalyzerBuilt, draw_field
+
+from smear.configs.errors import SmearError
+from smear.data.config import DataConfig
+from smear.data.formats import read_source
+from smear.data.images import read_image
+from smear.data.prepare import prepare_dataset
+from smear.data.taxonomy import SUBTYPES
 from smear.pipeline import annotate as annotate_module
-from smear.pipeline.annotate import (COCO_NAME, LABEL_SETS, MANIFEST_NAME, YOLO_CLASSES_NAME, AnnotateSummary,
-                                     annotate_folder)
-from smear.pipeline.dataset import SUBTYPES, DataConfig, prepare_dataset, read_source
-from smear.pipeline.errors import SmearError
-from smear.pipeline.io import read_image
+from smear.pipeline.annotate import (
+    COCO_NAME,
+    LABEL_SETS,
+    MANIFEST_NAME,
+    YOLO_CLASSES_NAME,
+    AnnotateSummary,
+    annotate_folder,
+)
 from smear.pipeline.results import Cell, ImageResult
 
 WBC_SUBTYPE = "Lymphocyte"

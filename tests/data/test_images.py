@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smear.pipeline.errors import ImageReadError, SmearError
-from smear.pipeline.io import expand_inputs, read_image
+from smear.configs.errors import ImageReadError, SmearError
+from smear.data.images import expand_inputs, read_image
 
 
 def _rgb(h: int = 40, w: int = 60) -> np.ndarray:

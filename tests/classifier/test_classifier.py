@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smear.pipeline.errors import SmearError
+from smear.configs.errors import SmearError
 
 
 @pytest.fixture
 def tiny_manifest(tmp_path, tiny_voc):
-    from smear.pipeline.dataset import DataConfig, prepare_dataset
+    from smear.data.config import DataConfig
+    from smear.data.prepare import prepare_dataset
 
     prepare_dataset([tiny_voc], tmp_path / "prep", DataConfig(crop_size_px=32), subtypes_csv=None)
     return tmp_path / "prep" / "crops" / "manifest.csv"
@@ -22,7 +23,7 @@ def tiny_manifest(tmp_path, tiny_voc):
 
 def _cfg(manifest, tmp_path, **kw):
     from smear.classifier.config import ClassifierConfig
-    from smear.pipeline.config import build_config
+    from smear.configs.loader import build_config
 
     values = {"manifest": str(manifest), "backbone": "mobilenet_v2", "pretrained": "none", "crop_size_px": 32,
               "frozen_epochs": 1, "epochs": 1, "samples_per_epoch": 32, "batch": 16, "threads": 1,
@@ -151,7 +152,7 @@ def _subtype_manifest(tiny_manifest: Path, tmp_path: Path) -> Path:
 def test_subtype_model_trains_on_wbc_crops_only(tiny_manifest, tmp_path):
     from smear.classifier.model import load_classifier
     from smear.classifier.train import train_classifier
-    from smear.pipeline.dataset import SUBTYPES
+    from smear.data.taxonomy import SUBTYPES
 
     manifest = _subtype_manifest(tiny_manifest, tmp_path)
     folder = train_classifier(_cfg(manifest, tmp_path, classes="subtypes", name="sub"), progress=False)
@@ -164,7 +165,7 @@ def test_subtype_model_trains_on_wbc_crops_only(tiny_manifest, tmp_path):
 
 def _with_subtyper(tmp_path, tiny_classifier, min_prob: float) -> Path:
     from smear.classifier.config import ClassifierConfig
-    from smear.pipeline.dataset import SUBTYPES
+    from smear.data.taxonomy import SUBTYPES
     from tests.conftest import make_untrained_model_folder
 
     primary = tmp_path / "primary"
@@ -181,7 +182,8 @@ def _with_subtyper(tmp_path, tiny_classifier, min_prob: float) -> Path:
 def test_subtyper_shares_out_the_wbc_mass_and_keeps_groups(tmp_path, tiny_classifier):
     from smear.classifier.model import load_classifier
     from smear.classifier.predict import predict_crops, rescore_cascade
-    from smear.pipeline.dataset import SUBTYPES, crop_cell
+    from smear.data.crops import crop_cell
+    from smear.data.taxonomy import SUBTYPES
     from tests.conftest import draw_field
 
     model = load_classifier(_with_subtyper(tmp_path, tiny_classifier, 0.5))

@@ -7,9 +7,9 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import SHARED_DATA, requires_shared_data
 from typer.testing import CliRunner
 
-from conftest import SHARED_DATA, requires_shared_data
 from smear.pipeline.cli import app
 
 pytestmark = [pytest.mark.slow, requires_shared_data]

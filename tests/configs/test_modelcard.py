@@ -1,4 +1,4 @@
-from smear.pipeline.modelcard import render_card_md
+from smear.configs.modelcard import render_card_md
 
 
 def test_comparison_table_shows_columns_that_only_later_rows_have():

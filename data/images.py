@@ -9,7 +9,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import ImageReadError
+from smear.configs.errors import ImageReadError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 

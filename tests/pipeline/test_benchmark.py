@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-
-from smear.pipeline.benchmark import (OUTCOMES, average_precision, cell_metrics, detection_ap, iou_matrix,
-                                      load_ground_truth, match_greedy, match_image_cells, run_benchmark)
-from smear.pipeline.config import PipelineConfig
-from smear.pipeline.dataset import GROUPS, SUBTYPES, DataConfig, group_of
-from smear.pipeline.errors import SmearError
-from smear.pipeline.results import Cell, ImageResult
-
 from conftest import write_voc
+
+from smear.configs.errors import SmearError
+from smear.data.config import DataConfig
+from smear.data.taxonomy import GROUPS, SUBTYPES, group_of
+from smear.pipeline.benchmark import (
+    OUTCOMES,
+    average_precision,
+    cell_metrics,
+    detection_ap,
+    iou_matrix,
+    load_ground_truth,
+    match_greedy,
+    match_image_cells,
+    run_benchmark,
+)
+from smear.pipeline.config import PipelineConfig
+from smear.pipeline.results import Cell, ImageResult
 
 TRUTH = [((10, 10, 50, 50), "RBC"), ((100, 100, 160, 160), "Neutrophil"), ((200, 10, 215, 25), "Platelets")]
 

@@ -12,11 +12,16 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-
 from conftest import draw_field, write_voc
-from smear.pipeline.dataset import (CELL_CLASSES, GROUPS, SPLITS, AnnotatedImage, DataConfig, assign_splits,
-                                    box_iou, crop_cell, group_of, prepare_dataset, read_source, read_subtypes)
-from smear.pipeline.errors import SmearError
+
+from smear.configs.errors import SmearError
+from smear.data.boxes import box_iou
+from smear.data.config import DataConfig
+from smear.data.crops import crop_cell
+from smear.data.formats import SPLITS, AnnotatedImage, read_source, read_subtypes
+from smear.data.prepare import prepare_dataset
+from smear.data.splits import assign_splits
+from smear.data.taxonomy import CELL_CLASSES, GROUPS, group_of
 
 MANIFEST_COLUMNS = ["crop_path", "source_image", "image_id", "x1", "y1", "x2", "y2", "label", "group", "split"]
 AUDIT_COLUMNS = ["image_id", "label", "box", "action", "reason"]

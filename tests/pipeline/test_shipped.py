@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "data" / "samples"
 
 
@@ -88,9 +88,9 @@ def test_audited_evaluation_ignores_only_the_listed_class_in_the_listed_image(tm
 
     import yaml
 
+    from smear.configs.offline import ensure_offline
     from smear.detector.evaluate import evaluate_detector
     from smear.detector.model import find_detector
-    from smear.pipeline.offline import ensure_offline
 
     ensure_offline()
     from ultralytics import YOLO
@@ -134,11 +134,11 @@ def test_onnx_export_finds_the_same_cells_with_the_same_operating_point(tmp_path
     """'smear detector export' writes a model folder that runs like the .pt it came from."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
+    from smear.configs.errors import SmearError
+    from smear.data.images import read_image
     from smear.detector.export import export_detector
     from smear.detector.predict import Detector
     from smear.pipeline.config import PipelineConfig
-    from smear.pipeline.errors import SmearError
-    from smear.pipeline.io import read_image
 
     folder = export_detector(None, "onnx", tmp_path / "onnx")
     assert sorted(p.name for p in folder.iterdir()) == ["card.json", "weights.onnx"]
@@ -159,11 +159,11 @@ def test_pseudo_labels_restore_the_cells_a_labeller_skipped_and_only_those(tmp_p
     """The training split gets the confident detections no label covers; nothing is boxed twice."""
     import shutil
 
+    from smear.configs.errors import SmearError
+    from smear.data.formats import yolo_lines
+    from smear.data.images import read_image
+    from smear.data.pointlabels import pseudo_label_split, read_yolo_boxes
     from smear.detector.predict import Detector
-    from smear.pipeline.errors import SmearError
-    from smear.pipeline.io import read_image
-    from smear.pipeline.dataset import yolo_lines
-    from smear.pipeline.pointlabels import pseudo_label_split, read_yolo_boxes
 
     det = Detector(None)
     yolo = tmp_path / "yolo"
@@ -182,7 +182,8 @@ def test_pseudo_labels_restore_the_cells_a_labeller_skipped_and_only_those(tmp_p
         lines = yolo_lines(found.boxes[keep], found.classes[keep], (w, h))
         (yolo / "labels" / "train" / name.replace(".jpg", ".txt")).write_text("\n".join(lines) + "\n")
         expected[name] = (int(keep.sum()), int((~keep).sum()), found.boxes[~keep])
-    rows = {r["image"]: r for r in pseudo_label_split(yolo, None, "train")}
+    propose = lambda rgb, k: det.predict([rgb], conf=0.5, scale=k)[0]  # noqa: E731
+    rows = {r["image"]: r for r in pseudo_label_split(yolo, propose, "train")}
     for name, (n_labelled, n_skipped, skipped) in expected.items():
         assert rows[name]["labelled"] == n_labelled
         assert rows[name]["pseudo_RBC"] == n_skipped and rows[name]["pseudo_WBC"] == rows[name]["pseudo_Platelets"] == 0
@@ -192,4 +193,4 @@ def test_pseudo_labels_restore_the_cells_a_labeller_skipped_and_only_those(tmp_p
             assert np.abs(boxes[-n_skipped:] - skipped).max() < 1.0 and (classes[-n_skipped:] == 0).all()
     assert (yolo / "pseudo_labels_train.csv").is_file()
     with pytest.raises(SmearError, match="training split only"):
-        pseudo_label_split(yolo, None, "val")
+        pseudo_label_split(yolo, propose, "val")

@@ -10,15 +10,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import draw_field
+
+from smear.configs.errors import SmearError
+from smear.configs.loader import build_config
+from smear.data.taxonomy import CELL_CLASSES, GROUPS, SUBTYPES, group_of
 from smear.pipeline.analyze import Analyzer, slide_names
-from smear.pipeline.config import PipelineConfig, build_config
-from smear.pipeline.dataset import CELL_CLASSES, GROUPS, SUBTYPES, group_of
-from smear.pipeline.errors import SmearError
+from smear.pipeline.config import PipelineConfig
 from smear.pipeline.report import ResultWriter, format_table, render_html
 from smear.pipeline.results import Cell, ImageResult
-
 
 # ---------------------------------------------------------------- merge rule (no models)
 
@@ -283,7 +283,7 @@ def test_slide_names_one_slide_per_subfolder(tmp_path):
     files = [_write_field(root / "patient1" / "f1.png", 1), _write_field(root / "patient1" / "deep" / "f2.png", 2),
              _write_field(root / "patient2" / "f3.png", 3), _write_field(root / "loose.png", 4)]
     other = _write_field(tmp_path / "elsewhere" / "x.png", 5)
-    from smear.pipeline.io import expand_inputs
+    from smear.data.images import expand_inputs
 
     paths = expand_inputs([root, other])
     assert set(paths) == set(files) | {other}
@@ -300,7 +300,7 @@ def test_analyze_slides_end_to_end(analyzer, tmp_path):
     _write_field(root / "A" / "1.png", 1)
     _write_field(root / "A" / "2.png", 2)
     _write_field(root / "B" / "3.png", 3)
-    from smear.pipeline.io import expand_inputs
+    from smear.data.images import expand_inputs
 
     paths = expand_inputs([root])
     names = slide_names(paths, [root], None)
@@ -374,7 +374,7 @@ def _synthetic_results(seed: int, n_images: int = 6, rbc_px: float = 39.0) -> li
 def _aggregate_all_cells_at_once(a: Analyzer, results: list[ImageResult]) -> dict:
     """The slide's counts, flags and morphology computed from every cell at once (the pre-streaming way)."""
     from smear.pipeline.analyze import mean_rbc_diameter_um
-    from smear.pipeline.indicators import compute_flags
+    from smear.pipeline.flags import compute_flags
     from smear.pipeline.results import count_cells, differential_from_counts
 
     ok = [r for r in results if not r.error]

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import cv2
 import pytest
+from conftest import AnalyzerBuilt, draw_field, write_voc
 from typer.testing import CliRunner
 
-from conftest import AnalyzerBuilt, draw_field, write_voc
+from smear.configs.errors import ConfigError
+from smear.data.crops import crop_cell
 from smear.pipeline.cli import app
-from smear.pipeline.dataset import crop_cell
-from smear.pipeline.errors import ConfigError
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def invoke(*args: str):

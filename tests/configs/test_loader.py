@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from smear.classifier.config import ClassifierConfig
+from smear.configs.errors import ConfigError, SmearError
+from smear.configs.loader import build_config, config_to_dict, dump_config, load_config, parse_overrides
+from smear.data.config import DataConfig
 from smear.detector.config import DetectorConfig
-from smear.pipeline.config import (PipelineConfig, build_config, config_to_dict, dump_config, load_config,
-                                   parse_overrides)
-from smear.pipeline.dataset import DataConfig
-from smear.pipeline.errors import ConfigError, SmearError
+from smear.pipeline.config import PipelineConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {"data": DataConfig, "detector": DetectorConfig, "classifier": ClassifierConfig, "pipeline": PipelineConfig}
 
 

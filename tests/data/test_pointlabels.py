@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import draw_field
 
 
@@ -15,7 +14,7 @@ def _bgr(img_rgb: np.ndarray) -> np.ndarray:
 
 
 def test_point_boxes_from_the_mask_fit_the_drawn_cells():
-    from smear.pipeline.pointlabels import point_boxes
+    from smear.data.pointlabels import point_boxes
 
     img, boxes = draw_field(seed=3, n_rbc=8, n_wbc=0, n_plt=0)
     rbc = [b for lab, b in boxes if lab == "RBC"]
@@ -34,7 +33,7 @@ def test_point_boxes_from_the_mask_fit_the_drawn_cells():
 
 
 def test_a_detected_box_holding_the_point_wins_over_the_mask():
-    from smear.pipeline.pointlabels import point_boxes
+    from smear.data.pointlabels import point_boxes
 
     img, boxes = draw_field(seed=3, n_rbc=6, n_wbc=0, n_plt=0)
     b = np.array(boxes[0][1], np.float32)
@@ -44,7 +43,7 @@ def test_a_detected_box_holding_the_point_wins_over_the_mask():
 
 
 def test_point_on_background_gets_a_median_square():
-    from smear.pipeline.pointlabels import point_boxes
+    from smear.data.pointlabels import point_boxes
 
     img = np.full((200, 200, 3), 230, np.uint8)
     got, sources = point_boxes(img, [(100, 100)], np.zeros((0, 4), np.float32), default_side_px=40)
@@ -52,7 +51,7 @@ def test_point_on_background_gets_a_median_square():
 
 
 def test_unlabelled_single_cells_become_pseudo_labels_but_not_specks_or_labelled_ones():
-    from smear.pipeline.pointlabels import unlabelled_cell_regions
+    from smear.data.pointlabels import unlabelled_cell_regions
 
     img, boxes = draw_field(seed=5, n_rbc=6, n_wbc=0, n_plt=3)
     rbc = [b for lab, b in boxes if lab == "RBC"]
@@ -66,7 +65,7 @@ def test_unlabelled_single_cells_become_pseudo_labels_but_not_specks_or_labelled
 
 
 def test_densest_window_and_clipping():
-    from smear.pipeline.pointlabels import clip_to_window, densest_window
+    from smear.data.pointlabels import clip_to_window, densest_window
 
     pts = np.array([[1500, 1100], [1550, 1150], [100, 100]], np.float32)
     x0, y0 = densest_window(pts, (1600, 1200), (640, 480))
@@ -78,7 +77,7 @@ def test_densest_window_and_clipping():
 
 
 def test_sample_ids_is_deterministic_and_keeps_order():
-    from smear.pipeline.pointlabels import sample_ids
+    from smear.data.pointlabels import sample_ids
 
     ids = [str(i) for i in range(50)]
     a, b = sample_ids(ids, 10), sample_ids(ids, 10)
@@ -90,7 +89,7 @@ def test_build_point_augmented_set_writes_windows_and_keeps_val(tmp_path, tiny_d
     import cv2
     import yaml
 
-    from smear.pipeline.pointlabels import build_point_augmented_set
+    from smear.data.pointlabels import build_point_augmented_set
 
     base = tmp_path / "base" / "yolo"
     for split in ("train", "val"):
@@ -106,8 +105,11 @@ def test_build_point_augmented_set_writes_windows_and_keeps_val(tmp_path, tiny_d
         cv2.imwrite(str(chula / "Dataset" / f"{i}.jpg"), _bgr(img))
         lines = [f"{(b[0] + b[2]) / 2} {(b[1] + b[3]) / 2} 0" for lab, b in boxes if lab == "RBC"]
         (chula / "Label" / f"{i}.txt").write_text("\n".join(lines) + "\n")
-    data_yaml, rows = build_point_augmented_set(base, tmp_path / "out", chula, ["0", "2"], scale=2.0,
-                                                detector_weights=str(tiny_detector))
+    from smear.detector.predict import Detector
+
+    det = Detector(str(tiny_detector))
+    propose = lambda rgb, k: det.predict([rgb], scale=k)[0]  # noqa: E731
+    data_yaml, rows = build_point_augmented_set(base, tmp_path / "out", chula, ["0", "2"], 2.0, propose)
     assert [r.image_id for r in rows] == ["0", "2"]
     cfg = yaml.safe_load(data_yaml.read_text())
     assert cfg["val"] == "images/val" and Path(cfg["path"]) == data_yaml.parent.resolve()
@@ -118,4 +120,4 @@ def test_build_point_augmented_set_writes_windows_and_keeps_val(tmp_path, tiny_d
         assert sum(1 for line in labels if line.startswith("0 ")) >= r.points
     assert (data_yaml.parent / "point_fields_train.csv").is_file()
     with pytest.raises(Exception, match="exists"):
-        build_point_augmented_set(base, tmp_path / "out", chula, ["0"], scale=2.0, detector_weights=str(tiny_detector))
+        build_point_augmented_set(base, tmp_path / "out", chula, ["0"], 2.0, propose)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from smear.configs.errors import ModelNotFoundError
 from smear.detector.predict import Detections, drop_edge_fragments, keep_above, merge_tiles, tile_origins
-from smear.pipeline.errors import ModelNotFoundError
 
 
 def test_tile_origins_cover_with_overlap():
@@ -154,9 +154,9 @@ def test_interpolation_mixes_the_two_models_tensor_by_tensor(tiny_detector, tmp_
 def test_interpolation_refuses_other_architectures_and_bad_alpha(tiny_detector, tmp_path):
     import torch
 
+    from smear.configs.errors import SmearError
+    from smear.configs.offline import ensure_offline
     from smear.detector.interpolate import interpolate_detectors
-    from smear.pipeline.errors import SmearError
-    from smear.pipeline.offline import ensure_offline
 
     ensure_offline()
     from ultralytics.nn.tasks import DetectionModel
@@ -179,7 +179,7 @@ def test_ultralytics_cpu_device_keeps_the_threads_asked_for(restore_threads):
     import torch
     from ultralytics.utils.torch_utils import select_device
 
-    from smear.pipeline.offline import use_cpu_threads
+    from smear.configs.offline import use_cpu_threads
 
     assert use_cpu_threads(0) == (os.cpu_count() or 1)  # 0: one per core
     select_device("cpu", verbose=False)

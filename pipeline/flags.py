@@ -7,11 +7,12 @@ capture mode or a calibration say so and are skipped without it. Too few cells g
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
+
+from smear.data.taxonomy import MORPHOLOGY_CLASSES, SUBTYPES
 
 from .config import PipelineConfig
-from .dataset import SUBTYPES
-from .results import Flag
+from .results import Flag, wilson_interval
 
 # Normal ranges implied by RBC 4.2-6.1 M/uL, WBC 4-11 k/uL, platelets 150-450 k/uL.
 PLATELETS_PER_1000_RBC = (25.0, 107.0)
@@ -172,3 +173,76 @@ def compute_flags(counts: dict[str, int], differential: dict[str, Any], n_fields
             + differential_flags(counts, differential, n_fields, cfg, wbc_estimate)
             + unplaced_wbc_flag(n_unplaced_wbc, counts.get("WBC", 0), counts, n_fields)
             + rbc_size_flags(mean_rbc_diameter_um, counts.get("RBC", 0), counts, n_fields))
+
+
+# ---------------------------------------------------------------- RBC morphology
+
+MIN_RBC_FOR_MORPHOLOGY = 100
+
+
+# (flag name, labels pooled, threshold % of RBCs with a call, what the pattern points to).
+# Schistocytes: ICSH 2021 (> 1% suspicious for thrombotic microangiopathy). Spherocytes and
+# teardrops: clinically weighty at low shares, graded from about 5%. Target cells, elliptocytes/
+# ovalocytes, microcytes/hypochromia and macrocytes occur at low shares in normal films and are
+# graded moderate from about 11% (ICSH 2015), so > 10%.
+MORPHOLOGY_RULES: tuple[tuple[str, tuple[str, ...], float, str], ...] = (
+    ("schistocytes", ("schistocyte",), 1.0,
+     "fragments point to microangiopathic haemolysis (TTP, HUS, DIC) or mechanical damage"),
+    ("spherocytes", ("spherocyte",), 5.0, "point to hereditary spherocytosis or immune haemolysis"),
+    ("teardrop_cells", ("teardrop",), 5.0, "point to marrow fibrosis or infiltration, or thalassaemia"),
+    ("microcytic_hypochromic_pattern", ("microcyte", "hypochromia"), 10.0,
+     "points to iron deficiency or thalassaemia trait (check ferritin, Hb electrophoresis)"),
+    ("target_cells", ("target_cell",), 10.0, "point to haemoglobinopathy/thalassaemia, liver disease, hyposplenism"),
+    ("elliptocytes_ovalocytes", ("elliptocyte", "ovalocyte"), 10.0,
+     "point to hereditary elliptocytosis, iron deficiency, thalassaemia or myelofibrosis"),
+    ("macrocytes", ("macrocyte",), 10.0, "point to B12/folate deficiency, liver disease, alcohol or reticulocytosis"),
+)
+
+
+MORPHOLOGY_CAVEAT = ("Morphology hints from a model trained on one laboratory's images (Chula RBC-12); not anemia, "
+                     "which is defined by haemoglobin, and not a diagnosis. Confirm on the slide and with a full "
+                     "blood count.")
+
+
+def summarize_morphology(cells: Iterable[Any]) -> dict:
+    """``{"n_rbc", "counts", "percent"}`` over the cells that carry a morphology call.
+
+    Example:
+        >>> summarize_morphology(result.cells)["percent"]["schistocyte"]
+    """
+    from collections import Counter
+
+    return summarize_morphology_counts(Counter(c.morphology["label"] for c in cells if getattr(c, "morphology", None)))
+
+
+def summarize_morphology_counts(label_counts: dict[str, int]) -> dict:
+    """The same summary from calls counted per label (e.g. running totals over a slide's fields)."""
+    n = sum(label_counts.values())
+    names = list(MORPHOLOGY_CLASSES) + sorted(lab for lab in label_counts if lab not in MORPHOLOGY_CLASSES)
+    counts = {k: int(label_counts.get(k, 0)) for k in names}
+    return {"n_rbc": n, "counts": counts,
+            "percent": {k: (round(100 * v / n, 2) if n else None) for k, v in counts.items()}}
+
+
+def morphology_flags(summary: dict | None, counts: dict[str, int], n_fields: int) -> list:
+    """Morphology flags (see ``MORPHOLOGY_RULES``), or one 'insufficient evidence' flag below 100 RBCs."""
+    if not summary:
+        return []
+    n = int(summary.get("n_rbc", 0))
+    evidence = {"fields": n_fields, "rbc": counts.get("RBC", n), "rbc_with_morphology": n}
+    if n < MIN_RBC_FOR_MORPHOLOGY:
+        return [Flag("rbc_morphology", "insufficient evidence", "share of RBCs per morphology class",
+                     f">= {MIN_RBC_FOR_MORPHOLOGY} RBCs with a morphology call", f"{n} RBCs", evidence,
+                     f"Only {n} RBCs carry a morphology call; analyse more fields before reading shares. "
+                     + MORPHOLOGY_CAVEAT)]
+    flags = []
+    for name, labels, threshold, meaning in MORPHOLOGY_RULES:
+        k = sum(int(summary["counts"].get(lab, 0)) for lab in labels)
+        pct = 100 * k / n
+        if pct > threshold:
+            lo, hi = wilson_interval(k, n)
+            flags.append(Flag(name, "warning", f"share of RBCs called {' or '.join(labels)}", f"> {threshold:g}%",
+                              f"{pct:.1f}% ({k} of {n} RBCs, 95% CI {lo}-{hi}%)",
+                              {**evidence, "cells": k, "labels": list(labels)},
+                              f"{meaning[0].upper()}{meaning[1:]}. " + MORPHOLOGY_CAVEAT))
+    return flags

@@ -24,12 +24,18 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .benchmark import iou_matrix
-from .dataset import GROUPS, parse_yolo_line, yolo_lines
+from .boxes import iou_matrix
+from .chula import read_chula
+from .formats import parse_yolo_line, yolo_lines
+from .taxonomy import GROUPS
+
+#: ``propose(rgb, scale)`` -> detections of one field with ``boxes`` (N, 4 xyxy, that field's pixels), ``scores`` and
+#: ``classes`` (indices into GROUPS): a detector's predict, passed in so that data never imports a model stage
+ProposeBoxes = Callable[[np.ndarray, float], Any]
 
 log = logging.getLogger(__name__)
 
@@ -186,24 +192,24 @@ def clip_to_window(boxes: np.ndarray, x0: int, y0: int, ww: int, wh: int, min_vi
 
 
 def add_point_labelled_fields(yolo_dir: Path, chula_root: Path, image_ids: Iterable[str], scale: float,
-                              detector_weights: str | None = None, window: tuple[int, int] = (640, 480),
-                              pseudo_conf: float = 0.5, split: str = "train", prefix: str = "chula") -> list[PointField]:
+                              propose: ProposeBoxes, default_side_px: float = 100.0,
+                              window: tuple[int, int] = (640, 480), pseudo_conf: float = 0.5, split: str = "train",
+                              prefix: str = "chula") -> list[PointField]:
     """Write one training window per point-labelled field into ``yolo_dir/{images,labels}/split``.
+
+    ``propose(rgb, scale)`` gives a field's detections (boxes in its own pixels, scores, group indices),
+    e.g. a detector's; ``default_side_px`` is the RBC side assumed where a field has too few.
 
     Also writes ``yolo_dir/point_fields_<split>.csv`` (one row per field: where each box came from).
     """
     import cv2
 
-    from smear.classifier.morphology import read_chula
-    from smear.detector.predict import Detector
-
     data = read_chula(chula_root)
-    det = Detector(detector_weights)
     rbc = GROUPS.index("RBC")
     img_dir, lbl_dir = Path(yolo_dir) / "images" / split, Path(yolo_dir) / "labels" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     lbl_dir.mkdir(parents=True, exist_ok=True)
-    default_side = float(det.info.card.get("rbc_median_diameter_px") or 100.0)
+    default_side = float(default_side_px)
     rows: list[PointField] = []
     for image_id in image_ids:
         cells = data.get(image_id)
@@ -215,7 +221,7 @@ def add_point_labelled_fields(yolo_dir: Path, chula_root: Path, image_ids: Itera
             continue
         bgr = cv2.resize(bgr0, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
         h, w = bgr.shape[:2]
-        found = det.predict([cv2.cvtColor(bgr0, cv2.COLOR_BGR2RGB)], scale=scale)[0]
+        found = propose(cv2.cvtColor(bgr0, cv2.COLOR_BGR2RGB), scale)
         found_boxes = found.boxes * scale
         pts = np.array([(c.x * scale, c.y * scale) for c in cells], np.float32)
         det_rbc = found_boxes[found.classes == rbc]
@@ -259,7 +265,7 @@ def read_yolo_boxes(label_file: Path, size: tuple[int, int]) -> tuple[np.ndarray
             np.array([c for c, _, _ in parsed], int))
 
 
-def pseudo_label_split(yolo_dir: Path, detector_weights: str | None = None, split: str = "train",
+def pseudo_label_split(yolo_dir: Path, propose: ProposeBoxes, split: str = "train",
                        conf: float = 0.5, wbc_conf: float = 0.8, max_iou: float = 0.3) -> list[dict]:
     """Add confident detections that no label covers to the labels of one split, in place.
 
@@ -271,13 +277,9 @@ def pseudo_label_split(yolo_dir: Path, detector_weights: str | None = None, spli
     """
     import cv2
 
-    from smear.detector.predict import Detector
-
-    from .errors import SmearError
-
+    from smear.configs.errors import SmearError
     if split != "train":
         raise SmearError(f"pseudo-labels go into the training split only, not '{split}'")
-    det = Detector(detector_weights)
     img_dir, lbl_dir = Path(yolo_dir) / "images" / split, Path(yolo_dir) / "labels" / split
     floor = {GROUPS.index("RBC"): conf, GROUPS.index("WBC"): wbc_conf}
     rows = []
@@ -289,7 +291,7 @@ def pseudo_label_split(yolo_dir: Path, detector_weights: str | None = None, spli
         h, w = bgr.shape[:2]
         label_file = lbl_dir / f"{img_path.stem}.txt"
         boxes, classes = read_yolo_boxes(label_file, (w, h))
-        found = det.predict([cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)], conf=min(floor.values()))[0]
+        found = propose(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), 1.0)
         need = np.array([floor.get(int(c), 2.0) for c in found.classes], np.float32)
         overl = iou_matrix(found.boxes, boxes).max(1) if len(boxes) else np.zeros(len(found))
         new = (found.scores >= need) & (overl <= max_iou)
@@ -324,14 +326,15 @@ def sample_ids(image_ids: Sequence[str], max_images: int, seed: int = 0) -> list
 
 
 def build_point_augmented_set(base_yolo: Path, out: Path, chula_root: Path, train_ids: Sequence[str], scale: float,
-                              detector_weights: str | None = None, max_images: int = 0) -> tuple[Path, list[PointField]]:
+                              propose: ProposeBoxes, default_side_px: float = 100.0,
+                              max_images: int = 0) -> tuple[Path, list[PointField]]:
     """Copy a prepared YOLO set to ``out/yolo`` and add point-labelled training windows; returns its data.yaml.
 
     Validation and test stay the base set's (BCCD), so model selection is unchanged.
     """
     yolo = copy_yolo_set(base_yolo, out)
     ids = sample_ids(list(train_ids), max_images)
-    rows = add_point_labelled_fields(yolo, chula_root, ids, scale, detector_weights=detector_weights)
+    rows = add_point_labelled_fields(yolo, chula_root, ids, scale, propose, default_side_px)
     return yolo / "data.yaml", rows
 
 
@@ -341,7 +344,7 @@ def copy_yolo_set(base_yolo: Path, out: Path) -> Path:
 
     import yaml
 
-    from smear.pipeline.errors import SmearError
+    from smear.configs.errors import SmearError
 
     base_yolo, yolo = Path(base_yolo), Path(out) / "yolo"
     if not (base_yolo / "data.yaml").is_file():

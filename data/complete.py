@@ -1,0 +1,153 @@
+"""Build a detector training set from completely labelled fields of several labs, at one cell scale.
+
+Sources (``../shared/data``):
+
+- ``bccd``: BCCD fields that ``bccd-relabel`` labels completely (its train and val fields; BCCD's own
+  labels box about half the RBCs and teach a detector to pass over touching cells, so the other BCCD
+  train fields stay out);
+- ``pbc`` and ``raabin``: the ``txl-external`` fields of those two labs.
+
+Every image is resized so that its median labelled RBC matches ``rbc_diameter_px`` (the scale that
+``scale: auto`` brings each image to at inference), and split by a hash of its bytes (the PBC fields are
+the same pictures as some ``pbc/`` single-cell images, so a content hash keeps both issues' splits
+consistent). BCCD keeps its official split (relabel train -> train, relabel val -> val).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("bccd", "pbc", "raabin")
+#: class order of bccd-relabel and txl-external (their classes.txt) and smear's group order
+_EXTERNAL_ORDER = ("WBC", "RBC", "Platelets")
+_GROUPS = ("RBC", "WBC", "Platelets")
+#: median RBC box side in BCCD's relabelled fields (bccd-relabel, 4,204 RBCs): smear's detection scale
+RBC_DIAMETER_PX = 97.5
+
+
+@dataclass(frozen=True)
+class Field:
+    """One labelled field: image path, source, split and boxes (group, x1, y1, x2, y2) in pixels."""
+
+    image: Path
+    source: str
+    split: str
+    boxes: tuple[tuple[str, float, float, float, float], ...]
+
+
+def content_split(data: bytes, val_fraction: float) -> str:
+    """``train`` or ``val`` from a hash of the image bytes: the same picture lands in the same split anywhere."""
+    h = int(hashlib.sha1(data).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if h < val_fraction else "train"
+
+
+def _read_external_labels(path: Path, width: int, height: int) -> tuple:
+    boxes = []
+    for line in path.read_text().splitlines():
+        p = line.split()
+        if len(p) < 5:
+            continue
+        label = _EXTERNAL_ORDER[int(p[0])]
+        cx, cy, w, h = (float(v) for v in p[1:5])
+        boxes.append((label, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height))
+    return tuple(boxes)
+
+
+def list_fields(shared: Path, val_fraction: float = 0.2) -> list[Field]:
+    """Every completely labelled field of the three sources, with its split."""
+    shared = Path(shared)
+    fields: list[Field] = []
+    bccd = shared / "bccd"
+    sets = {s: set((bccd / "ImageSets" / "Main" / f"{s}.txt").read_text().split()) for s in ("train", "val", "test")}
+    for lbl in sorted((shared / "bccd-relabel" / "labels").glob("*.txt")):
+        split = "train" if lbl.stem in sets["train"] else "val" if lbl.stem in sets["val"] else None
+        if split is None:  # never a test field (the relabel holds none); guard anyway
+            continue
+        fields.append(Field(bccd / "JPEGImages" / f"{lbl.stem}.jpg", "bccd", split,
+                            _read_external_labels(lbl, 640, 480)))
+    ext = shared / "txl-external"
+    with open(ext / "sources.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            image = ext / row["image"]
+            lbl = ext / "labels" / f"{image.stem}.txt"
+            if not lbl.is_file():
+                continue
+            split = content_split(image.read_bytes(), val_fraction)
+            fields.append(Field(image, row["source"], split,
+                                _read_external_labels(lbl, int(row["width"]), int(row["height"]))))
+    return fields
+
+
+def median_rbc_px(boxes) -> float | None:
+    sides = [((x2 - x1) + (y2 - y1)) / 2 for g, x1, y1, x2, y2 in boxes if g == "RBC"]
+    return statistics.median(sides) if sides else None
+
+
+def source_scale(fields: list[Field]) -> dict[str, float]:
+    """Resize factor per source: ``RBC_DIAMETER_PX`` over the source's median labelled RBC side."""
+    out = {}
+    for s in SOURCES:
+        sides = [((x2 - x1) + (y2 - y1)) / 2 for f in fields if f.source == s for g, x1, y1, x2, y2 in f.boxes
+                 if g == "RBC"]
+        if sides:
+            out[s] = round(RBC_DIAMETER_PX / statistics.median(sides), 4)
+    return out
+
+
+def write_yolo_set(fields: list[Field], out: Path, exclude: tuple[str, ...] = (),
+                   val_sources: tuple[str, ...] | None = None) -> Path:
+    """Write ``out/images|labels/{train,val}`` and ``out/data.yaml``; returns the data.yaml path.
+
+    ``exclude`` leaves sources out of training (leave-one-source-out); ``val_sources`` limits val.
+    """
+    import cv2
+    import yaml
+
+    out = Path(out)
+    scales = source_scale(fields)
+    rows = []
+    for f in fields:
+        if f.source in exclude:
+            continue
+        if f.split == "val" and val_sources is not None and f.source not in val_sources:
+            continue
+        img = cv2.imread(str(f.image), cv2.IMREAD_COLOR)
+        if img is None:
+            raise OSError(f"{f.image}: cannot read image")
+        k = scales[f.source]
+        h, w = img.shape[:2]
+        nw, nh = max(1, round(w * k)), max(1, round(h * k))
+        if (nw, nh) != (w, h):
+            img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
+        name = f"{f.source}_{f.image.stem}"
+        (out / "images" / f.split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / f.split).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out / "images" / f.split / f"{name}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        lines = []
+        for g, x1, y1, x2, y2 in f.boxes:
+            x1, x2 = np.clip([x1, x2], 0, w)
+            y1, y2 = np.clip([y1, y2], 0, h)
+            if x2 - x1 < 1 or y2 - y1 < 1:
+                continue
+            lines.append(f"{_GROUPS.index(g)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
+                         f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+        (out / "labels" / f.split / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        rows.append({"image": name, "source": f.source, "split": f.split, "scale": k, "boxes": len(lines)})
+    with open(out / "fields.csv", "w", newline="") as fh:
+        w_ = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w_.writeheader()
+        w_.writerows(rows)
+    data = out / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(out.resolve()), "train": "images/train", "val": "images/val",
+                                    "names": dict(enumerate(_GROUPS))}, sort_keys=False))
+    log.info("wrote %d fields to %s (scales %s)", len(rows), out, scales)
+    return data
