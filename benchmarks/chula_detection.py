@@ -10,8 +10,9 @@ The detector letterboxes every image (or tile) to its imgsz, so an up-scaled fie
 (160 px, more than a cell at scale 4); with tiles larger than imgsz the network would shrink
 the field back and a scale of 2 would behave like 1.
 
-Writes a tidy table (one row per labelled cell and scale) to
-benchmarks/results/chula_detection.csv and prints the fraction found per scale (and per class).
+Appends a tidy table (one row per labelled cell and scale) to benchmarks/results/chula_detection.csv
+(benchmarks/_results.py: date, commit, machine, device, variant, seed first; --variant defaults to the
+detector's folder name, or ``shipped``) and prints the fraction found per scale (and per class).
 
 RBC counting: Chula labels every cell in some fields only, so the RBC count is compared with the
 number of points on the fields whose points reach 0.75 / 0.85 / 0.9 of a mask-based cell estimate
@@ -34,8 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
-from smear.pipeline.report import write_rows
+from _results import append_rows, model_name, results_csv, run_stamp
 
 DENSE = (0.75, 0.85, 0.9)
 BORDER_PX = 2  # a box edge this close to the field's edge marks a cell cut by the border
@@ -56,17 +56,22 @@ def main() -> None:
     ap.add_argument("--edge-fragment-min", type=float, default=None,
                     help="RBCs cut by the field border count only with this fraction of a typical diameter inside "
                          "(default: the pipeline's, PipelineConfig.edge_fragment_min; 0 counts every fragment)")
-    ap.add_argument("--output", default="benchmarks/results/chula_detection.csv")
+    ap.add_argument("--output", default=str(results_csv("chula_detection")), help="table the rows are appended to")
+    ap.add_argument("--variant", default=None,
+                    help="name of this run in the table (default: the detector folder's name, or 'shipped')")
     ap.add_argument("--overlays", default=None,
                     help="folder for a PNG per densely labelled field (points >= 0.75 x estimate) and scale: RBC "
                          "boxes holding a point in green, holding none in red, points outside every box as yellow "
                          "crosses; for auditing what the count error is made of")
     args = ap.parse_args()
+    stamp = run_stamp(args.variant or model_name(args.weights))
 
     import json
 
-    from smear.classifier.morphology import MorphologyConfig, read_chula, resolve_morphology_folder, split_images
+    from smear.classifier.config import MorphologyConfig
+    from smear.classifier.model import resolve_morphology_folder
     from smear.configs.paths import resolve_path
+    from smear.data.chula import read_chula, split_images
     from smear.data.images import read_image
     from smear.data.pointlabels import estimate_cell_count, points_in_boxes
     from smear.data.taxonomy import GROUPS
@@ -119,13 +124,12 @@ def main() -> None:
                 draw_overlay(Path(args.overlays) / f"chula_{image_id}_scale{s:g}.png", img, boxes,
                              inside_box.any(1), points, found)
             for c, inside in zip(cells, found):
-                rows.append({"image_id": image_id, "scale": s, "x": c.x, "y": c.y, "label": c.label,
-                             "found": int(inside), "rbc_boxes": len(boxes), "labelled_cells": len(cells),
-                             "cells_estimate": estimate, "rbc_boxes_interior": int(clear.sum()),
-                             "labelled_cells_interior": interior_points,
+                rows.append({"split": args.split, "image_id": image_id, "scale": s, "x": c.x, "y": c.y,
+                             "label": c.label, "found": int(inside), "rbc_boxes": len(boxes),
+                             "labelled_cells": len(cells), "cells_estimate": estimate,
+                             "rbc_boxes_interior": int(clear.sum()), "labelled_cells_interior": interior_points,
                              "median_rbc_box_px": round(diam, 1) if diam != "" else ""})
-    out = Path(args.output)
-    write_rows(out, rows)
+    out = append_rows(args.output, rows, stamp=stamp)
 
     # Summaries from the table only.
     print(f"detector {det.info.weights} (imgsz {det.imgsz}, tile {tile} px, conf {rbc_conf} for RBCs); "

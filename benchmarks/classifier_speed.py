@@ -2,7 +2,8 @@
 
 Weights do not change the cost, so untrained networks with the study's head are timed
 (batch of 256 crops, channels-last, best of 3). Includes the study's ResNet50 at 224 px.
-Rows go to benchmarks/results/classifier_speed.csv.
+Rows are appended to benchmarks/results/classifier_speed.csv (benchmarks/_results.py: date, commit,
+machine, device, variant, seed, then the run's columns), variant ``backbone-grid`` by default.
 
     python benchmarks/classifier_speed.py [--threads 2]
     python benchmarks/classifier_speed.py --cascade   # the shipped cascade on real detections
@@ -10,16 +11,16 @@ Rows go to benchmarks/results/classifier_speed.csv.
 ``--cascade`` times the shipped classifier cascade (every crop at the primary's size, possible
 WBCs through the refiner, likely WBCs through the subtype stage) on the detector's boxes of the
 BCCD test fields, in the pipeline's chunks of 32 crops, and prints the mean cost per crop and
-how many crops each stage saw. Rows go to benchmarks/results/classifier_speed_cascade.csv.
+how many crops each stage saw: one row in the same table, variant ``cascade`` by default
+(``cascade-<folder>`` with --weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from smear.pipeline.report import write_rows
+from _results import append_rows, model_name, results_csv
 
 
 def main() -> None:
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--cascade", action="store_true", help="time the shipped cascade on real detections")
     ap.add_argument("--data", default="../shared/data/bccd")
     ap.add_argument("--weights", default=None, help="with --cascade: classifier folder to time (default: shipped)")
+    ap.add_argument("--variant", default=None, help="name of this run in the table (default: backbone-grid; "
+                    "cascade, or cascade-<weights folder name>, with --cascade)")
     args = ap.parse_args()
 
     import torch
@@ -54,8 +57,7 @@ def main() -> None:
         rows.append({"backbone": backbone, "crop_size_px": size, "ms_per_crop": round(1000 * best / n, 3),
                      "threads": args.threads, "batch": n})
         print(f"{backbone:<20} {size:>4} px  {1000 * best / n:7.2f} ms/crop")
-    out = Path(__file__).parent / "results" / "classifier_speed.csv"
-    write_rows(out, rows)
+    out = append_rows(results_csv("classifier_speed"), rows, variant=args.variant or "backbone-grid")
     print(f"rows: {out}")
 
 
@@ -97,10 +99,12 @@ def time_cascade(args) -> None:
            "ms_per_crop": round(1000 * best / n, 3),
            "primary_crops": seen.get("primary", 0), "refiner_crops": seen.get("refiner", 0),
            "subtyper_crops": seen.get("subtyper", 0), "threads": args.threads}
-    write_rows(Path(__file__).parent / "results" / "classifier_speed_cascade.csv", [row])
+    variant = args.variant or ("cascade" if not args.weights else f"cascade-{model_name(args.weights)}")
+    out = append_rows(results_csv("classifier_speed"), [row], variant=variant)
     print(f"cascade on {n} detected crops of {len(images)} test fields: {row['ms_per_crop']:.2f} ms/crop "
           f"(crop cutting included); crops seen: primary {row['primary_crops']}, refiner {row['refiner_crops']}, "
           f"subtype stage {row['subtyper_crops']}")
+    print(f"rows: {out}")
 
 
 def _timed(net, x) -> float:

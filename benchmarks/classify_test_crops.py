@@ -3,7 +3,9 @@
 Runs the shipped (or --weights) classifier on every crop file of a prepared split
 (``crops/<split>/<label>/*.png``, written by `smear data prepare`), the way `smear classify`
 does, and prints 3-group accuracy, WBC-subtype accuracy / balanced accuracy and per-class
-recall. Rows go to benchmarks/results/classify_<split>_crops.csv.
+recall. Rows (one per crop, with its split) are appended to benchmarks/results/classify_test_crops.csv
+(benchmarks/_results.py: date, commit, machine, device, variant, seed first; --variant defaults to
+the classifier folder's name, or ``shipped``).
 
     python benchmarks/classify_test_crops.py [--crops runs/prepared/bccd/crops] [--split test]
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from smear.pipeline.report import write_rows
+from _results import append_rows, model_name, results_csv
 
 
 def main() -> None:
@@ -21,6 +23,8 @@ def main() -> None:
     ap.add_argument("--crops", default="runs/prepared/bccd/crops")
     ap.add_argument("--split", default="test")
     ap.add_argument("--weights", default=None)
+    ap.add_argument("--variant", default=None,
+                    help="name of this run in the table (default: the classifier folder's name, or 'shipped')")
     args = ap.parse_args()
 
     from smear.classifier.evaluate import classification_report
@@ -34,10 +38,9 @@ def main() -> None:
     if not files:
         raise SystemExit(f"{root}: no crops; run 'smear data prepare' first")
     records = classify_files(model, files)
-    rows = [{"crop": r["image"], "true": Path(r["image"]).parent.name, "pred": r.get("label", ""),
-             "score": r.get("score", ""), "error": r.get("error", "")} for r in records]
-    out = Path(__file__).parent / "results" / f"classify_{args.split}_crops.csv"
-    write_rows(out, rows)
+    rows = [{"split": args.split, "crop": r["image"], "true": Path(r["image"]).parent.name,
+             "pred": r.get("label", ""), "score": r.get("score", ""), "error": r.get("error", "")} for r in records]
+    out = append_rows(results_csv("classify_test_crops"), rows, variant=args.variant or model_name(args.weights))
     ok = [r for r in rows if not r["error"]]
     rep = classification_report([r["true"] for r in ok], [r["pred"] for r in ok], model.classes)
     print(f"classifier {model.folder} ({model.card['config']['backbone']} @ {model.crop_size_px} px), "

@@ -9,32 +9,30 @@ aggregation, ``writer.close`` and the report included), with the peak RSS so far
 ru_maxrss). Prints the RSS after images 100, 500 and N, the slope in MB per 1,000 images fitted
 over images 100..N, and the peak.
 
-Writes one row per sample to benchmarks/results/memory_batch.csv (rows of other ``--label`` runs
-are kept, so a before/after pair sits in one table); the figures are computed from those rows
-(``--summary`` prints them again without running).
+Appends one row per sample to benchmarks/results/memory_batch.csv (benchmarks/_results.py: date,
+commit, machine, device, variant, seed first), so a before/after pair of ``--variant`` runs sits in one
+table; the figures are computed from those rows (``--summary`` prints those of the latest run of a
+variant again without running).
 
-    python benchmarks/memory_batch.py --images 1000 --threads 1 --label after
-    python benchmarks/memory_batch.py --summary --label before
+    python benchmarks/memory_batch.py --images 1000 --threads 1 --variant after
+    python benchmarks/memory_batch.py --summary --variant before
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import resource
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
+from _results import append_rows, latest_run, read_rows, results_csv, run_stamp
 
-from smear.pipeline.report import write_rows
-
-RESULTS = Path(__file__).parent / "results" / "memory_batch.csv"
+RESULTS = results_csv("memory_batch")
 
 
 def rss_mb() -> float:
@@ -43,17 +41,6 @@ def rss_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent.parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline"], capture_output=True, text=True,
-                               cwd=Path(__file__).parent.parent).stdout.strip()
-        return head + ("+pipeline-changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return ""
 
 
 def link_fields(source: Path, folder: Path, n: int) -> list[Path]:
@@ -68,17 +55,17 @@ def link_fields(source: Path, folder: Path, n: int) -> list[Path]:
     return links
 
 
-def read_rows(label: str | None = None) -> list[dict]:
-    """Rows of the results table (numbers as numbers), all or one run's."""
-    if not RESULTS.is_file():
-        return []
-    with open(RESULTS, newline="") as f:
-        rows = list(csv.DictReader(f))
+def run_rows(variant: str) -> list[dict]:
+    """The rows of the latest stored run of a variant (numbers as numbers)."""
+    try:
+        rows = latest_run(read_rows(RESULTS), variant)
+    except ValueError as e:
+        raise SystemExit(f"memory_batch: {e}")
     for r in rows:
         r["image"] = int(r["image"])
         for k in ("rss_mb", "peak_rss_mb", "elapsed_s"):
             r[k] = float(r[k])
-    return [r for r in rows if label is None or r["label"] == label]
+    return rows
 
 
 def slope_mb_per_1000(per_image: list[dict], first: int) -> float | None:
@@ -95,7 +82,8 @@ def print_summary(rows: list[dict]) -> None:
     closed = next(r for r in rows if r["stage"] == "closed")
     rss_at = {r["image"]: r["rss_mb"] for r in per_image}
     n = len(per_image)
-    print(f"label {closed['label']} ({closed['commit']}), {n} images, {closed['threads']} thread(s), "
+    print(f"variant {closed['variant']} ({closed['date']}, {closed['commit']}), {n} images, "
+          f"{closed['threads']} thread(s), "
           f"{closed['elapsed_s']:.0f} s ({n / closed['elapsed_s']:.2f} img/s)")
     for k in sorted({100, 500, 1000, n} & rss_at.keys()):
         print(f"RSS after image {k:>5}: {rss_at[k]:8.1f} MB")
@@ -111,12 +99,13 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/bccd")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
-    ap.add_argument("--label", default="run", help="name of this run in the table (e.g. before, after)")
+    ap.add_argument("--variant", "--label", default="run", help="name of this run in the table (e.g. before, after)")
     ap.add_argument("--keep-output", type=Path, default=None, help="write the analyze outputs here and keep them")
-    ap.add_argument("--summary", action="store_true", help="print the figures of --label from the table; run nothing")
+    ap.add_argument("--summary", action="store_true",
+                    help="print the figures of the latest run of --variant from the table; run nothing")
     args = ap.parse_args()
     if args.summary:
-        print_summary(read_rows(args.label))
+        print_summary(run_rows(args.variant))
         return
 
     import torch
@@ -126,14 +115,14 @@ def main() -> None:
     from smear.pipeline import report
     from smear.pipeline.cli import app
 
-    code = commit()  # before the run: the code that ran, not whatever is edited meanwhile
+    stamp = run_stamp(args.variant)  # before the run: the code that ran, not whatever is edited meanwhile
     rows: list[dict] = []
     t0 = time.perf_counter()
     original_add = report.ResultWriter.add
 
     def sampled_add(self, result, image_rgb=None):
         original_add(self, result, image_rgb)
-        rows.append({"label": args.label, "stage": "image", "image": self.count, "rss_mb": round(rss_mb(), 2),
+        rows.append({"stage": "image", "image": self.count, "rss_mb": round(rss_mb(), 2),
                      "peak_rss_mb": round(peak_rss_mb(), 2), "elapsed_s": round(time.perf_counter() - t0, 2)})
 
     report.ResultWriter.add = sampled_add  # the command's on_result calls writer.add once per image
@@ -145,13 +134,12 @@ def main() -> None:
         with contextlib.redirect_stdout(stdout):
             app(["analyze", str(inputs), "--output", str(out), "--set", f"threads={args.threads}"],
                 standalone_mode=False)
-        rows.append({"label": args.label, "stage": "closed", "image": args.images, "rss_mb": round(rss_mb(), 2),
+        rows.append({"stage": "closed", "image": args.images, "rss_mb": round(rss_mb(), 2),
                      "peak_rss_mb": round(peak_rss_mb(), 2), "elapsed_s": round(time.perf_counter() - t0, 2)})
     for r in rows:
-        r.update(threads=args.threads, commit=code)
-    others = [r for r in read_rows() if r["label"] != args.label]
-    write_rows(RESULTS, others + rows)
-    print_summary(read_rows(args.label))
+        r.update(threads=args.threads)
+    append_rows(RESULTS, rows, stamp=stamp)
+    print_summary(run_rows(args.variant))
     print(f"rows: {RESULTS}")
 
 

@@ -4,8 +4,10 @@ BCCD has no morphology labels; its donors are not selected for RBC disease, so m
 should come out ``normal``. A distribution far from that says the stage does not transfer to
 BCCD's stain and scale, and its calls on BCCD-like fields must not be trusted.
 
-Writes a tidy table (one row per RBC box) to benchmarks/results/morphology_on_bccd.csv and
-prints the label distribution, overall and per image (median share of normal).
+Appends a tidy table (one row per RBC box) to benchmarks/results/morphology_on_bccd.csv
+(benchmarks/_results.py: date, commit, machine, device, variant, seed first; --variant defaults to
+the morphology model folder's name, or ``shipped``) and prints the label distribution, overall and
+per image (median share of normal).
 
     python benchmarks/morphology_on_bccd.py [--weights FOLDER] [--threads 1]
 """
@@ -14,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
-
-from smear.pipeline.report import write_rows
+from _results import append_rows, model_name, results_csv
 
 
 def main() -> None:
@@ -27,18 +27,20 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/bccd")
     ap.add_argument("--split", default="test")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--output", default="benchmarks/results/morphology_on_bccd.csv")
+    ap.add_argument("--output", default=str(results_csv("morphology_on_bccd")), help="table the rows are appended to")
+    ap.add_argument("--variant", default=None,
+                    help="name of this run in the table (default: the morphology folder's name, or 'shipped')")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from smear.classifier.morphology import load_morphology_model
-    from smear.data.taxonomy import MORPHOLOGY_CLASSES
-    from smear.pipeline.flags import summarize_morphology
+    from smear.classifier.predict import load_morphology_model
     from smear.configs.paths import resolve_path
     from smear.data.formats import read_voc
     from smear.data.images import read_image
+    from smear.data.taxonomy import MORPHOLOGY_CLASSES
+    from smear.pipeline.flags import summarize_morphology
     from smear.pipeline.results import Cell
 
     model = load_morphology_model(args.weights)
@@ -52,12 +54,12 @@ def main() -> None:
         model.annotate(read_image(ai.image_path), cells)
         side = model.crop_sides([c.box for c in cells])[0]
         for c in cells:
-            rows.append({"image_id": ai.image_id, "x1": c.box[0], "y1": c.box[1], "x2": c.box[2], "y2": c.box[3],
+            rows.append({"split": args.split, "image_id": ai.image_id,
+                         "x1": c.box[0], "y1": c.box[1], "x2": c.box[2], "y2": c.box[3],
                          "morphology": c.morphology["label"], "score": c.morphology["score"],
                          "crop_side_px": round(side, 1)})
         all_cells += cells
-    out = Path(args.output)
-    write_rows(out, rows)
+    out = append_rows(args.output, rows, variant=args.variant or model_name(args.weights))
 
     # Summaries from the table only.
     counts = Counter(r["morphology"] for r in rows)

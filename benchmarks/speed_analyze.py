@@ -5,13 +5,14 @@ Prints, for the BCCD test images (72):
 - the same images through ultralytics predict alone (detector only), and the ratio of the two;
 - the study's approach: the same detector plus every crop classified by ResNet50 at 224 px (same
   head, random weights: speed does not depend on the weights), and how many times slower it is.
-Writes a tidy per-run table to benchmarks/results/speed_analyze.csv.
+Appends one row per timed pass to benchmarks/results/speed_analyze.csv (benchmarks/_results.py:
+date, commit, machine, device, variant, seed, then the run's columns); --variant names the run
+(default: what differs from the plain run -- gpu, onnx, threadsN -- or ``default``).
 
     python benchmarks/speed_analyze.py [--images N] [--threads 2]
     python benchmarks/speed_analyze.py --detector-weights runs/export/bccd-chula-yolov8n-cpu-onnx \
-        --no-study --out benchmarks/results/speed_analyze_onnx.csv   # after 'smear detector export'
-    python benchmarks/speed_analyze.py --device cuda --threads 16 --no-study \
-        --out benchmarks/results/speed_analyze_gpu.csv [--no-pad]
+        --no-study   # after 'smear detector export': variant onnx
+    python benchmarks/speed_analyze.py --device cuda --threads 16 --no-study [--no-pad]   # variant gpu
 
 Also timed, once each: the first pass (model load excluded; on a GPU it includes the one-time
 kernel set-up for each new input shape) and, after it, a pass over as many val fields (new
@@ -24,7 +25,7 @@ import argparse
 import time
 from pathlib import Path
 
-from smear.pipeline.report import write_rows
+from _results import append_rows, results_csv, run_stamp
 
 
 def main() -> None:
@@ -38,7 +39,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0")
     ap.add_argument("--no-pad", action="store_true", help="for comparison: classify each batch at its own size "
                     "(no padding to a few shapes on a GPU)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speed_analyze.csv")
+    ap.add_argument("--out", type=Path, default=results_csv("speed_analyze"), help="table the rows are appended to")
+    ap.add_argument("--variant", default=None, help="name of this run in the table (default: gpu, onnx, threadsN "
+                    "joined by '-' for what differs from the plain run, else 'default')")
     args = ap.parse_args()
 
     import torch  # the Analyzer's Detector sets torch's thread count from PipelineConfig.threads
@@ -63,6 +66,10 @@ def main() -> None:
                                        device=args.device))
     yolo = analyzer.detector.model
     imgsz = analyzer.detector.imgsz
+    onnx = analyzer.detector.info.weights.suffix == ".onnx"
+    named = ["gpu" if args.device != "cpu" else "", "onnx" if onnx else "",
+             f"threads{args.threads}" if args.device == "cpu" and args.threads != 2 else ""]
+    stamp = run_stamp(args.variant or "-".join(n for n in named if n) or "default", device=args.device)
     import cv2
 
     def run_pipeline(fields: list = paths) -> int:
@@ -100,7 +107,8 @@ def main() -> None:
         dt = time.perf_counter() - t0
         rows.append({"run": name, "repeat": rep, "images": n_images, "cells": cells, "seconds": round(dt, 3),
                      "images_per_s": round(n_images / dt, 3), "threads": args.threads,
-                     "detector": analyzer.detector.info.weights.suffix.lstrip(".")})
+                     "detector": analyzer.detector.info.weights.suffix.lstrip("."),
+                     "pad": not args.no_pad and args.device != "cpu"})
         return dt
 
     # warm-up (first-call allocations, kernel set-up), then as many new fields
@@ -110,10 +118,7 @@ def main() -> None:
     for name, fn in runs + ([] if args.no_study else [("study_resnet50_224", run_study)]):
         for rep in range(args.repeats if name != "study_resnet50_224" else 1):
             timed(name, fn, len(paths), rep)
-    for r in rows:
-        r.update(device=args.device, pad=not args.no_pad and args.device != "cpu")
-    out = args.out
-    write_rows(out, rows)
+    out = append_rows(args.out, rows, stamp=stamp)
     best = {n: min(r["seconds"] for r in rows if r["run"] == n) for n in {r["run"] for r in rows}}
     n = len(paths)
     print(f"device: {args.device}{' (no padding)' if args.no_pad else ''}, first pass {first:.2f} s, then "

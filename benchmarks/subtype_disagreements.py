@@ -15,6 +15,11 @@ first, with an empty ``reviewed`` column (one of the five subtypes, or ``unclear
 shows the first ``--sheet`` of them with label, prediction and probability. ``--apply`` writes a copy
 of the subtype table with the reviewed labels in place (``unclear`` removes the image's label, so it
 leaves subtype training) and prints what changed. Prints the disagreement counts it finds.
+
+The CV rows are those of one stored run of benchmarks/results/classifier_cv.csv, ``--variant
+VARIANT[:SEED[:DEVICE]]`` (default: the shipped subtype model's CV, ``sub-mnv2-128:0:cpu``); a table
+without the standard columns of benchmarks/_results.py is read whole. ``--store`` appends the
+disagreements to benchmarks/results/subtype_disagreements.csv under that run's variant, seed and device.
 """
 
 from __future__ import annotations
@@ -109,8 +114,12 @@ def _sheet(rows: list[dict], images: Path, out: Path, tile: int = 112) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cv", type=Path, default=Path("benchmarks/results/classifier_cv_sub-mnv2-128.csv"),
+    ap.add_argument("--cv", type=Path, default=Path(__file__).parent / "results" / "classifier_cv.csv",
                     help="out-of-fold predictions written by benchmarks/classifier_cv.py")
+    ap.add_argument("--variant", default="sub-mnv2-128:0:cpu", metavar="VARIANT[:SEED[:DEVICE]]",
+                    help="the stored CV run to review (default: the shipped subtype model's)")
+    ap.add_argument("--store", action="store_true",
+                    help="append the disagreements to benchmarks/results/subtype_disagreements.csv")
     ap.add_argument("--images", type=Path, default=None, help="BCCD JPEGImages (default: from DataConfig)")
     ap.add_argument("--output", type=Path, default=Path("runs/subtype-review"), help="folder for review.csv, sheet.jpg")
     ap.add_argument("--sheet", type=int, default=48, help="disagreements shown in sheet.jpg")
@@ -144,7 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cv.is_file():
         print(f"{args.cv}: not found; run benchmarks/classifier_cv.py first", file=sys.stderr)
         return 1
-    _, cv_rows = _read_csv(args.cv)
+    fields, cv_rows = _read_csv(args.cv)
+    variant, seed, device = (args.variant.split(":") + ["", ""])[:3]  # VARIANT[:SEED[:DEVICE]]
+    run = {"variant": variant, "seed": seed, "device": device or "cpu"}
+    if "variant" in fields:  # a stored table of several runs (benchmarks/_results.py): the one under review
+        from _results import latest_run
+
+        try:
+            cv_rows = latest_run(cv_rows, args.variant)
+        except ValueError as e:
+            print(f"{args.cv}: {e}", file=sys.stderr)
+            return 1
+        run = {k: cv_rows[0][k] for k in run}
     rows = disagreements(cv_rows)
     args.output.mkdir(parents=True, exist_ok=True)
     with open(args.output / "review.csv", "w", newline="") as f:
@@ -157,12 +177,17 @@ def main(argv: list[str] | None = None) -> int:
 
     n = len(cv_rows)
     confident = [r for r in rows if r["p_predicted"] >= 0.9]
-    print(f"{args.cv}: {n} subtype-labelled WBCs, {len(rows)} predicted otherwise out of fold "
+    print(f"{args.cv} ({run['variant']}, seed {run['seed'] or '-'}, {run['device']}): "
+          f"{n} subtype-labelled WBCs, {len(rows)} predicted otherwise out of fold "
           f"(accuracy {1 - len(rows) / n:.3f}); {len(confident)} of them at p >= 0.9, "
           f"{sum(r['p_label'] < 0.05 for r in rows)} with p(label) < 0.05")
     print("label -> predicted: " + ", ".join(f"{a} -> {b} {c}" for (a, b), c in
                                             Counter((r["label"], r["predicted"]) for r in rows).most_common()))
     print(f"written: {args.output / 'review.csv'}" + (f", {args.output / 'sheet.jpg'}" if rows else ""))
+    if args.store:
+        from _results import append_rows, results_csv
+
+        print(f"rows: {append_rows(results_csv('subtype_disagreements'), rows, **run)}")
     return 0
 
 

@@ -1,10 +1,13 @@
-"""Classifier configuration (mirrored in configs/classifier.yaml)."""
+"""Classifier configurations, one per task (mirrored in configs/classifier.yaml and configs/morphology.yaml)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
-from smear.configs.loader import param
+from smear.configs.errors import ConfigError
+from smear.configs.loader import load_config, param
 
 BACKBONES = ("resnet50", "efficientnet_lite0", "mobilenet_v2")
 
@@ -48,3 +51,80 @@ class ClassifierConfig:
     val_split: str = param("val", "manifest split used for early stopping and model choice", choices=("val", "none"))
     project: str = param("runs/classifier", "folder that receives training runs")
     name: str = param("train", "run name (a folder under project)")
+
+
+@dataclass(frozen=True)
+class MorphologyConfig:
+    """Training settings of the RBC morphology classifier (configs/morphology.yaml)."""
+
+    data_root: str = param("../shared/data/chula-rbc-12", "Chula RBC-12 folder (Dataset/, Label/)")
+    cell_diameter_px: float = param(39.0, "typical RBC box diameter in the training images, px; used at inference "
+                                    "only (Chula: detector boxes median 39, Otsu masks 35)", range=(4.0, 1000.0))
+    cut_side_px: int = param(56, "side of the square cut around each labelled point, training-image px", range=(8, 1024))
+    crop_size_px: int = param(64, "side of the network input (the crop is resized to it)", range=(32, 512))
+    backbone: str = param("mobilenet_v2", "feature extractor (mobilenet_v2: twice the CPU speed of efficientnet_lite0 "
+                           "at 64 px)", choices=BACKBONES)
+    pretrained: str = param("imagenet", "'imagenet' (local weights only, never downloaded), 'none', or a .pt/.pth file")
+    head_hidden: int = param(128, "units of the dense layer after global average pooling", range=(8, 4096))
+    dropout: float = param(0.3, "dropout before the output layer", range=(0.0, 0.95))
+    epochs: int = param(30, "maximum training epochs (all layers trained, cosine learning-rate decay)", range=(1, 1000))
+    samples_per_epoch: int = param(6400, "crops drawn per epoch (with replacement, class-weighted)", range=(32, 10**7))
+    max_minutes: float = param(20.0, "time budget: the learning rate decays by time or steps, whichever is further "
+                               "along, and training stops after the epoch that passes it (0: none)", range=(0.0, None))
+    lr: float = param(1e-3, "peak AdamW learning rate", range=(1e-7, 1.0))
+    weight_decay: float = param(1e-4, "AdamW weight decay", range=(0.0, 1.0))
+    batch: int = param(32, "crops per batch", range=(1, 1024))
+    balance_power: float = param(0.5, "class weighting: 0 natural frequencies, 1 fully balanced", range=(0.0, 1.0))
+    label_smoothing: float = param(0.05, "cross-entropy label smoothing", range=(0.0, 0.5))
+    center_jitter_px: float = param(2.0, "training shift of the labelled point, training-image px", range=(0.0, 50.0))
+    zoom: float = param(0.05, "training zoom jitter (+/- fraction); small, since size is a class cue", range=(0.0, 0.5))
+    rotate: bool = param(True, "random rotation by any angle during training")
+    flip: bool = param(True, "random flips during training")
+    hue_jitter: float = param(0.02, "stain hue jitter (fraction of the hue circle)", range=(0.0, 0.5))
+    saturation_jitter: float = param(0.15, "stain saturation jitter (+/- fraction)", range=(0.0, 1.0))
+    brightness_jitter: float = param(0.15, "brightness / contrast jitter (+/- fraction)", range=(0.0, 1.0))
+    val_fraction: float = param(0.15, "image fraction held out for model choice", range=(0.0, 0.5))
+    test_fraction: float = param(0.15, "image fraction held out for the test metrics", range=(0.0, 0.5))
+    split_seed: int = param(0, "seed of the image-level split", range=(0, None))
+    seed: int = param(0, "random seed of initialisation, sampling and augmentation", range=(0, None))
+    threads: int = param(1, "CPU threads for torch", range=(1, 256))
+    device: str = param("cpu", "torch device: cpu, cuda, cuda:0, mps")
+    project: str = param("runs/morphology", "folder that receives training runs")
+    name: str = param("chula", "run name (a folder under project)")
+
+
+# What each task's model names; cells and wbc-subtypes learn from the BCCD crop manifest, rbc-morphology
+# from Chula RBC-12 point labels. All three share one training loop (train.fit) and one report.
+TASKS = {
+    "cells": "RBC, platelets and the 5 WBC subtypes (BCCD crops; ClassifierConfig)",
+    "wbc-subtypes": "the 5 WBC subtypes of a cell known to be a WBC (BCCD crops; ClassifierConfig classes=subtypes)",
+    "rbc-morphology": "13 RBC shapes (Chula RBC-12 points; MorphologyConfig)",
+}
+
+
+def load_task_config(task: str | None, path: str | Path | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> ClassifierConfig | MorphologyConfig:
+    """The training config of ``task``: defaults, then the YAML at ``path``, then ``overrides``.
+
+    ``task=None`` reads a ClassifierConfig as given (``classes`` picks cells or subtypes).
+
+    Example:
+        >>> cfg = load_task_config("rbc-morphology", None, {"epochs": 3})
+    """
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"task={task!r}: valid tasks are {', '.join(TASKS)}")
+    if task == "rbc-morphology":
+        return load_config(MorphologyConfig, path, overrides)
+    values = dict(overrides or {})
+    if task is not None:
+        want = "subtypes" if task == "wbc-subtypes" else "cells"
+        if values.setdefault("classes", want) != want:
+            raise ConfigError(f"task={task} trains classes={want}, got classes={values['classes']}; drop one of them")
+    return load_config(ClassifierConfig, path, values)
+
+
+def task_of(cfg: ClassifierConfig | MorphologyConfig) -> str:
+    """The task a config trains."""
+    if isinstance(cfg, MorphologyConfig):
+        return "rbc-morphology"
+    return "wbc-subtypes" if cfg.classes == "subtypes" else "cells"

@@ -16,7 +16,9 @@ from smear.configs.errors import ModelNotFoundError, SmearError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "bccd-mobilenetv2-48"
+# The shipped model folder of each task (classifier/models/).
+DEFAULT_MODELS = {"cells": "bccd-mobilenetv2-48", "wbc-subtypes": "bccd-wbc-subtypes-128",
+                  "rbc-morphology": "chula-morphology"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -187,27 +189,65 @@ def shipped_models_dir() -> Path:
 
 
 def save_model_folder(folder: Path, net: CellClassifier, card: dict) -> None:
-    """Write ``weights.pt`` (fp16 state dict) and ``card.json`` (config, classes, metrics, provenance)."""
+    """Write ``weights.pt`` (fp16 state dict), ``card.json`` (config, classes, metrics, provenance) and ``card.md``."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
     torch.save(state, folder / "weights.pt")
-    (folder / "card.json").write_text(json.dumps(card, indent=2))
+    write_model_card(folder, card)
 
 
-def resolve_classifier_folder(weights: str | Path | None = None) -> Path:
-    """The model folder for ``weights`` (folder or its weights.pt), else the shipped default."""
-    looked = []
+def write_model_card(folder: Path, card: dict) -> None:
+    """``card.json`` and ``card.md`` (titled by the card's ``title``, else its kind and the folder name)."""
+    from smear.configs.modelcard import card_title, write_card
+
+    write_card(folder, card, card.get("title") or card_title(card.get("kind", ""), folder))
+
+
+def resolve_model_folder(weights: str | Path | None, default: str, what: str, how: str) -> Path:
+    """The model folder for ``weights`` (a folder or its weights.pt), else the shipped ``default``.
+
+    Raises:
+        ModelNotFoundError: no weights.pt and card.json there; says where it looked and ``how`` to make one.
+    """
     if weights:
         p = Path(weights)
         folder = p.parent if p.suffix in (".pt", ".pth") else p
     else:
-        folder = shipped_models_dir() / DEFAULT_MODEL
-    looked.append(folder / "weights.pt")
+        folder = shipped_models_dir() / default
     if (folder / "weights.pt").is_file() and (folder / "card.json").is_file():
         return folder
-    raise ModelNotFoundError(
-        f"classifier model not found (looked for weights.pt and card.json in {folder}); train one with "
-        f"'smear data prepare' then 'smear classifier train', or pass --weights FOLDER")
+    raise ModelNotFoundError(f"{what} not found (looked for weights.pt and card.json in {folder}); train one with "
+                             f"{how}, or pass --weights FOLDER")
+
+
+def resolve_classifier_folder(weights: str | Path | None = None, task: str = "cells") -> Path:
+    """The classifier folder for ``weights``, else the shipped model of ``task`` (cells or wbc-subtypes)."""
+    return resolve_model_folder(weights, DEFAULT_MODELS[task], "classifier model",
+                                f"'smear data prepare' then 'smear classifier train task={task}'")
+
+
+def resolve_morphology_folder(weights: str | Path | None = None) -> Path:
+    """The RBC morphology folder for ``weights``, else the shipped default."""
+    return resolve_model_folder(weights, DEFAULT_MODELS["rbc-morphology"], "RBC morphology model",
+                                "'smear classifier train task=rbc-morphology'")
+
+
+# Config keys renamed since models were first written (old name -> name): morphology folders of the first
+# round say input_size_px for the network input side that every task now calls crop_size_px.
+RENAMED_CONFIG_KEYS = {"input_size_px": "crop_size_px", "crop_px": "cut_side_px"}
+
+
+def read_card(folder: Path, kind: str) -> dict:
+    """The ``card.json`` of a model folder, checked to be a ``kind`` model; old config key names read as today's."""
+    card = json.loads((folder / "card.json").read_text())
+    cfg = card.get("config")
+    if isinstance(cfg, dict):
+        card["config"] = {RENAMED_CONFIG_KEYS.get(k, k): v for k, v in cfg.items()}
+    if card.get("kind", "classifier") != kind:
+        task = card.get("task") or ("rbc-morphology" if card.get("kind") == "morphology" else "cells")
+        raise SmearError(f"{folder}: card.json kind is {card.get('kind')!r}, not {kind!r}; this folder is a "
+                         f"task={task} model")
+    return card
 
 
 def load_network(folder: Path, card: dict, device: str = "cpu") -> CellClassifier:
@@ -229,7 +269,7 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu", with
     (``with_refiner=False`` loads this model alone).
     """
     folder = resolve_classifier_folder(weights)
-    card = json.loads((folder / "card.json").read_text())
+    card = read_card(folder, "classifier")
     cfg = card["config"]
     net = load_network(folder, card, device)
     model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),

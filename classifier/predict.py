@@ -1,15 +1,16 @@
-"""Classify cell crops: from boxes on a field, or from pre-cropped cell images."""
+"""Classify cell crops: from boxes on a field, or from pre-cropped cell images; name the morphology of RBCs."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from smear.data.crops import crop_cell
+from smear.data.crops import crop_cell, crop_square, mirrored_point_crop
 
 from .model import IMAGENET_MEAN, IMAGENET_STD, ClassifierModel
 
@@ -165,3 +166,99 @@ def classify_files(model: ClassifierModel, paths: Sequence[Path], batch: int = 2
         records[idx].update({"label": model.classes[k], "score": round(float(pr[k]), 4),
                              "probs": {c: round(float(v), 4) for c, v in zip(model.classes, pr)}})
     return records
+
+
+# ---------------------------------------------------------------- RBC morphology (Chula RBC-12 model)
+
+RBC_DIAMETER_UM = 7.5
+MIN_RBC_FOR_FIELD_SCALE = 5
+
+
+@dataclass
+class MorphologyModel:
+    """A loaded RBC morphology folder; ``annotate`` names the morphology of every RBC of a field.
+
+    Crop scale. Training crops are squares of ``cut_side_px`` training pixels around each labelled point
+    (Chula RBCs measure ~35 px; the BCCD detector's RBC boxes on Chula fields have a median diameter
+    of 39 px, ``cell_diameter_px``). At inference the side is scaled so the field's *median* RBC box
+    maps to ``cell_diameter_px``: ``side = cut_side_px x median_rbc_box_diameter / cell_diameter_px``. The
+    scale comes from the field, not from each cell, so relative size survives (macrocytes and
+    microcytes stay larger or smaller than their neighbours). A known pixel size (``pixel_size_um``)
+    uses Chula's absolute scale instead (7.5 um normal RBC over ``cell_diameter_px``); fields with
+    fewer than ``MIN_RBC_FOR_FIELD_SCALE`` RBCs fall back to each cell's own box.
+    """
+
+    model: ClassifierModel
+    config: dict
+    card: dict = field(default_factory=dict)
+    folder: Path | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+    def crop_sides(self, boxes: Sequence[Sequence[float]], all_rbc_boxes: Sequence[Sequence[float]] | None = None,
+                   pixel_size_um: float | None = None) -> list[float]:
+        """Crop side (field px) per box, matching the training scale (see the class docstring)."""
+        cut_side_px, ref_px = float(self.config["cut_side_px"]), float(self.config["cell_diameter_px"])
+        if pixel_size_um:
+            training_um_per_px = RBC_DIAMETER_UM / ref_px
+            return [cut_side_px * training_um_per_px / pixel_size_um] * len(boxes)
+        diam = [((b[2] - b[0]) + (b[3] - b[1])) / 2 for b in (all_rbc_boxes if all_rbc_boxes is not None else boxes)]
+        if len(diam) >= MIN_RBC_FOR_FIELD_SCALE:
+            return [cut_side_px * float(np.median(diam)) / ref_px] * len(boxes)
+        return [cut_side_px * max(((b[2] - b[0]) + (b[3] - b[1])) / 2, 1.0) / ref_px for b in boxes]
+
+    def crop(self, image_rgb: np.ndarray, x: float, y: float, side_px: float) -> np.ndarray:
+        """The model's input for a cell centred on (x, y), cut as in its training: the card's ``crop.border`` is
+        ``replicate`` (the one crop function) for models trained since it, ``reflect_101`` for those before."""
+        size = int(self.config["crop_size_px"])
+        if (self.card.get("crop") or {}).get("border", "reflect_101") == "replicate":
+            return crop_square(image_rgb, x, y, side_px, size)
+        return mirrored_point_crop(image_rgb, x, y, side_px, size)
+
+    def classify_boxes(self, image_rgb: np.ndarray, boxes: Sequence[Sequence[float]],
+                       pixel_size_um: float | None = None) -> np.ndarray:
+        """Class probabilities (N, 13) of RBC boxes (xyxy) of one field."""
+        if len(boxes) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        crops = [self.crop(image_rgb, (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, side)
+                 for b, side in zip(boxes, self.crop_sides(boxes, None, pixel_size_um))]
+        return predict_crops(self.model, crops)
+
+    def annotate(self, image_rgb: np.ndarray, cells: Sequence[Any], pixel_size_um: float | None = None) -> None:
+        """Set ``cell.morphology = {"label", "score"}`` on every cell whose group is RBC; others untouched."""
+        rbc = [c for c in cells if c.group == "RBC"]
+        if not rbc:
+            return
+        probs = self.classify_boxes(image_rgb, [c.box for c in rbc], pixel_size_um)
+        for c, pr in zip(rbc, probs):
+            k = int(pr.argmax())
+            c.morphology = {"label": self.classes[k], "score": round(float(pr[k]), 4)}
+
+    def info(self) -> dict:
+        """Weights, classes, crop geometry and the test metrics of the card."""
+        test = self.card.get("test_metrics") or {}
+        return {"weights": str(self.folder), "classes": self.classes, "backbone": self.config.get("backbone"),
+                "crop_size_px": self.config.get("crop_size_px"), "cut_side_px": self.config.get("cut_side_px"),
+                "cell_diameter_px": self.config.get("cell_diameter_px"), "date": self.card.get("date"),
+                "commit": self.card.get("commit"),
+                "test_metrics": {k: test.get(k) for k in ("n", "accuracy", "macro_f1", "normal_vs_abnormal")}
+                if test else None}
+
+
+def load_morphology_model(weights: str | Path | None = None, device: str = "cpu") -> MorphologyModel:
+    """Load a morphology folder (``weights.pt`` + ``card.json``); ``None`` means the shipped one.
+
+    Raises:
+        ModelNotFoundError: no folder there (the message says where it looked and how to make one).
+        SmearError: the folder is not a morphology model.
+    """
+    from .model import load_network, read_card, resolve_morphology_folder
+
+    folder = resolve_morphology_folder(weights)
+    card = read_card(folder, "morphology")
+    cfg = card["config"]
+    model = ClassifierModel(net=load_network(folder, card, device), classes=list(card["classes"]),
+                            crop_size_px=int(cfg["crop_size_px"]), crop_margin=0.0, card=card, folder=folder)
+    return MorphologyModel(model=model, config=cfg, card=card, folder=folder)

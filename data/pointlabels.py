@@ -31,6 +31,7 @@ import numpy as np
 from .boxes import iou_matrix
 from .chula import read_chula
 from .formats import parse_yolo_line, yolo_lines
+from .images import cell_mask
 from .taxonomy import GROUPS
 
 #: ``propose(rgb, scale)`` -> detections of one field with ``boxes`` (N, 4 xyxy, that field's pixels), ``scores`` and
@@ -53,24 +54,6 @@ class PointField:
     points_found_by_detector: float
 
 
-def _foreground_mask(bgr: np.ndarray) -> np.ndarray:
-    """Cells vs background: Otsu threshold on the colour distance from the (brightest, commonest) background."""
-    import cv2
-
-    lab = cv2.cvtColor(cv2.GaussianBlur(bgr, (5, 5), 0), cv2.COLOR_BGR2LAB).astype(np.float32)
-    light = lab[..., 0]
-    bg = np.median(lab[light >= np.percentile(light, 50)], axis=0)
-    dist = np.sqrt(((lab - bg) ** 2).sum(-1))
-    dist8 = np.clip(dist * (255.0 / max(float(dist.max()), 1e-6)), 0, 255).astype(np.uint8)
-    _, mask = cv2.threshold(dist8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    # Fill the central pallor so a cell is one region, not a ring.
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    filled = np.zeros_like(mask)
-    cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
-    return filled
-
-
 def _single_cell(stat: np.ndarray, median_side: float, min_short: float = 0.45) -> bool:
     """A mask region that is plausibly one red cell: a cell's size (elliptocytes are long and thin) and filled like an ellipse.
 
@@ -86,7 +69,7 @@ def cell_regions(bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Connected foreground regions of a field: ``(label image, stats)`` as cv2.connectedComponentsWithStats gives them."""
     import cv2
 
-    _, comp, stats, _ = cv2.connectedComponentsWithStats(_foreground_mask(bgr), connectivity=4)
+    _, comp, stats, _ = cv2.connectedComponentsWithStats(cell_mask(bgr), connectivity=4)
     return comp, stats
 
 

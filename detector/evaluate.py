@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from smear.configs.errors import SmearError
 from smear.configs.offline import ensure_offline
 from smear.configs.paths import resolve_path
@@ -141,3 +143,80 @@ def _count_images(data_yaml: Path, split: str) -> int:
     root = Path(cfg.get("path") or Path(data_yaml).parent)
     folder = root / str(cfg.get(split, ""))
     return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if cfg.get(split) else 0
+
+
+def record_metrics(weights: str | Path | None, metrics: dict, command: str) -> Path:
+    """Write evaluation metrics into the evaluated model folder's card (``<split>_metrics``, and
+    ``<split>_metrics_audited`` when the split has audited labels), with the command, date and commit."""
+    import time
+
+    from smear.configs.modelcard import ModelCard
+    from smear.configs.paths import git_commit
+
+    info = find_detector(weights)
+    folder = info.weights.parent
+    if not (folder / "card.json").is_file():
+        raise SmearError(f"{info.weights}: not inside a model folder with a card.json; --write-card needs a model "
+                         f"folder ('smear detector train' then package it, or the shipped one)")
+    split = metrics["split"]
+    stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
+    card = ModelCard.read(folder)
+    card.set(f"{split}_metrics", {**stamp, **{k: v for k, v in metrics.items() if k not in ("audited", "plots")}})
+    if metrics.get("audited"):
+        card.set(f"{split}_metrics_audited", {**stamp, **metrics["audited"]})
+    return card.write(folder, allow_dirty=False)
+
+
+def count_labels(data_yaml: Path, split: str) -> tuple[list[Path], np.ndarray]:
+    """The images of a YOLO split and their labelled cells per group, shape (images, groups)."""
+    import yaml
+
+    from smear.data.images import IMAGE_SUFFIXES
+
+    cfg = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(cfg.get("path") or Path(data_yaml).parent)
+    images = sorted(p for p in (root / cfg[split]).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    counts = np.zeros((len(images), len(GROUPS)), int)
+    for i, img in enumerate(images):
+        lbl = root / "labels" / img.relative_to(root / "images").parent / f"{img.stem}.txt"
+        if lbl.is_file():
+            for line in lbl.read_text().splitlines():
+                if line.split():
+                    counts[i, int(line.split()[0])] += 1
+    return images, counts
+
+
+def choose_thresholds(weights: str | Path | None = None, split: str = "val", data: str | Path | None = None,
+                      candidates: tuple[float, ...] = tuple(round(0.2 + 0.05 * k, 2) for k in range(11)),
+                      device: str = "cpu") -> dict:
+    """Per-group operating thresholds that minimise the count error per image on a labelled split.
+
+    The detector runs once at the lowest candidate; each group's threshold is the candidate with the
+    lowest mean absolute count error against the labels (the lower threshold on ties). Choose on a split
+    with complete labels (every cell boxed), never on the test split.
+    """
+    from smear.data.images import read_image
+
+    from .predict import Detector
+
+    if split == "test":
+        raise SmearError("thresholds are chosen on val (or train), never on the test split")
+    data_yaml = Path(data) if data else resolve_path(DetectorConfig().data)
+    images, truth = count_labels(data_yaml, split)
+    if not images:
+        raise SmearError(f"{data_yaml}: no images in split '{split}'")
+    det = Detector(weights, device=device)
+    found = [det.predict([read_image(p)], conf=min(candidates))[0] for p in images]
+    table, chosen = [], {}
+    for g, name in enumerate(GROUPS):
+        rows = []
+        for t in candidates:
+            pred = np.array([int(((d.classes == g) & (d.scores >= t)).sum()) for d in found])
+            rows.append({"group": name, "threshold": t, "count_mae": round(float(np.abs(pred - truth[:, g]).mean()), 4),
+                         "count_bias": round(float((pred - truth[:, g]).mean()), 4)})
+        best = min(rows, key=lambda r: (r["count_mae"], r["threshold"]))
+        chosen[name] = best["threshold"]
+        table += rows
+    return {"operating_thresholds": chosen, "split": split, "data": str(data_yaml), "images": len(images),
+            "rule": "per group, the candidate threshold with the lowest count MAE per image (lower on ties)",
+            "table": table}

@@ -19,15 +19,28 @@ log = logging.getLogger(__name__)
 
 # RBC diameter used to bring images from other microscopes to the training scale.
 RBC_DIAMETER_UM = 7.5
+# scale="auto": a field whose RBCs are within this factor of the training size is detected as it is
+AUTO_SCALE_TOLERANCE = 1.2
+# scale="auto": resize factors tried, in order, when the first pass finds too few RBCs to measure
+AUTO_SCALE_PROBES = (0.5, 2.0, 0.25, 4.0)
+# RBC size assumed for a detector whose card does not record its training RBC size (BCCD's, px)
+RBC_DIAMETER_PX_DEFAULT = 100.0
 
 
 @dataclass
 class Detections:
-    """Boxes of one image in original pixels: ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``classes`` (N,) index into GROUPS."""
+    """Boxes of one image in original pixels: ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``classes`` (N,) index into GROUPS.
+
+    ``scale`` is the resize factor the image was detected at; ``rbc_diameter_px`` the median RBC box side (in the
+    image's own pixels) that ``scale="auto"`` measured, and ``warning`` what went wrong with that, if anything.
+    """
 
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    scale: float = 1.0
+    rbc_diameter_px: float | None = None
+    warning: str | None = None
 
     @staticmethod
     def empty() -> "Detections":
@@ -76,6 +89,18 @@ def drop_edge_fragments(det: Detections, size: tuple[int, int], min_visible: flo
     if not drop.any():
         return det
     return Detections(b[~drop], det.scores[~drop], det.classes[~drop])
+
+
+def median_rbc_side(det: Detections, size: tuple[int, int], min_cells: int = 3) -> float | None:
+    """Median side (mean of width and height) of the RBC boxes clear of the field border; None below ``min_cells``."""
+    if not len(det):
+        return None
+    at_x, at_y = at_border(det.boxes, size)
+    rbc = (det.classes == GROUPS.index("RBC")) & ~at_x & ~at_y
+    if rbc.sum() < min_cells:
+        return None
+    b = det.boxes[rbc]
+    return float(np.median(((b[:, 2] - b[:, 0]) + (b[:, 3] - b[:, 1])) / 2))
 
 
 def keep_above(det: Detections, thresholds: Mapping[str, float]) -> Detections:
@@ -186,8 +211,9 @@ class Detector:
         return out
 
     def predict(self, images_rgb: Sequence[np.ndarray], conf: float | Mapping[str, float] | None = None,
-                iou: float | None = None, scale: float = 1.0) -> list[Detections]:
-        """Detect cells. ``scale`` resizes images first (e.g. 2.0 for a microscope imaging cells half as large).
+                iou: float | None = None, scale: float | str = 1.0) -> list[Detections]:
+        """Detect cells. ``scale`` resizes images first (e.g. 2.0 for a microscope imaging cells half as large);
+        ``"auto"`` measures each image's RBC size and brings it to the training scale (:meth:`predict_auto_scale`).
 
         ``conf`` is one minimum score, or one per group (``{"RBC": 0.4, "Platelets": 0.55, ...}``: the model
         runs at the lowest, then each box must reach its own group's).
@@ -196,6 +222,8 @@ class Detector:
             thresholds = {g: float(conf.get(g, self.cfg.conf)) for g in GROUPS}
             return [keep_above(d, thresholds)
                     for d in self.predict(images_rgb, min(thresholds.values()), iou=iou, scale=scale)]
+        if scale == "auto":
+            return self.predict_auto_scale(images_rgb, conf, iou)
         import cv2
 
         conf = self.cfg.conf if conf is None else conf
@@ -218,6 +246,7 @@ class Detector:
         if scale != 1.0:
             for det in results:
                 det.boxes /= scale
+                det.scale = float(scale)
         return results  # type: ignore[return-value]
 
     def _predict_tiled(self, bgr: np.ndarray, conf: float, iou: float) -> Detections:
@@ -235,6 +264,54 @@ class Detector:
                     d.boxes[:, [1, 3]] += y1
                 parts.append((d, (x1, y1, x2, y2)))
         return merge_tiles(parts, (w, h), iou)
+
+    @property
+    def training_rbc_diameter_px(self) -> float:
+        """Median RBC box side of the training fields (card), the scale ``scale="auto"`` brings images to."""
+        return float(self.info.card.get("rbc_median_diameter_px") or RBC_DIAMETER_PX_DEFAULT)
+
+    def predict_auto_scale(self, images_rgb: Sequence[np.ndarray], conf: float | None = None,
+                           iou: float | None = None) -> list[Detections]:
+        """Detect each image at the scale where its RBCs match the training fields' RBC size.
+
+        Each image is first detected as it is (a large one shrunk to one tile, so the pass stays cheap);
+        the median RBC box side there gives the image's RBC size. When it is within ``AUTO_SCALE_TOLERANCE``
+        of the training size the first pass is the answer; otherwise the image is detected again at
+        ``training size / measured size`` (tiled when that makes it large). When too few RBCs are found
+        the image is probed at other scales; when none finds cells, the result carries a warning.
+        """
+        conf = self.cfg.conf if conf is None else conf
+        target = self.training_rbc_diameter_px
+        out: list[Detections | None] = [None] * len(images_rgb)
+        first: dict[int, float] = {}
+        for i, img in enumerate(images_rgb):
+            h, w = img.shape[:2]
+            first[i] = min(1.0, self.cfg.tile_px / max(h, w)) if max(h, w) > 1.5 * self.cfg.tile_px else 1.0
+        native = [i for i, k in first.items() if k == 1.0]
+        found = dict(zip(native, self.predict([images_rgb[i] for i in native], conf, iou))) if native else {}
+        for i, img in enumerate(images_rgb):
+            size = (img.shape[1], img.shape[0])
+            det = found[i] if i in found else self.predict([img], conf, iou, scale=first[i])[0]
+            measured = median_rbc_side(det, size)
+            probes = [k for k in AUTO_SCALE_PROBES if k != first[i]]
+            while measured is None and probes:  # too few RBCs: try cells of another size
+                det = self.predict([img], conf, iou, scale=probes.pop(0) * first[i])[0]
+                measured = median_rbc_side(det, size)
+            if measured is None:
+                base = found[i] if i in found else self.predict([img], conf, iou, scale=first[i])[0]
+                base.warning = (f"no scale between x{min(AUTO_SCALE_PROBES) * first[i]:g} and "
+                                f"x{max(AUTO_SCALE_PROBES) * first[i]:g} found RBCs to measure; detected as it is "
+                                f"(x{first[i]:g}); give --scale or --pixel-size-um")
+                out[i] = base
+                continue
+            k = target / measured
+            if first[i] == 1.0 and i in found and abs(np.log(k)) <= np.log(AUTO_SCALE_TOLERANCE):
+                det, k = found[i], 1.0
+            elif not (det.scale == k):
+                det = self.predict([img], conf, iou, scale=k)[0]
+            det.scale, det.rbc_diameter_px = float(k), round(measured, 1)
+            out[i] = det
+        return out  # type: ignore[return-value]
 
     @property
     def train_pixel_size_um(self) -> float | None:

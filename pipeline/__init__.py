@@ -1,1 +1,1 @@
-"""smear pipeline: merging, counts, indicators, reports, evaluation and the CLI."""
+"""smear pipeline: merging, counts, flags, reports, evaluation and the CLI."""

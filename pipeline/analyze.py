@@ -1,6 +1,6 @@
 """The full pipeline: fields -> detected and classified cells -> counts, ratios, differential, flags.
 
-Merge rule (documented in the README):
+Merge rule (documented in docs/cli.md):
 - group: the classifier's group when its probability for that group (summed over WBC subtypes)
   is >= ``group_override_prob``; otherwise the detector's group;
 - label: the classifier's most probable class within the final group (a WBC subtype, RBC or
@@ -72,7 +72,7 @@ class Analyzer:
         self.morphology = None
         if self.cfg.morphology_weights != "none":
             try:
-                from smear.classifier.morphology import load_morphology_model
+                from smear.classifier.predict import load_morphology_model
 
                 self.morphology = load_morphology_model(self.cfg.morphology_weights or None, device=self.cfg.device)
             except (ImportError, SmearError) as e:

@@ -15,6 +15,8 @@ import typer
 
 from smear.configs.errors import SmearError
 
+from .cli_stages import _fail, _load, classifier_app, data_app, detector_app
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="smear: find, classify and count blood cells in peripheral smear images, with the WBC differential and "
@@ -26,21 +28,11 @@ app = typer.Typer(
          "  smear detector train epochs=40 imgsz=640\n\n"
          "  smear classifier evaluate --split test",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Prepare training data from labelled sources.")
-detector_app = typer.Typer(no_args_is_help=True, help="Train, evaluate and export the YOLO cell detector.")
-classifier_app = typer.Typer(no_args_is_help=True, help="Train and evaluate the crop classifier.")
 app.add_typer(data_app, name="data")
 app.add_typer(detector_app, name="detector")
 app.add_typer(classifier_app, name="classifier")
 
 log = logging.getLogger("smear")
-
-OVERRIDES_HELP = "config overrides as key=value (e.g. epochs=40 imgsz=640); they win over --config"
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"smear: error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @app.callback()
@@ -49,257 +41,6 @@ def main_callback(verbose: bool = typer.Option(False, "--verbose", "-v", help="s
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
-
-def _load(cls, config: Optional[Path], overrides: List[str], extra: dict | None = None):
-    from smear.configs.loader import load_config, parse_overrides
-
-    values = parse_overrides(overrides)
-    values.update({k: v for k, v in (extra or {}).items() if v is not None})
-    return load_config(cls, config, values)
-
-
-# ------------------------------------------------------------------ data
-
-@data_app.command("prepare")
-def data_prepare(
-    source: List[Path] = typer.Option(None, "--source", help="labelled source(s): VOC folder, YOLO data.yaml or COCO "
-                                      ".json; repeat to merge (default: ../shared/data/bccd)"),
-    out: Path = typer.Option(Path("runs/prepared/bccd"), "--out", help="output folder"),
-    images: Optional[Path] = typer.Option(None, "--images", help="take images from this folder (reviewed annotations)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/data.yaml)"),
-    overrides: List[str] = typer.Argument(None, help=OVERRIDES_HELP),
-) -> None:
-    """Audit a labelled source and write the YOLO set, the classifier crops and the audit.
-
-    Example: smear data prepare --source ../shared/data/bccd --out /tmp/bccd
-    """
-    from smear.configs.paths import resolve_path
-    from smear.data.config import DataConfig
-    from smear.data.prepare import prepare_dataset
-
-    cfg = _load(DataConfig, config, overrides or [])
-    sources = [Path(s) for s in source] if source else [resolve_path(cfg.source)]
-    subtypes = resolve_path(cfg.subtypes_csv) if cfg.subtypes_csv else None
-    summary = prepare_dataset(sources, out, cfg, images=images, subtypes_csv=subtypes)
-    typer.echo(f"images: {summary.images} ({', '.join(f'{k} {v}' for k, v in summary.images_per_split.items())})")
-    typer.echo("boxes per class: " + ", ".join(f"{k} {v}" for k, v in summary.boxes_per_class.items()))
-    typer.echo("crops per label: " + ", ".join(f"{k} {v}" for k, v in summary.crops_per_label.items()))
-    typer.echo("audit (fixed or dropped box by box; full list in audit.csv):")
-    for reason, n in summary.audit_counts.items():
-        typer.echo(f"  {n:5d}  {reason}")
-    if summary.failed_images:
-        typer.echo(f"{len(summary.failed_images)} image(s) could not be read:", err=True)
-        for f in summary.failed_images:
-            typer.echo(f"  {f}", err=True)
-    typer.echo(f"written to {out} (yolo/data.yaml, crops/manifest.csv, audit.csv, summary.json)")
-    if summary.failed_images:
-        raise typer.Exit(1)
-
-
-@data_app.command("add-points")
-def data_add_points(
-    source: Path = typer.Option(Path("../shared/data/chula-rbc-12"), "--source", help="point-labelled fields "
-                                "(Chula RBC-12 layout: Dataset/N.jpg, Label/N.txt 'x y class')"),
-    base: Path = typer.Option(Path("runs/prepared/bccd/yolo"), "--base", help="YOLO set from 'smear data prepare'"),
-    out: Path = typer.Option(Path("runs/prepared/bccd-chula"), "--out", help="output folder (gets yolo/)"),
-    scale: float = typer.Option(2.5, "--scale", help="resize factor to the detector's training scale "
-                                "(Chula RBCs ~39 px -> BCCD ~100 px: 2.5)"),
-    split_from: Optional[Path] = typer.Option(None, "--split-from", help="model folder whose split.json names the "
-                                              "training ids (default: the shipped morphology model's)"),
-    max_images: int = typer.Option(200, "--max-images", help="at most this many training fields (0: all)"),
-    weights: Optional[str] = typer.Option(None, "--weights", help="detector that proposes boxes (default: shipped)"),
-) -> None:
-    """Add point-labelled fields (training split only) to a YOLO set, as weak labels for the detector.
-
-    Example: smear data add-points --source ../shared/data/chula-rbc-12 --out runs/prepared/bccd-chula
-    """
-    import json
-
-    from smear.classifier.morphology import resolve_morphology_folder
-    from smear.configs.paths import resolve_path
-    from smear.data.pointlabels import build_point_augmented_set
-    from smear.detector.predict import Detector
-
-    folder = Path(split_from) if split_from else resolve_morphology_folder(None)
-    train_ids = json.loads((folder / "split.json").read_text())["train"]
-    det = Detector(weights)
-    data_yaml, rows = build_point_augmented_set(
-        resolve_path(str(base)), out, resolve_path(str(source)), train_ids, scale,
-        lambda rgb, k: det.predict([rgb], scale=k)[0], float(det.info.card.get("rbc_median_diameter_px") or 100.0),
-        max_images=max_images)
-    n = len(rows)
-    typer.echo(f"{n} point-labelled training fields added (split from {folder / 'split.json'})")
-    if n:
-        typer.echo("boxes: " + ", ".join(f"{k} {sum(getattr(r, k) for r in rows)}" for k in (
-            "points", "boxes_from_detector", "boxes_from_mask", "boxes_from_median", "pseudo_labels")))
-    typer.echo(f"written: {data_yaml} (per field: {data_yaml.parent / 'point_fields_train.csv'})")
-
-
-@data_app.command("pseudo-label")
-def data_pseudo_label(
-    base: Path = typer.Option(Path("runs/prepared/bccd-chula/yolo"), "--base", help="YOLO set to start from"),
-    out: Path = typer.Option(..., "--out", help="output folder (gets yolo/)"),
-    weights: Optional[str] = typer.Option(None, "--weights", help="detector that proposes labels (default: shipped)"),
-    conf: float = typer.Option(0.5, "--conf", help="minimum score of an RBC pseudo-label"),
-    wbc_conf: float = typer.Option(0.8, "--wbc-conf", help="minimum score of a WBC pseudo-label"),
-) -> None:
-    """Copy a YOLO set and label the cells its annotators skipped in the training split (val and test untouched).
-
-    Example: smear data pseudo-label --out runs/prepared/bccd-chula-pl
-    """
-    from smear.configs.paths import resolve_path
-    from smear.data.pointlabels import copy_yolo_set, pseudo_label_split
-    from smear.detector.predict import Detector
-
-    yolo = copy_yolo_set(resolve_path(str(base)), out)  # a SmearError becomes one line via main()
-    det = Detector(weights)
-    rows = pseudo_label_split(yolo, lambda rgb, k: det.predict([rgb], conf=min(conf, wbc_conf), scale=k)[0], "train",
-                              conf=conf, wbc_conf=wbc_conf)
-    added = {g: sum(r[f"pseudo_{g}"] for r in rows) for g in ("RBC", "WBC", "Platelets")}
-    typer.echo(f"{len(rows)} training images; labelled boxes {sum(r['labelled'] for r in rows)}; "
-               f"pseudo-labels added: " + ", ".join(f"{g} {n}" for g, n in added.items()))
-    typer.echo(f"written: {yolo / 'data.yaml'} (per image: {yolo / 'pseudo_labels_train.csv'})")
-
-
-# ------------------------------------------------------------------ detector
-
-@detector_app.command("train")
-def detector_train(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/detector.yaml)"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
-    overrides: List[str] = typer.Argument(None, help=OVERRIDES_HELP),
-) -> None:
-    """Train the YOLO detector (checkpoint every epoch; --resume continues).
-
-    Example: smear detector train --config configs/detector.yaml epochs=40 name=v8n-640
-    """
-    from smear.detector.config import DetectorConfig
-    from smear.detector.train import train_detector
-
-    cfg = _load(DetectorConfig, config, overrides or [])
-    run = train_detector(cfg, resume=resume)
-    typer.echo(f"run folder: {run}")
-
-
-@detector_app.command("evaluate")
-def detector_evaluate(
-    weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),
-    split: str = typer.Option("test", "--split", help="val or test"),
-    data: Optional[Path] = typer.Option(None, "--data", help="YOLO data.yaml (default: configs' prepared BCCD)"),
-    output: Optional[Path] = typer.Option(None, "--output", help="folder for metrics.json and plots"),
-    imgsz: Optional[int] = typer.Option(None, "--imgsz", help="image size (default: the model's)"),
-    device: str = typer.Option("cpu", "--device"),
-) -> None:
-    """mAP50, mAP50-95, per-class AP, precision, recall, confusion matrix and PR curves on a split."""
-    from smear.detector.evaluate import evaluate_detector
-
-    if split not in ("val", "test", "train"):
-        _fail(f"--split {split!r}: expected val or test")
-    m = evaluate_detector(weights, split=split, data=data, output=output, imgsz=imgsz, device=device)
-    typer.echo(json.dumps(m, indent=2))
-
-
-@detector_app.command("interpolate")
-def detector_interpolate(
-    base: Path = typer.Argument(..., help="the model the fine-tune started from (.pt or model folder)"),
-    tuned: Path = typer.Argument(..., help="the fine-tuned model (.pt or model folder)"),
-    alpha: float = typer.Option(..., "--alpha", help="weight of the tuned model, 0..1 (choose it on val)"),
-    out: Path = typer.Option(..., "--out", help="model folder to write"),
-) -> None:
-    """Average a fine-tuned detector with the one it started from (WiSE-FT); no training.
-
-    Example: smear detector interpolate base.pt runs/detector/ft/weights/best.pt --alpha 0.8 --out runs/detector/wise-0.8
-    """
-    from smear.detector.interpolate import interpolate_detectors
-
-    typer.echo(f"written: {interpolate_detectors(base, tuned, alpha, out)}")
-
-
-@detector_app.command("export")
-def detector_export(
-    weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),
-    format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
-    out: Optional[Path] = typer.Option(None, "--out", help="model folder to write (default: runs/export/NAME-FORMAT)"),
-) -> None:
-    """Export the detector as a model folder (weights + card); run it with --set detector_weights=FOLDER.
-
-    ONNX needs pip install 'smear[onnx]' (onnx to export, onnxruntime to run); nothing is downloaded.
-    """
-    from smear.detector.export import export_detector
-
-    typer.echo(f"written: {export_detector(weights, format, out)}")
-
-
-# ------------------------------------------------------------------ classifier
-
-TASK_HELP = "cells: RBC/platelets/WBC subtypes on BCCD; rbc-morphology: 13 RBC shapes on Chula RBC-12"
-
-
-def _check_task(task: str) -> None:
-    if task not in ("cells", "rbc-morphology"):
-        _fail(f"--task {task!r}: expected cells or rbc-morphology")
-
-
-@classifier_app.command("train")
-def classifier_train(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/classifier.yaml, "
-                                          "configs/morphology.yaml)"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
-    task: str = typer.Option("cells", "--task", help=TASK_HELP),
-    overrides: List[str] = typer.Argument(None, help=OVERRIDES_HELP),
-) -> None:
-    """Train the crop classifier (two phases, as in the study; checkpoint every epoch).
-
-    Examples:
-
-      smear classifier train backbone=mobilenet_v2 crop_size_px=128 name=mnv2-128
-
-      smear classifier train --task rbc-morphology threads=1
-    """
-    _check_task(task)
-    if task == "rbc-morphology":
-        from smear.classifier.morphology import MorphologyConfig, train_morphology
-
-        folder = train_morphology(_load(MorphologyConfig, config, overrides or []), resume=resume)
-    else:
-        from smear.classifier.config import ClassifierConfig
-        from smear.classifier.train import train_classifier
-
-        folder = train_classifier(_load(ClassifierConfig, config, overrides or []), resume=resume)
-    typer.echo(f"model folder: {folder}")
-
-
-@classifier_app.command("evaluate")
-def classifier_evaluate(
-    weights: Optional[Path] = typer.Option(None, "--weights", help="classifier model folder (default: shipped)"),
-    split: str = typer.Option("test", "--split", help="val or test"),
-    manifest: Path = typer.Option(Path("runs/prepared/bccd/crops/manifest.csv"), "--manifest",
-                                  help="crop manifest from 'smear data prepare'"),
-    output: Optional[Path] = typer.Option(None, "--output", help="folder for metrics.json and PNG plots"),
-    task: str = typer.Option("cells", "--task", help=TASK_HELP),
-) -> None:
-    """Accuracy, per-class P/R/F1, confusion matrix, ROC/AUC (7 classes and 3 groups) on ground-truth boxes.
-
-    With --task rbc-morphology: per-class P/R/F1, macro-F1, confusion matrix and normal-vs-abnormal ROC
-    on the model's own held-out Chula images.
-    """
-    _check_task(task)
-    if task == "rbc-morphology":
-        from smear.classifier.morphology import evaluate_morphology
-
-        rep = evaluate_morphology(weights, split, output)
-        typer.echo(json.dumps({k: rep[k] for k in ("n", "accuracy", "macro_f1", "normal_vs_abnormal", "per_class")
-                               if k in rep}, indent=2))
-        return
-    from smear.classifier.evaluate import evaluate_classifier
-
-    m = evaluate_classifier(weights, manifest, split, output)
-    short = {k: m[k] for k in ("split", "n", "accuracy", "balanced_accuracy") if k in m}
-    short["groups_accuracy"] = m["groups"]["accuracy"]
-    short["subtype"] = m.get("subtype")
-    short["per_class"] = m["per_class"]
-    short["roc_auc_ovr"] = m.get("roc_auc_ovr")
-    typer.echo(json.dumps(short, indent=2))
 
 
 @app.command("classify")
@@ -418,6 +159,19 @@ def analyze(
         raise typer.Exit(1)
 
 
+def _info_value(v) -> str:
+    """One readable cell of 'smear info': lists joined, metric dicts cut to their scalar headline figures."""
+    if isinstance(v, float):
+        return f"{v:.3f}".rstrip("0").rstrip(".")
+    if isinstance(v, list):
+        return ", ".join(_info_value(x) for x in v)
+    if isinstance(v, dict):
+        parts = [f"{k} {_info_value(x)}" for k, x in v.items()
+                 if isinstance(x, (int, float, str)) and not (isinstance(x, str) and len(x) > 40)]
+        return "; ".join(parts) if parts else "(see --json)"
+    return str(v)
+
+
 @app.command("info")
 def info(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """The models in use (weights, image size, classes) and their test metrics."""
@@ -428,9 +182,11 @@ def info(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> No
         typer.echo(json.dumps(data, indent=2))
         return
     for stage, d in data.items():
-        typer.echo(f"{stage}:")
-        for k, v in d.items():
-            typer.echo(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+        rows = [(k, _info_value(v)) for k, v in d.items() if v not in (None, {}, [])]
+        typer.echo(stage)
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            typer.echo(f"  {k:<{width}}  {v}")
 
 
 @app.command("annotate")

@@ -23,7 +23,7 @@ def _from_detector(entry: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """How ``smear analyze`` merges the two stages and which indicators it may raise (configs/pipeline.yaml)."""
+    """How ``smear analyze`` merges the two stages and which flags it may raise (configs/pipeline.yaml)."""
 
     detector_weights: str = param("", "detector .pt or model folder; '' for the shipped default")
     classifier_weights: str = param("", "classifier model folder; '' for the shipped default")
@@ -50,7 +50,8 @@ class PipelineConfig:
     group_override_prob: float = param(0.9, "classifier group probability that overrides the detector's group", range=(0.5, 1.0))
     review_prob: float = param(0.5, "classifier probability for another group that marks a cell for review", range=(0.0, 1.0))
     low_confidence_wbc: float = param(0.5, "WBC subtype probability below which a WBC counts as unplaced", range=(0.0, 1.0))
-    capture_mode: str = param("wbc-centred", "how fields were chosen; decides which flags apply",
+    capture_mode: str = param("wbc-centred", "how fields were chosen; decides which flags apply "
+                              "(wbc-centered is accepted for wbc-centred)",
                               choices=("wbc-centred", "random"))
     min_rbc_for_ratio: int = param(300, "RBCs needed before a platelet or WBC ratio is judged", range=(1, None))
     min_wbc_for_differential: int = param(100, "WBCs needed before a differential is judged", range=(1, None))
@@ -74,6 +75,8 @@ class PipelineConfig:
             >>> PipelineConfig.implied({"conf": 0.3})
             {'conf': 0.3, 'class_conf': ()}
         """
+        if str(values.get("capture_mode", "")).strip().lower() == "wbc-centered":  # US spelling, same mode
+            values = {**values, "capture_mode": "wbc-centred"}
         if "conf" in values and values["conf"] is not None and "class_conf" not in values:
             return {**values, "class_conf": ()}
         return values

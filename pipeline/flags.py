@@ -1,4 +1,4 @@
-"""Disorder indicator flags, per ../shared/docs/clinical-indicators.md.
+"""Flags: warning signs worth a closer look, per ../shared/docs/clinical-indicators.md.
 
 Every flag names its rule, threshold, observed value, evidence and caveat. Rules that need a
 capture mode or a calibration say so and are skipped without it. Too few cells give an
@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from smear.data.taxonomy import MORPHOLOGY_CLASSES, SUBTYPES
 
 from .config import PipelineConfig
-from .results import Flag, wilson_interval
+from .results import Flag, count_noun, wilson_interval
 
 # Normal ranges implied by RBC 4.2-6.1 M/uL, WBC 4-11 k/uL, platelets 150-450 k/uL.
 PLATELETS_PER_1000_RBC = (25.0, 107.0)
@@ -42,7 +42,7 @@ def platelet_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) -
         rule = "platelet estimate = mean platelets per field x calibration factor"
         if n_fields < cfg.min_fields_for_estimate:
             return [Flag("platelet_estimate", "insufficient evidence", rule, f">= {cfg.min_fields_for_estimate} fields",
-                         f"{n_fields} fields", _evidence(counts, n_fields),
+                         count_noun(n_fields, "field"), _evidence(counts, n_fields),
                          "Too few fields for a platelet estimate. " + DECISION_SUPPORT)]
         est = plt / n_fields * cfg.platelet_factor_per_field
         for name, sev, lim, below in (("thrombocytopenia_spontaneous_bleeding_risk", "critical", 10_000, True),
@@ -81,7 +81,7 @@ def wbc_count_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) 
         rule = "WBC estimate = mean WBC per field x calibration factor"
         if n_fields < cfg.min_fields_for_estimate:
             return [Flag("wbc_estimate", "insufficient evidence", rule, f">= {cfg.min_fields_for_estimate} fields",
-                         f"{n_fields} fields", _evidence(counts, n_fields), caveat, "random")]
+                         count_noun(n_fields, "field"), _evidence(counts, n_fields), caveat, "random")]
         est = wbc / n_fields * cfg.wbc_factor_per_field
         if est > 11_000 or est < 4_000:
             return [Flag("leukocytosis" if est > 11_000 else "leukopenia", "warning", rule,
@@ -114,7 +114,7 @@ def differential_flags(counts: dict[str, int], differential: dict[str, Any], n_f
                        f"{differential[s]['ci95'][0]}-{differential[s]['ci95'][1]}%)" for s in SUBTYPES}
         return [Flag("differential", "insufficient evidence", rule, f">= {cfg.min_wbc_for_differential} WBCs",
                      observed, _evidence(counts, n_fields, classified_wbc=n),
-                     f"Only {n} WBCs: the evidence is thin; counts are shown with 95% confidence intervals. "
+                     f"Only {count_noun(n, 'WBC')}: the evidence is thin; counts are shown with 95% confidence intervals. "
                      "A differential rests on at least 100 WBCs.")]
     for s in SUBTYPES:
         pct = differential[s]["percent"]
@@ -144,7 +144,7 @@ def unplaced_wbc_flag(n_unplaced: int, n_wbc: int, counts: dict[str, int], n_fie
     frac = n_unplaced / n_wbc
     if n_unplaced >= 3 and frac >= 0.10 or n_unplaced >= 1 and n_wbc < 3 and frac >= 0.5:
         return [Flag("unplaced_wbc", "warning", "WBCs whose best subtype probability is low",
-                     ">= 10% of WBCs (and >= 3) or most of a few", f"{n_unplaced} of {n_wbc} WBCs",
+                     ">= 10% of WBCs (and >= 3) or most of a few", f"{n_unplaced} of {count_noun(n_wbc, 'WBC')}",
                      _evidence(counts, n_fields, unplaced_wbc=n_unplaced),
                      "The model was trained without blasts or abnormal WBCs (BCCD has none), so it cannot name them; "
                      "unplaced WBCs are only an indirect sign worth a look. Not a leukemia finding.")]
@@ -232,8 +232,8 @@ def morphology_flags(summary: dict | None, counts: dict[str, int], n_fields: int
     evidence = {"fields": n_fields, "rbc": counts.get("RBC", n), "rbc_with_morphology": n}
     if n < MIN_RBC_FOR_MORPHOLOGY:
         return [Flag("rbc_morphology", "insufficient evidence", "share of RBCs per morphology class",
-                     f">= {MIN_RBC_FOR_MORPHOLOGY} RBCs with a morphology call", f"{n} RBCs", evidence,
-                     f"Only {n} RBCs carry a morphology call; analyse more fields before reading shares. "
+                     f">= {MIN_RBC_FOR_MORPHOLOGY} RBCs with a morphology call", count_noun(n, "RBC"), evidence,
+                     f"Only {count_noun(n, 'RBC')} carry a morphology call; analyse more fields before reading shares. "
                      + MORPHOLOGY_CAVEAT)]
     flags = []
     for name, labels, threshold, meaning in MORPHOLOGY_RULES:

@@ -1,11 +1,15 @@
-"""Views of results: results.jsonl, summary.csv, overlays, a self-contained report.html, stdout tables."""
+"""Views of results: results.jsonl, summary.csv, overlays, a self-contained report.html, stdout tables.
+
+report.html is rendered from the jinja2 templates in ``pipeline/templates`` (autoescaped): ``report.html.j2``
+lays out the page around field cards rendered one at a time from ``field.html.j2``.
+"""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import csv
-import html
+import functools
 import json
 import os
 import tempfile
@@ -24,6 +28,7 @@ COLOURS = {
     "RBC": (220, 40, 40), "Platelets": (255, 200, 0), "Neutrophil": (0, 90, 255), "Eosinophil": (255, 110, 0),
     "Lymphocyte": (0, 170, 60), "Monocyte": (150, 0, 200), "Basophil": (0, 200, 200), "WBC": (40, 40, 40),
 }
+SEVERITY_CLASS = {"critical": "crit", "warning": "warn"}  # the report's CSS class per flag severity (else "info")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -121,7 +126,7 @@ class ResultWriter:
         # newline="": csv writes its own \r\n line ends, as write_rows does.
         self._summary_rows = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)
         self._summary_csv: csv.DictWriter | None = None
-        self._report_fields = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)
+        self._report_cards = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)
         self.count = 0
         self.n_failed = 0
 
@@ -140,7 +145,7 @@ class ResultWriter:
         thumb = None
         if not result.error:  # the overlay just drawn is the PNG's exact pixels: no need to read it back
             thumb = _thumb_b64(overlay if overlay is not None else overlay_path)
-        self._report_fields.write("\n" + _field_html(result, thumb))
+        self._report_cards.write(json.dumps(field_card(result, thumb)) + "\n")  # one card a line
         self.n_failed += bool(result.error)
         self.count += 1
 
@@ -156,10 +161,11 @@ class ResultWriter:
         with self._summary_rows, atomic_open(self.out / "summary.csv") as f:
             _copy_text(self._summary_rows, f)
         atomic_write_text(self.out / "slides.json", json.dumps([s.to_dict() for s in slides], indent=2))
-        with self._report_fields, atomic_open(self.out / "report.html") as f:
-            f.write("\n".join(_report_head(self.count, self.n_failed, slides)).encode())
-            _copy_text(self._report_fields, f)
-            f.write(("\n" + REPORT_TAIL).encode())
+        with self._report_cards, atomic_open(self.out / "report.html") as f:
+            self._report_cards.seek(0)
+            cards = (json.loads(line) for line in self._report_cards)
+            for piece in _report_pieces(self.count, self.n_failed, slides, cards):
+                f.write(piece.encode())
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -192,108 +198,40 @@ def _thumb_b64(source: Path | np.ndarray, max_side: int = 320) -> str | None:
     return base64.b64encode(buf.tobytes()).decode() if ok else None
 
 
-def _flag_table(flags) -> str:
-    if not flags:
-        return "<p class='ok'>No flags raised.</p>"
-    rows = []
-    for f in flags:
-        cls = {"critical": "crit", "warning": "warn"}.get(f.severity, "info")
-        ev = ", ".join(f"{k}: {v}" for k, v in f.evidence.items())
-        observed = html.escape(str(f.observed)) if not isinstance(f.observed, dict) else "<br>".join(
-            html.escape(f"{k}: {v}") for k, v in f.observed.items())
-        rows.append(f"<tr class='{cls}'><td><b>{html.escape(f.name)}</b></td><td>{html.escape(f.severity)}</td>"
-                    f"<td>{html.escape(str(f.rule))}</td><td>{html.escape(str(f.threshold))}</td>"
-                    f"<td>{observed}</td>"
-                    f"<td>{html.escape(ev)}</td><td>{html.escape(f.caveat)}</td></tr>")
-    return ("<table><tr><th>flag</th><th>severity</th><th>rule</th><th>threshold</th><th>observed</th>"
-            "<th>evidence</th><th>caveat</th></tr>" + "".join(rows) + "</table>")
+@functools.lru_cache(maxsize=1)
+def _templates():
+    """The jinja2 environment of ``pipeline/templates``: autoescaped, block tags leave no blank lines."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("smear.pipeline", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.globals.update(COLOURS=COLOURS, SUBTYPES=SUBTYPES, SEVERITY_CLASS=SEVERITY_CLASS)
+    env.filters["json_except"] = lambda d, *keys: json.dumps({k: v for k, v in d.items() if k not in keys})
+    return env
 
 
-def _differential_chart(diff: dict) -> str:
-    """Horizontal bars with 95% CI whiskers, as inline SVG (no external resources)."""
-    n = diff.get("n_wbc", 0)
-    if not n:
-        return "<p>No classified WBCs.</p>"
-    width, row_h, left = 460, 26, 95
-    parts = [f"<svg width='{width + left + 60}' height='{row_h * len(SUBTYPES) + 30}' role='img' "
-             f"aria-label='WBC differential'>"]
-    for i, s in enumerate(SUBTYPES):
-        d = diff[s]
-        y = 10 + i * row_h
-        pct = d["percent"] or 0
-        lo, hi = d["ci95"]
-        colour = "rgb(%d,%d,%d)" % COLOURS[s]
-        parts.append(f"<text x='0' y='{y + 15}' font-size='13'>{s}</text>")
-        parts.append(f"<rect x='{left}' y='{y}' width='{width * pct / 100:.1f}' height='18' fill='{colour}'/>")
-        parts.append(f"<line x1='{left + width * lo / 100:.1f}' x2='{left + width * hi / 100:.1f}' y1='{y + 9}' "
-                     f"y2='{y + 9}' stroke='black' stroke-width='1.5'/>")
-        parts.append(f"<text x='{left + width * max(pct, hi) / 100 + 6:.1f}' y='{y + 14}' font-size='12'>"
-                     f"{d['count']} ({pct}%)</text>")
-    parts.append(f"<text x='{left}' y='{row_h * len(SUBTYPES) + 25}' font-size='11'>n = {n} WBCs; "
-                 f"whiskers: 95% Wilson CI</text></svg>")
-    return "".join(parts)
+def field_card(result: ImageResult, thumb_b64: str | None) -> str:
+    """One field's card in the report (HTML): thumbnail, name, counts and flags (or its error)."""
+    return _templates().get_template("field.html.j2").render(result=result, name=Path(result.image).name,
+                                                             thumb=thumb_b64)
 
 
-REPORT_TAIL = "</div></body></html>"
+def _report_pieces(n_images: int, n_failed: int, slides: Sequence[SlideResult],
+                   cards: Iterable[str]) -> Iterator[str]:
+    """report.html in pieces as it renders: per-slide counts, flags, differential and morphology, then ``cards``
+    (from :func:`field_card`), read only as the page reaches them."""
+    from markupsafe import Markup
+
+    page = _templates().get_template("report.html.j2")
+    return page.generate(n_images=n_images, n_failed=n_failed, slides=slides, cards=(Markup(c) for c in cards))
 
 
 def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_dir: Path | None) -> str:
     """One self-contained page: per-slide summary, flags with evidence, differential chart, thumbnails."""
-    fields = [_field_html(r, _thumb_b64(overlay_dir / overlay_name(r, i)) if overlay_dir and not r.error else None)
-              for i, r in enumerate(results)]
+    cards = [field_card(r, _thumb_b64(overlay_dir / overlay_name(r, i)) if overlay_dir and not r.error else None)
+             for i, r in enumerate(results)]
     n_fail = sum(1 for r in results if r.error)
-    return "\n".join([*_report_head(len(results), n_fail, slides), *fields, REPORT_TAIL])
-
-
-def _report_head(n_images: int, n_failed: int, slides: Sequence[SlideResult]) -> list[str]:
-    """The report up to the field thumbnails: per-slide counts, flags, differential and morphology."""
-    css = ("body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0}"
-           "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}th{background:#f0f0f0}"
-           ".crit{background:#fdd}.warn{background:#fff3cd}.info{background:#eef}.ok{color:#070}"
-           ".thumbs{display:flex;flex-wrap:wrap;gap:10px}.thumb{font-size:12px;width:330px}.err{color:#b00}"
-           ".note{font-size:13px;color:#555}")
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>smear report</title><style>{css}</style></head>"
-           "<body><h1>smear report</h1><p class='note'>Decision support for trained staff, not a diagnosis. Flags show "
-           "their rule, threshold, observed value, evidence and caveat.</p>"]
-    out.append(f"<p>{n_images} images, {len(slides)} slide(s), {n_failed} failed.</p>")
-    for s in slides:
-        mode_note = (" WBC-centred fields over-represent WBCs, so no WBC count or WBC:RBC flag is raised; the "
-                     "differential and the platelet:RBC ratio still apply." if s.capture_mode == "wbc-centred" else "")
-        out.append(f"<h2>Slide {html.escape(s.slide)}</h2><p>{s.n_fields} fields; capture mode "
-                   f"<b>{html.escape(s.capture_mode)}</b>.{mode_note}</p>")
-        c = s.counts
-        out.append("<table><tr>" + "".join(f"<th>{k}</th>" for k in c) + "</tr><tr>"
-                   + "".join(f"<td>{v}</td>" for v in c.values()) + "</tr></table>")
-        out.append("<p>" + "; ".join(f"{k.replace('_', ' ')}: {v if v is not None else 'n/a'}"
-                                     for k, v in s.ratios.items()) + "</p>")
-        if s.estimates.get("platelets_per_uL") or s.estimates.get("wbc_per_uL"):
-            out.append(f"<p>Calibrated estimates: {html.escape(json.dumps({k: v for k, v in s.estimates.items() if k != 'mean_per_field'}))}</p>")
-        out.append("<h3>Flags</h3>" + _flag_table(s.flags))
-        out.append("<h3>WBC differential</h3>" + _differential_chart(s.differential))
-        if s.morphology:
-            pct = s.morphology.get("percent", {})
-            domain = s.morphology.get("domain") or {}
-            if domain.get("in_domain", True):
-                out.append("<h3>RBC morphology</h3><table><tr>" + "".join(f"<th>{k}</th>" for k in pct)
-                           + "</tr><tr>" + "".join(f"<td>{v}%</td>" for v in pct.values()) + "</tr></table>")
-            else:
-                out.append("<h3>RBC morphology</h3><p class='note'>Not assessed: these fields are unlike the "
-                           f"morphology model's training images (median RBC {domain.get('median_rbc_diameter_px')} px "
-                           f"vs {domain.get('model_rbc_diameter_px')} px).</p>")
-    out.append("<h2>Fields</h2><div class='thumbs'>")
-    return out
-
-
-def _field_html(result: ImageResult, thumb_b64: str | None) -> str:
-    """One field's card in the report: thumbnail, name, counts and flags (or its error)."""
-    name = html.escape(Path(result.image).name)
-    if result.error:
-        return f"<div class='thumb err'><b>{name}</b><br>{html.escape(result.error)}</div>"
-    img = f"<img src='data:image/jpeg;base64,{thumb_b64}' width='320'>" if thumb_b64 else ""
-    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
-    flags = "".join(f"<br><span class='{ {'critical': 'crit', 'warning': 'warn'}.get(f.severity, 'info') }'>"
-                    f"{html.escape(f.name)} ({html.escape(f.severity)})</span>" for f in result.flags)
-    return f"<div class='thumb'>{img}<br><b>{name}</b><br>{html.escape(counts)}{flags}</div>"
+    return "".join(_report_pieces(len(results), n_fail, slides, cards))
 
 
 def format_table(results: list[ImageResult]) -> str:

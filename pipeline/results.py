@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,15 +49,27 @@ class Flag:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=4096)  # binomtest costs a few ms a call; flags ask for the same k, n again and again
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n, in percent."""
+    """95% Wilson score interval of a proportion k/n, in percent, rounded to 0.1 (scipy's ``binomtest``).
+
+    ``z`` is the normal quantile of the two-sided level (1.96 for 95%). No cells (n = 0) say nothing: (0, 100).
+
+    Example:
+        >>> wilson_interval(6, 10)
+        (31.3, 83.2)
+    """
     if n == 0:
         return (0.0, 100.0)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (round(100 * max(0.0, centre - half), 1), round(100 * min(1.0, centre + half), 1))
+    from scipy.stats import binomtest, norm  # scipy.stats takes a while to import: only when asked
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=2 * float(norm.cdf(z)) - 1, method="wilson")
+    return (round(100 * max(0.0, float(ci.low)), 1), round(100 * min(1.0, float(ci.high)), 1))
+
+
+def count_noun(n: int, noun: str) -> str:
+    """``1 WBC``, ``2 WBCs``, ``0 fields``: a count with its noun in the right number."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def count_cells(cells: list[Cell]) -> dict[str, int]:

@@ -39,6 +39,8 @@ def test_two_step_training_writes_a_loadable_model_folder(tiny_manifest, tmp_pat
     folder = train_classifier(_cfg(tiny_manifest, tmp_path), progress=False)
     card = json.loads((folder / "card.json").read_text())
     assert card["classes"][:2] == ["RBC", "Platelets"] and card["config"]["backbone"] == "mobilenet_v2"
+    assert card["task"] == "cells" and card["best_epoch"] == 2  # the one phase-2 epoch
+    assert card["val_metrics"]["n"] == card["data"]["val_crops"] > 0 and "groups" in card["val_metrics"]
     assert card["data"]["train_images"] > 0 and "commit" in card and "date" in card
     history = json.loads((folder / "history.json").read_text())
     assert [h["phase"] for h in history] == [1, 2]
@@ -52,7 +54,8 @@ def test_two_step_training_writes_a_loadable_model_folder(tiny_manifest, tmp_pat
 
 
 def test_split_leak_is_refused(tiny_manifest, tmp_path):
-    from smear.classifier.train import read_manifest, train_classifier
+    from smear.classifier.train import train_classifier
+    from smear.data.crops import read_manifest
 
     rows = read_manifest(tiny_manifest)
     with pytest.raises(SmearError, match="split by image"):
@@ -270,3 +273,52 @@ def test_padding_a_batch_to_a_few_shapes_leaves_the_probabilities_unchanged(tiny
     assert np.allclose(plain, padded, atol=1e-5)
     assert [padded_size(n, 256) for n in (1, 8, 9, 100, 255, 256)] == [8, 8, 16, 128, 256, 256]
     assert padded_size(70, 100) == 100 and padded_size(3, 4) == 4
+
+
+def test_tasks_pick_their_config_and_classes():
+    from smear.classifier.config import ClassifierConfig, MorphologyConfig, load_task_config, task_of
+    from smear.configs.errors import ConfigError
+
+    assert load_task_config(None) == ClassifierConfig()
+    sub = load_task_config("wbc-subtypes", None, {"crop_size_px": 128})
+    assert (sub.classes, sub.crop_size_px, task_of(sub)) == ("subtypes", 128, "wbc-subtypes")
+    assert task_of(load_task_config(None, None, {"classes": "subtypes"})) == "wbc-subtypes"
+    morph = load_task_config("rbc-morphology", None, {"epochs": 3})
+    assert isinstance(morph, MorphologyConfig) and morph.epochs == 3 and task_of(morph) == "rbc-morphology"
+    with pytest.raises(ConfigError, match="valid tasks are cells, wbc-subtypes, rbc-morphology"):
+        load_task_config("subtypes")
+    with pytest.raises(ConfigError, match="task=cells trains classes=cells"):
+        load_task_config("cells", None, {"classes": "subtypes"})
+    with pytest.raises(ConfigError, match="unknown MorphologyConfig key 'crop_margin'"):
+        load_task_config("rbc-morphology", None, {"crop_margin": 0.2})  # point crops have no box margin
+    assert load_task_config("rbc-morphology", None, {"crop_size_px": 48}).crop_size_px == 48  # one name, every task
+
+
+def test_training_crops_are_the_inference_crop_at_the_field_edge(monkeypatch):
+    """With every jitter off, a training crop of a box that leaves the field is the inference crop (edges
+    replicated, not mirrored): a cell at the edge looks the same to the model in training and in use."""
+    import random
+
+    from smear.classifier import train
+    from smear.classifier.config import ClassifierConfig
+    from smear.data.crops import crop_cell
+    from tests.conftest import draw_field
+
+    img, _ = draw_field(seed=3)
+    cfg = ClassifierConfig(crop_size_px=48, center_jitter=0, margin_jitter=0, zoom=0, rotate=False, flip=False)
+    monkeypatch.setattr(train, "stain_jitter", lambda crop, *a: crop)
+    for box in [(-12.0, 40.0, 30.0, 85.0), (600.0, 430.0, 660.0, 490.0), (100.0, 100.0, 140.0, 150.0)]:
+        expected = crop_cell(img, box, cfg.crop_margin, cfg.crop_size_px)
+        assert np.array_equal(train.augmented_crop(img, box, cfg, random.Random(0)), expected)
+
+
+def test_the_inference_crop_replicates_edges_and_rotates_about_the_cell():
+    from smear.data.crops import crop_cell
+
+    field = np.zeros((60, 80, 3), np.uint8)
+    field[:, :40] = 200  # bright left half
+    field[20:40, 5:15] = 90  # a cell at the left edge
+    crop = crop_cell(field, (-5, 20, 15, 40), 0.0, 40)  # its box leaves the field
+    assert (crop[:, :10] == 200).all()  # replicated field, not the mirrored cell
+    turned = crop_cell(field, (30, 20, 50, 40), 0.25, 30, angle_deg=90.0)  # centred on the bright/dark boundary
+    assert turned[:10].max() == 0 and turned[-10:].min() == 200  # a quarter turn: the bright left half is now below

@@ -9,16 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smear.classifier.morphology import (
-    MORPHOLOGY_CLASSES,
-    MorphologyConfig,
-    eval_point_crops,
-    load_morphology_model,
-    point_crop,
-    read_chula,
-    split_images,
-)
+from smear.classifier.config import MorphologyConfig
+from smear.classifier.predict import load_morphology_model
 from smear.configs.errors import ModelNotFoundError, SmearError
+from smear.data.chula import read_chula, split_images
+from smear.data.crops import crop_square, mirrored_point_crop
+from smear.data.taxonomy import MORPHOLOGY_CLASSES
 from smear.pipeline.results import Cell
 
 
@@ -54,7 +50,7 @@ def tiny_morphology(tmp_path_factory) -> Path:
 
     return make_untrained_model_folder(
         tmp_path_factory.mktemp("tiny_morphology"), MorphologyConfig,
-        {"backbone": "mobilenet_v2", "pretrained": "none", "input_size_px": 32}, MORPHOLOGY_CLASSES, "morphology")
+        {"backbone": "mobilenet_v2", "pretrained": "none", "crop_size_px": 32}, MORPHOLOGY_CLASSES, "morphology")
 
 
 def _cell(group: str, box=(100, 100, 140, 140)) -> Cell:
@@ -98,16 +94,34 @@ def test_split_is_by_image_and_deterministic():
 
 
 def test_point_crops_are_centred_and_sized(chula):
-    data = read_chula(chula)
-    cells = data["1"]
-    crops = eval_point_crops(cells, 56, 64)
-    assert len(crops) == len(cells)
-    for crop in crops:
+    from smear.data.images import read_image
+
+    cells = read_chula(chula)["1"]
+    img = read_image(cells[0].image)
+    for crop in [crop_square(img, c.x, c.y, 56, 64) for c in cells]:
         assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
         centre, corner = crop[28:36, 28:36].mean(), crop[:6, :6].mean()
         assert centre < corner - 20  # the dark disc sits in the middle, background around it
-    edge = point_crop(np.zeros((50, 50, 3), np.uint8) + 100, 0, 0, 40, 32)  # mirrored outside the image
-    assert edge.shape == (32, 32, 3) and edge.min() == 100
+
+
+def test_the_shipped_crop_is_kept_for_folders_trained_on_it(tiny_morphology):
+    """A card without crop.border (the shipped model) gets the mirrored crop it was trained on; a new one the
+    one crop of smear.data.crops, edges replicated."""
+    import json
+    import shutil
+
+    field = np.zeros((50, 50, 3), np.uint8)
+    field[:, :3] = 200  # a bright edge strip: mirroring and replication differ left of x=0
+    legacy = load_morphology_model(str(tiny_morphology))
+    assert np.array_equal(legacy.crop(field, 2, 25, 20), mirrored_point_crop(field, 2, 25, 20, 32))
+    new = tiny_morphology.parent / "new"
+    shutil.copytree(tiny_morphology, new)
+    card = json.loads((new / "card.json").read_text())
+    card["crop"] = {"border": "replicate"}
+    (new / "card.json").write_text(json.dumps(card))
+    model = load_morphology_model(str(new))
+    assert np.array_equal(model.crop(field, 2, 25, 20), crop_square(field, 2, 25, 20, 32))
+    assert not np.array_equal(model.crop(field, 2, 25, 20), legacy.crop(field, 2, 25, 20))
 
 
 def test_missing_model_is_a_smear_error(tmp_path):
@@ -134,7 +148,7 @@ def test_annotate_sets_morphology_on_rbc_only(tiny_morphology, field_image):
 
 def test_crop_side_follows_the_field_median(tiny_morphology):
     model = load_morphology_model(str(tiny_morphology))
-    crop, ref = model.config["crop_px"], model.config["cell_diameter_px"]
+    crop, ref = model.config["cut_side_px"], model.config["cell_diameter_px"]
     boxes = [(0, 0, 70, 70)] * 6 + [(0, 0, 140, 140)]
     sides = model.crop_sides(boxes)
     assert sides[0] == sides[-1] == pytest.approx(crop * 70 / ref)  # one scale per field: sizes stay relative
@@ -142,25 +156,71 @@ def test_crop_side_follows_the_field_median(tiny_morphology):
     assert model.crop_sides(boxes, pixel_size_um=7.5 / ref)[0] == pytest.approx(crop)  # Chula's own scale
 
 
-def test_train_and_evaluate_on_synthetic_data(chula, tmp_path, monkeypatch):
-    from smear.classifier.morphology import evaluate_morphology, main, train_morphology
-    from smear.configs.loader import build_config
+def test_train_and_evaluate_on_synthetic_data(chula, tmp_path):
+    from smear.classifier.config import load_task_config
+    from smear.classifier.evaluate import evaluate
+    from smear.classifier.train import train
+    from smear.configs.modelcard import render_card_md
 
-    cfg = build_config(MorphologyConfig, {
-        "data_root": str(chula), "backbone": "mobilenet_v2", "pretrained": "none", "input_size_px": 32,
-        "epochs": 1, "samples_per_epoch": 32, "batch": 16, "val_fraction": 0.25, "test_fraction": 0.25,
+    cfg = load_task_config("rbc-morphology", None, {
+        "data_root": str(chula), "backbone": "mobilenet_v2", "pretrained": "none", "crop_size_px": 32,
+        "epochs": 2, "samples_per_epoch": 32, "batch": 16, "val_fraction": 0.25, "test_fraction": 0.25,
         "project": str(tmp_path / "runs"), "name": "t"})
-    folder = train_morphology(cfg, progress=False)
+    folder = train(cfg, progress=False)
     card = json.loads((folder / "card.json").read_text())
     split = json.loads((folder / "split.json").read_text())
-    assert card["kind"] == "morphology" and card["classes"] == list(MORPHOLOGY_CLASSES)
-    assert (folder / "weights.pt").is_file() and (folder / "card.md").is_file()
+    assert card["kind"] == "morphology" and card["task"] == "rbc-morphology"
+    assert card["classes"] == list(MORPHOLOGY_CLASSES) and card["crop"]["border"] == "replicate"
+    assert (folder / "weights.pt").is_file() and (folder / "card.md").read_text() == render_card_md(card, card["title"])
     assert sorted(sum(split.values(), []), key=int) == [str(i) for i in range(1, 9)]
+    history = json.loads((folder / "history.json").read_text())
+    assert [h["phase"] for h in history] == [2, 2] and history[1]["lr"] < history[0]["lr"]  # cosine decay
+    assert card["val_metrics"]["normal_vs_abnormal"]["n"] >= 0 and "val_macro_f1" in history[0]
     assert (tmp_path / "runs" / "t" / "last.pt").is_file()
-    rep = evaluate_morphology(folder, "train", tmp_path / "eval", record=True)
+    rep = evaluate(folder, "train", tmp_path / "eval", write_card=True)  # the task comes from the card
     assert rep["n"] == 6 * len(split["train"]) and "macro_f1" in rep and "normal_vs_abnormal" in rep
-    assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
-    assert "train_metrics" in json.loads((folder / "card.json").read_text())
+    for name in ("metrics.json", "confusion_matrix.png", "predictions.csv", "curves.png"):
+        assert (tmp_path / "eval" / name).is_file()
+    card = json.loads((folder / "card.json").read_text())
+    assert card["train_metrics"]["n"] == rep["n"]
+    assert (folder / "card.md").read_text() == render_card_md(card, card["title"])
     with pytest.raises(SmearError, match="run folder exists"):
-        train_morphology(cfg, progress=False)
-    assert main(["evaluate", str(folder), "--split", "train"]) == 0
+        train(cfg, progress=False)
+    with pytest.raises(SmearError, match="task=rbc-morphology"):
+        evaluate(folder, "train", task="cells")
+
+
+def test_time_budget_stops_after_the_epoch_that_passes_it(chula, tmp_path):
+    from smear.classifier.config import load_task_config
+    from smear.classifier.train import train
+
+    cfg = load_task_config("rbc-morphology", None, {
+        "data_root": str(chula), "backbone": "mobilenet_v2", "pretrained": "none", "crop_size_px": 32,
+        "epochs": 5, "samples_per_epoch": 32, "batch": 16, "max_minutes": 1e-6, "val_fraction": 0.25,
+        "test_fraction": 0.25, "project": str(tmp_path / "runs"), "name": "t"})
+    folder = train(cfg, progress=False)
+    assert len(json.loads((folder / "history.json").read_text())) == 1
+
+
+def test_cli_trains_and_evaluates_the_morphology_task(chula, tmp_path):
+    from typer.testing import CliRunner
+
+    from smear.pipeline.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+    r = invoke("classifier", "train", "task=rbc-morphology", f"data_root={chula}", "backbone=mobilenet_v2",
+               "pretrained=none", "crop_size_px=32", "epochs=1", "samples_per_epoch=32", "batch=16",
+               "val_fraction=0.25", "test_fraction=0.25", f"project={tmp_path}", "name=cli")
+    assert r.exit_code == 0, r.output
+    folder = tmp_path / "cli" / "model"
+    assert json.loads((folder / "card.json").read_text())["task"] == "rbc-morphology"
+    r = invoke("classifier", "evaluate", "--weights", folder, "--split", "train")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["split"] == "train" and "normal_vs_abnormal" in out and "groups_accuracy" not in out
+    r = invoke("classifier", "train", "task=rbc-shapes")
+    assert r.exit_code != 0 and "valid tasks are cells, wbc-subtypes, rbc-morphology" in str(r.exception)
+    r = invoke("classifier", "train", "--task", "cells", "task=rbc-morphology")
+    assert r.exit_code != 0 and "give the task once" in r.output

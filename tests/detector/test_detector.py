@@ -199,3 +199,45 @@ def test_detector_predicts_on_its_configured_threads(tiny_detector, restore_thre
     det = Detector(tiny_detector, cfg=DetectorConfig(imgsz=320, conf=0.0001, threads=3))
     det.predict([draw_field(seed=1)[0]])  # the first predict is where ultralytics picks the device
     assert torch.get_num_threads() == 3
+
+
+def test_thresholds_minimise_the_count_error_per_group(tmp_path, monkeypatch):
+    """The chooser takes, per group, the lowest candidate whose count matches the labels best."""
+    import cv2
+    import yaml
+
+    import smear.detector.predict as predict
+    from smear.configs.errors import SmearError
+    from smear.detector.evaluate import choose_thresholds
+    from smear.detector.predict import Detections
+
+    for split in ("val",):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+    truth = {"a": (3, 1, 0), "b": (2, 0, 1)}  # RBC, WBC, Platelets labelled per image
+    scores = {"a": ([0.9, 0.8, 0.7, 0.3], [0.95], []), "b": ([0.9, 0.6, 0.3], [0.25], [0.5])}
+    for stem, counts in truth.items():
+        cv2.imwrite(str(tmp_path / "images" / "val" / f"{stem}.png"), np.zeros((32, 32, 3), np.uint8))
+        lines = [f"{g} 0.5 0.5 0.1 0.1" for g, n in enumerate(counts) for _ in range(n)]
+        (tmp_path / "labels" / "val" / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({"path": str(tmp_path), "train": "images/val",
+                                                        "val": "images/val", "names": ["RBC", "WBC", "Platelets"]}))
+    order = iter(sorted(truth))
+
+    class FakeDetector:
+        def __init__(self, *a, **k):
+            pass
+
+        def predict(self, images, conf=None):
+            s = scores[next(order)]
+            flat = [(g, v) for g, vs in enumerate(s) for v in vs]
+            return [Detections(np.zeros((len(flat), 4), np.float32), np.array([v for _, v in flat], np.float32),
+                               np.array([g for g, _ in flat], np.int64))]
+
+    monkeypatch.setattr(predict, "Detector", FakeDetector)
+    res = choose_thresholds(None, split="val", data=tmp_path / "data.yaml")
+    # RBC: 0.35..0.7 counts a 3 and b 2 exactly; WBC: 0.3 and above drop b's false 0.25; platelets: up to 0.5
+    assert res["operating_thresholds"] == {"RBC": 0.35, "WBC": 0.3, "Platelets": 0.2}
+    assert len(res["table"]) == 3 * 11 and res["images"] == 2
+    with pytest.raises(SmearError, match="never on the test split"):
+        choose_thresholds(None, split="test", data=tmp_path / "data.yaml")

@@ -10,6 +10,7 @@ import pytest
 from conftest import write_voc
 
 from smear.configs.errors import SmearError
+from smear.data.boxes import iou_matrix
 from smear.data.config import DataConfig
 from smear.data.taxonomy import GROUPS, SUBTYPES, group_of
 from smear.pipeline.benchmark import (
@@ -17,7 +18,6 @@ from smear.pipeline.benchmark import (
     average_precision,
     cell_metrics,
     detection_ap,
-    iou_matrix,
     load_ground_truth,
     match_greedy,
     match_image_cells,
@@ -82,8 +82,7 @@ def test_detection_ap_perfect_predictions_per_class():
 
 def test_detection_ap_agrees_with_pycocotools():
     """Same AP as COCOeval (bbox, all areas, 100 detections) on random jittered boxes with misses and extras."""
-    pytest.importorskip("pycocotools")
-    from pycocotools.coco import COCO
+    from pycocotools.coco import COCO  # in the 'test' extra: a missing pycocotools fails here, it never skips
     from pycocotools.cocoeval import COCOeval
 
     rng = np.random.default_rng(0)

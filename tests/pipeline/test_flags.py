@@ -1,4 +1,4 @@
-"""Indicator flags follow ../shared/docs/clinical-indicators.md; each flag carries its full reasoning."""
+"""Flags follow ../shared/docs/clinical-indicators.md; each flag carries its full reasoning."""
 
 from __future__ import annotations
 

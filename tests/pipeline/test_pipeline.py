@@ -346,7 +346,7 @@ def _synthetic_results(seed: int, n_images: int = 6, rbc_px: float = 39.0) -> li
     """Fields of random cells (groups, labels, sizes, subtype confidences, morphology calls), one failed."""
     import random
 
-    from smear.classifier.morphology import MORPHOLOGY_CLASSES
+    from smear.data.taxonomy import MORPHOLOGY_CLASSES
 
     rng = random.Random(seed)
     labels = ["RBC"] * 12 + ["Platelets"] * 3 + list(SUBTYPES)

@@ -1,0 +1,122 @@
+"""Detector per source lab: mAP50 and count error on each source's completely labelled fields.
+
+Reads the fields of ``smear.data.complete`` (BCCD fields labelled completely by bccd-relabel, the PBC
+and Raabin fields of txl-external), runs the detector on each ORIGINAL image as ``smear analyze`` does
+(``scale=auto`` by default: the detector measures the RBC size and resizes to its training scale) at the
+card's operating thresholds, and compares the counts per field with the labels. mAP50 comes from
+ultralytics' validator on the prepared set (every source already at the training scale), one source at a
+time. One row per field goes to ``benchmarks/results/detector_sources.csv``; the summary per source is
+printed and is computed from those rows.
+
+Leave-one-source-out: pass a model trained without a source (``--exclude`` when building its set) and
+read that source's row; figures on a source the model trained on are not generalisation figures.
+
+Example:
+    python benchmarks/detector_sources.py --weights detector/models/complete-yolov8n-cpu --split val
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import append_rows, model_name, results_csv, run_stamp  # noqa: E402
+
+GROUPS = ("RBC", "WBC", "Platelets")
+
+
+def map50_per_source(weights, data_yaml: Path, split: str, sources: list[str], out: Path) -> dict[str, dict]:
+    """mAP50 (and per-group AP50) per source, from ultralytics' validator on a per-source file list."""
+    import csv
+
+    import yaml
+    from ultralytics import YOLO
+
+    from smear.detector.model import find_detector
+
+    info = find_detector(weights)
+    root = data_yaml.parent
+    with open(root / "fields.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    res = {}
+    model = YOLO(str(info.weights), task="detect")
+    for s in sources:
+        listed = [str(root / "images" / split / f"{r['image']}.jpg") for r in rows if r["source"] == s]
+        if not listed:
+            continue
+        (out / f"{s}.txt").write_text("\n".join(listed) + "\n")
+        y = out / f"{s}.yaml"
+        y.write_text(yaml.safe_dump({"path": str(root), "train": str(out / f"{s}.txt"), "val": str(out / f"{s}.txt"),
+                                     "names": dict(enumerate(GROUPS))}))
+        m = model.val(data=str(y), split="val", imgsz=info.imgsz, batch=8, conf=0.001, iou=0.7, device="cpu",
+                      plots=False, project=str(out), name=s, exist_ok=True, verbose=False)
+        res[s] = {"mAP50": round(float(m.box.map50), 4),
+                  **{f"AP50_{GROUPS[int(c)]}": round(float(m.box.ap50[i]), 4) for i, c in enumerate(m.box.ap_class_index)}}
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", help="detector model folder (default: the shipped one)")
+    ap.add_argument("--data", default="runs/prepared/complete/yolo/data.yaml",
+                    help="set written by smear.data.complete (for mAP50; fields.csv names each field's source)")
+    ap.add_argument("--shared", default="../shared/data", help="the shared data folder")
+    ap.add_argument("--split", default="val", choices=("train", "val"), help="fields of this split")
+    ap.add_argument("--sources", nargs="+", default=["bccd", "pbc", "raabin"])
+    ap.add_argument("--scale", default="auto", help="'auto', or a resize factor for every field")
+    ap.add_argument("--no-map", action="store_true", help="counts only (skip the mAP50 pass)")
+    ap.add_argument("--variant", help="run name (default: the model folder's name)")
+    ap.add_argument("--out", type=Path, default=results_csv("detector_sources"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from smear.configs.paths import resolve_path
+    from smear.data.complete import list_fields
+    from smear.data.images import read_image
+    from smear.detector.predict import Detector
+    from smear.pipeline.config import PipelineConfig
+
+    det = Detector(args.weights)
+    thresholds = PipelineConfig().for_detector(det.info.card).thresholds(det.info.card)
+    scale = args.scale if args.scale == "auto" else float(args.scale)
+    stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")
+    fields = [f for f in list_fields(resolve_path(args.shared)) if f.split == args.split and f.source in args.sources]
+    rows = []
+    for f in fields:
+        found = det.predict([read_image(f.image)], conf=thresholds, scale=scale)[0]
+        row = {"split": args.split, "source": f.source, "image": f.image.name, "scale": round(found.scale, 4),
+               "rbc_diameter_px": found.rbc_diameter_px or "", "thresholds": ";".join(f"{g}={t:g}" for g, t in
+                                                                                     thresholds.items())}
+        for gi, g in enumerate(GROUPS):
+            row[f"true_{g}"] = sum(b[0] == g for b in f.boxes)
+            row[f"pred_{g}"] = int((found.classes == gi).sum())
+        rows.append(row)
+    aps = {} if args.no_map else map50_per_source(args.weights, resolve_path(args.data), args.split, args.sources,
+                                                  resolve_path("runs/detector_sources") / stamp["variant"])
+    for s in args.sources:
+        of = [r for r in rows if r["source"] == s]
+        if not of:
+            continue
+        for r in of:
+            r.update({k: v for k, v in aps.get(s, {}).items()})
+        line = [f"{s:<7} {len(of):>4} fields"]
+        if s in aps:
+            line.append(f"mAP50 {aps[s]['mAP50']:.3f}")
+        for g in GROUPS:
+            t = np.array([r[f"true_{g}"] for r in of], float)
+            p = np.array([r[f"pred_{g}"] for r in of], float)
+            rel = np.abs(p - t).sum() / max(t.sum(), 1)
+            line.append(f"{g} MAE {np.abs(p - t).mean():.2f} rel {100 * rel:.1f}% bias {100 * (p - t).sum() / max(t.sum(), 1):+.1f}%")
+        print(" | ".join(line))
+    out = append_rows(args.out, rows, stamp=stamp)
+    print(f"{len(rows)} rows appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,323 @@
+"""``smear data``, ``smear detector`` and ``smear classifier``: the per-stage sub-commands of the CLI.
+
+Each command parses, calls one library function and prints; heavy imports stay inside commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+data_app = typer.Typer(no_args_is_help=True, help="Prepare training data from labelled sources.")
+detector_app = typer.Typer(no_args_is_help=True, help="Train, evaluate and export the YOLO cell detector.")
+classifier_app = typer.Typer(no_args_is_help=True, help="Train and evaluate the crop classifier.")
+
+OVERRIDES_HELP = "config overrides as key=value (e.g. epochs=40 imgsz=640); they win over --config"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"smear: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(cls, config: Optional[Path], overrides: List[str], extra: dict | None = None):
+    from smear.configs.loader import load_config, parse_overrides
+
+    values = parse_overrides(overrides)
+    values.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return load_config(cls, config, values)
+
+
+# ------------------------------------------------------------------ data
+
+@data_app.command("prepare")
+def data_prepare(
+    source: List[Path] = typer.Option(None, "--source", help="labelled source(s): VOC folder, YOLO data.yaml or COCO "
+                                      ".json; repeat to merge (default: ../shared/data/bccd)"),
+    out: Path = typer.Option(Path("runs/prepared/bccd"), "--out", help="output folder"),
+    images: Optional[Path] = typer.Option(None, "--images", help="take images from this folder (reviewed annotations)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/data.yaml)"),
+    overrides: List[str] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Audit a labelled source and write the YOLO set, the classifier crops and the audit.
+
+    Example: smear data prepare --source ../shared/data/bccd --out /tmp/bccd
+    """
+    from smear.configs.paths import resolve_path
+    from smear.data.config import DataConfig
+    from smear.data.prepare import prepare_dataset
+
+    cfg = _load(DataConfig, config, overrides or [])
+    sources = [Path(s) for s in source] if source else [resolve_path(cfg.source)]
+    subtypes = resolve_path(cfg.subtypes_csv) if cfg.subtypes_csv else None
+    summary = prepare_dataset(sources, out, cfg, images=images, subtypes_csv=subtypes)
+    typer.echo(f"images: {summary.images} ({', '.join(f'{k} {v}' for k, v in summary.images_per_split.items())})")
+    typer.echo("boxes per class: " + ", ".join(f"{k} {v}" for k, v in summary.boxes_per_class.items()))
+    typer.echo("crops per label: " + ", ".join(f"{k} {v}" for k, v in summary.crops_per_label.items()))
+    typer.echo("audit (fixed or dropped box by box; full list in audit.csv):")
+    for reason, n in summary.audit_counts.items():
+        typer.echo(f"  {n:5d}  {reason}")
+    if summary.failed_images:
+        typer.echo(f"{len(summary.failed_images)} image(s) could not be read:", err=True)
+        for f in summary.failed_images:
+            typer.echo(f"  {f}", err=True)
+    typer.echo(f"written to {out} (yolo/data.yaml, crops/manifest.csv, audit.csv, summary.json)")
+    if summary.failed_images:
+        raise typer.Exit(1)
+
+
+@data_app.command("add-points")
+def data_add_points(
+    source: Path = typer.Option(Path("../shared/data/chula-rbc-12"), "--source", help="point-labelled fields "
+                                "(Chula RBC-12 layout: Dataset/N.jpg, Label/N.txt 'x y class')"),
+    base: Path = typer.Option(Path("runs/prepared/bccd/yolo"), "--base", help="YOLO set from 'smear data prepare'"),
+    out: Path = typer.Option(Path("runs/prepared/bccd-chula"), "--out", help="output folder (gets yolo/)"),
+    scale: float = typer.Option(2.5, "--scale", help="resize factor to the detector's training scale "
+                                "(Chula RBCs ~39 px -> BCCD ~100 px: 2.5)"),
+    split_from: Optional[Path] = typer.Option(None, "--split-from", help="model folder whose split.json names the "
+                                              "training ids (default: the shipped morphology model's)"),
+    max_images: int = typer.Option(200, "--max-images", help="at most this many training fields (0: all)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="detector that proposes boxes (default: shipped)"),
+) -> None:
+    """Add point-labelled fields (training split only) to a YOLO set, as weak labels for the detector.
+
+    Example: smear data add-points --source ../shared/data/chula-rbc-12 --out runs/prepared/bccd-chula
+    """
+    import json
+
+    from smear.classifier.model import resolve_morphology_folder
+    from smear.configs.paths import resolve_path
+    from smear.data.pointlabels import build_point_augmented_set
+    from smear.detector.predict import Detector
+
+    folder = Path(split_from) if split_from else resolve_morphology_folder(None)
+    train_ids = json.loads((folder / "split.json").read_text())["train"]
+    det = Detector(weights)
+    data_yaml, rows = build_point_augmented_set(
+        resolve_path(str(base)), out, resolve_path(str(source)), train_ids, scale,
+        lambda rgb, k: det.predict([rgb], scale=k)[0], float(det.info.card.get("rbc_median_diameter_px") or 100.0),
+        max_images=max_images)
+    n = len(rows)
+    typer.echo(f"{n} point-labelled training fields added (split from {folder / 'split.json'})")
+    if n:
+        typer.echo("boxes: " + ", ".join(f"{k} {sum(getattr(r, k) for r in rows)}" for k in (
+            "points", "boxes_from_detector", "boxes_from_mask", "boxes_from_median", "pseudo_labels")))
+    typer.echo(f"written: {data_yaml} (per field: {data_yaml.parent / 'point_fields_train.csv'})")
+
+
+@data_app.command("pseudo-label")
+def data_pseudo_label(
+    base: Path = typer.Option(Path("runs/prepared/bccd-chula/yolo"), "--base", help="YOLO set to start from"),
+    out: Path = typer.Option(..., "--out", help="output folder (gets yolo/)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="detector that proposes labels (default: shipped)"),
+    conf: float = typer.Option(0.5, "--conf", help="minimum score of an RBC pseudo-label"),
+    wbc_conf: float = typer.Option(0.8, "--wbc-conf", help="minimum score of a WBC pseudo-label"),
+) -> None:
+    """Copy a YOLO set and label the cells its annotators skipped in the training split (val and test untouched).
+
+    Example: smear data pseudo-label --out runs/prepared/bccd-chula-pl
+    """
+    from smear.configs.paths import resolve_path
+    from smear.data.pointlabels import copy_yolo_set, pseudo_label_split
+    from smear.detector.predict import Detector
+
+    yolo = copy_yolo_set(resolve_path(str(base)), out)  # a SmearError becomes one line via main()
+    det = Detector(weights)
+    rows = pseudo_label_split(yolo, lambda rgb, k: det.predict([rgb], conf=min(conf, wbc_conf), scale=k)[0], "train",
+                              conf=conf, wbc_conf=wbc_conf)
+    added = {g: sum(r[f"pseudo_{g}"] for r in rows) for g in ("RBC", "WBC", "Platelets")}
+    typer.echo(f"{len(rows)} training images; labelled boxes {sum(r['labelled'] for r in rows)}; "
+               f"pseudo-labels added: " + ", ".join(f"{g} {n}" for g, n in added.items()))
+    typer.echo(f"written: {yolo / 'data.yaml'} (per image: {yolo / 'pseudo_labels_train.csv'})")
+
+
+# ------------------------------------------------------------------ detector
+
+@detector_app.command("train")
+def detector_train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/detector.yaml)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
+    overrides: List[str] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Train the YOLO detector (checkpoint every epoch; --resume continues).
+
+    Example: smear detector train --config configs/detector.yaml epochs=40 name=v8n-640
+    """
+    from smear.detector.config import DetectorConfig
+    from smear.detector.train import train_detector
+
+    cfg = _load(DetectorConfig, config, overrides or [])
+    run = train_detector(cfg, resume=resume)
+    typer.echo(f"run folder: {run}")
+
+
+@detector_app.command("evaluate")
+def detector_evaluate(
+    weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),
+    split: str = typer.Option("test", "--split", help="val or test"),
+    data: Optional[Path] = typer.Option(None, "--data", help="YOLO data.yaml (default: configs' prepared BCCD)"),
+    output: Optional[Path] = typer.Option(None, "--output", help="folder for metrics.json and plots"),
+    imgsz: Optional[int] = typer.Option(None, "--imgsz", help="image size (default: the model's)"),
+    device: str = typer.Option("cpu", "--device"),
+    write_card: bool = typer.Option(False, "--write-card", help="store the metrics in the model folder's card "
+                                    "(card.json and card.md): <split>_metrics, with command, date and commit"),
+) -> None:
+    """mAP50, mAP50-95, per-class AP, precision, recall, confusion matrix and PR curves on a split.
+
+    Example: smear detector evaluate --split test --write-card
+    """
+    import sys
+
+    from smear.detector.evaluate import evaluate_detector, record_metrics
+
+    if split not in ("val", "test", "train"):
+        _fail(f"--split {split!r}: expected val or test")
+    m = evaluate_detector(weights, split=split, data=data, output=output, imgsz=imgsz, device=device)
+    typer.echo(json.dumps(m, indent=2))
+    if write_card:
+        folder = record_metrics(weights, m, "smear " + " ".join(sys.argv[1:]))
+        typer.echo(f"card updated: {folder / 'card.json'}")
+
+
+@detector_app.command("thresholds")
+def detector_thresholds(
+    weights: Optional[Path] = typer.Option(None, "--weights", help="detector model folder (default: shipped)"),
+    split: str = typer.Option("val", "--split", help="labelled split to choose on (val; never test)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="YOLO data.yaml with complete labels"),
+    device: str = typer.Option("cpu", "--device"),
+    write_card: bool = typer.Option(False, "--write-card", help="store them as the card's operating_thresholds, "
+                                    "which 'smear analyze' uses by default"),
+) -> None:
+    """Choose each group's operating threshold by the count error per image on a labelled split.
+
+    Example: smear detector thresholds --data runs/prepared/complete/yolo/data.yaml --write-card
+    """
+    import sys
+    import time
+
+    from smear.configs.modelcard import ModelCard
+    from smear.configs.paths import git_commit
+    from smear.detector.evaluate import choose_thresholds
+    from smear.detector.model import find_detector
+
+    res = choose_thresholds(weights, split=split, data=data, device=device)
+    best = {(r["group"], r["threshold"]): r for r in res["table"]}
+    for g, t in res["operating_thresholds"].items():
+        r = best[(g, t)]
+        typer.echo(f"{g:<10} threshold {t:.2f}  count MAE {r['count_mae']:.3f}  bias {r['count_bias']:+.3f}")
+    if write_card:
+        folder = find_detector(weights).weights.parent
+        card = ModelCard.read(folder)
+        card.set("operating_thresholds", res["operating_thresholds"])
+        card.set("operating_thresholds_choice", {
+            "command": "smear " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+            **{k: res[k] for k in ("split", "data", "images", "rule")},
+            "count_mae": {g: best[(g, t)]["count_mae"] for g, t in res["operating_thresholds"].items()}})
+        card.write(folder)
+        typer.echo(f"card updated: {folder / 'card.json'}")
+
+
+@detector_app.command("interpolate")
+def detector_interpolate(
+    base: Path = typer.Argument(..., help="the model the fine-tune started from (.pt or model folder)"),
+    tuned: Path = typer.Argument(..., help="the fine-tuned model (.pt or model folder)"),
+    alpha: float = typer.Option(..., "--alpha", help="weight of the tuned model, 0..1 (choose it on val)"),
+    out: Path = typer.Option(..., "--out", help="model folder to write"),
+) -> None:
+    """Average a fine-tuned detector with the one it started from (WiSE-FT); no training.
+
+    Example: smear detector interpolate base.pt runs/detector/ft/weights/best.pt --alpha 0.8 --out runs/detector/wise-0.8
+    """
+    from smear.detector.interpolate import interpolate_detectors
+
+    typer.echo(f"written: {interpolate_detectors(base, tuned, alpha, out)}")
+
+
+@detector_app.command("export")
+def detector_export(
+    weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),
+    format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
+    out: Optional[Path] = typer.Option(None, "--out", help="model folder to write (default: runs/export/NAME-FORMAT)"),
+) -> None:
+    """Export the detector as a model folder (weights + card); run it with --set detector_weights=FOLDER.
+
+    ONNX needs pip install 'smear[onnx]' (onnx to export, onnxruntime to run); nothing is downloaded.
+    """
+    from smear.detector.export import export_detector
+
+    typer.echo(f"written: {export_detector(weights, format, out)}")
+
+
+# ------------------------------------------------------------------ classifier
+
+TASK_HELP = ("cells: RBC, platelets and WBC subtypes (BCCD crops); wbc-subtypes: the 5 WBC subtypes (BCCD crops); "
+             "rbc-morphology: 13 RBC shapes (Chula RBC-12)")
+
+
+@classifier_app.command("train")
+def classifier_train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/classifier.yaml; "
+                                          "configs/morphology.yaml with task=rbc-morphology)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run's last checkpoint"),
+    task: Optional[str] = typer.Option(None, "--task", help="the same as task=TASK"),
+    overrides: List[str] = typer.Argument(None, help="task=TASK (" + TASK_HELP + "; default cells) and config "
+                                          "overrides as key=value; they win over --config"),
+) -> None:
+    """Train a classifier of one task with the shared loop (checkpoint every epoch).
+
+    Examples:
+
+      smear classifier train backbone=mobilenet_v2 crop_size_px=128 name=mnv2-128
+
+      smear classifier train task=wbc-subtypes crop_size_px=128 name=sub-128
+
+      smear classifier train task=rbc-morphology threads=1 max_minutes=10
+    """
+    from smear.classifier.config import load_task_config
+    from smear.classifier.train import train
+    from smear.configs.loader import parse_overrides
+
+    values = parse_overrides(overrides or [])
+    if task is not None and values.get("task", task) != task:
+        _fail(f"--task {task} and task={values['task']}: give the task once")
+    task = values.pop("task", task)
+    folder = train(load_task_config(None if task is None else str(task), config, values), resume=resume)
+    typer.echo(f"model folder: {folder}")
+
+
+@classifier_app.command("evaluate")
+def classifier_evaluate(
+    weights: Optional[Path] = typer.Option(None, "--weights", help="model folder (default: the task's shipped one)"),
+    split: str = typer.Option("test", "--split", help="train, val or test"),
+    manifest: Path = typer.Option(Path("runs/prepared/bccd/crops/manifest.csv"), "--manifest",
+                                  help="crop manifest from 'smear data prepare' (cells, wbc-subtypes)"),
+    output: Optional[Path] = typer.Option(None, "--output", help="folder for metrics.json, PNG plots and "
+                                          "predictions.csv"),
+    task: Optional[str] = typer.Option(None, "--task", help=TASK_HELP + "; default: the --weights folder's own"),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Chula RBC-12 folder, if not the card's "
+                                             "(rbc-morphology)"),
+    write_card: bool = typer.Option(False, "--write-card", help="store the metrics in the model folder's card "
+                                    "(card.json and card.md) as <split>_metrics, with date and commit"),
+) -> None:
+    """Accuracy, balanced accuracy, macro-F1, per-class P/R/F1, confusion matrix and ROC/AUC of a model folder.
+
+    cells and wbc-subtypes are scored on the ground-truth boxes of a manifest split (with the 3-group and
+    WBC-subtype figures); rbc-morphology on the model's own held-out Chula images (with normal vs abnormal).
+
+    Examples:
+
+      smear classifier evaluate --split test --output runs/eval/classifier
+
+      smear classifier evaluate --task rbc-morphology --split test --write-card
+    """
+    from smear.classifier.evaluate import evaluate
+
+    rep = evaluate(weights, split, output, task=task, manifest=manifest, data_root=data_root, write_card=write_card)
+    short = {k: rep[k] for k in ("split", "n", "accuracy", "balanced_accuracy", "macro_f1", "subtype",
+                                 "normal_vs_abnormal", "per_class", "roc_auc_ovr") if k in rep}
+    if "groups" in rep:
+        short["groups_accuracy"] = rep["groups"]["accuracy"]
+    typer.echo(json.dumps(short, indent=2))
