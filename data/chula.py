@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Iterable
 from smear.configs.errors import SmearError
 
 from .formats import SPLITS
+from .splits import hash_fraction, split_by_fraction
 from .taxonomy import MORPHOLOGY_CLASSES
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,7 @@ def read_chula(root: str | Path) -> dict[str, list[PointLabel]]:
 
 def split_of(image_id: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
     """Deterministic split of one image: a hash of seed and id, so adding images moves none."""
-    h = int(hashlib.sha256(f"chula:{seed}:{image_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if h < test_fraction else "val" if h < test_fraction + val_fraction else "train"
+    return split_by_fraction(hash_fraction(f"chula:{seed}:{image_id}"), val_fraction, test_fraction)
 
 
 def split_images(image_ids: Iterable[str], val_fraction: float = 0.15, test_fraction: float = 0.15,

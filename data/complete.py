@@ -16,13 +16,15 @@ consistent). BCCD keeps its official split (relabel train -> train, relabel val 
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .images import read_bgr
+from .splits import hash_fraction, split_by_fraction
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,7 @@ class Field:
 
 def content_split(data: bytes, val_fraction: float) -> str:
     """``train`` or ``val`` from a hash of the image bytes: the same picture lands in the same split anywhere."""
-    h = int(hashlib.sha1(data).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if h < val_fraction else "train"
+    return split_by_fraction(hash_fraction(data, "sha1"), val_fraction)
 
 
 def _read_external_labels(path: Path, width: int, height: int) -> tuple:
@@ -120,9 +121,7 @@ def write_yolo_set(fields: list[Field], out: Path, exclude: tuple[str, ...] = ()
             continue
         if f.split == "val" and val_sources is not None and f.source not in val_sources:
             continue
-        img = cv2.imread(str(f.image), cv2.IMREAD_COLOR)
-        if img is None:
-            raise OSError(f"{f.image}: cannot read image")
+        img = read_bgr(f.image)
         k = scales[f.source]
         h, w = img.shape[:2]
         nw, nh = max(1, round(w * k)), max(1, round(h * k))

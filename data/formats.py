@@ -13,7 +13,7 @@ from typing import Sequence
 
 from smear.configs.errors import SmearError
 
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, image_size
 from .taxonomy import SUBTYPES, _canonical_label
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,6 @@ def parse_yolo_line(line: str, size: tuple[float, float]) -> tuple[int, tuple[fl
 
 def read_yolo(data_yaml: Path) -> list[AnnotatedImage]:
     """Read a YOLO dataset from its ``data.yaml`` (``path``, ``train``/``val``/``test``, ``names``)."""
-    import cv2
     import yaml
 
     cfg = yaml.safe_load(data_yaml.read_text())
@@ -179,8 +178,7 @@ def read_yolo(data_yaml: Path) -> list[AnnotatedImage]:
         for img in sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             rel = img.relative_to(img_dir)
             lbl = root / Path(str(cfg[split]).replace("images", "labels", 1)) / rel.with_suffix(".txt")
-            im = cv2.imread(str(img), cv2.IMREAD_UNCHANGED)
-            h, w = (im.shape[:2] if im is not None else (0, 0))
+            w, h = image_size(img) or (0, 0)
             ai = AnnotatedImage(str(rel.with_suffix("")), img, w, h, split=split)
             if lbl.is_file():
                 _add_yolo_boxes(ai, lbl.read_text(), names)
@@ -193,15 +191,13 @@ def read_yolo_folder(source: Path, images: Path | None = None) -> list[Annotated
 
     Each ``sub/name.txt`` belongs to the image ``sub/name.*`` under ``images`` (default: next to the txt).
     """
-    import cv2
 
     names = dict(enumerate(n.strip() for n in (source / "classes.txt").read_text().splitlines() if n.strip()))
     out = []
     for txt in sorted(t for t in source.rglob("*.txt") if t != source / "classes.txt"):
         rel = txt.relative_to(source).with_suffix("")
         img = _find_image((images or source) / rel.parent, rel.name, None)
-        im = cv2.imread(str(img), cv2.IMREAD_UNCHANGED) if img is not None else None
-        h, w = (im.shape[:2] if im is not None else (0, 0))
+        w, h = (image_size(img) if img is not None else None) or (0, 0)
         ai = AnnotatedImage(rel.as_posix(), img or (images or source) / rel.parent / f"{rel.name}.jpg", w, h)
         if w:
             _add_yolo_boxes(ai, txt.read_text(), names)

@@ -51,6 +51,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def read_bgr(path: str | os.PathLike) -> np.ndarray:
+    """:func:`read_image` in OpenCV's channel order (BGR), for code that hands images to cv2."""
+    import cv2
+
+    return cv2.cvtColor(read_image(path), cv2.COLOR_RGB2BGR)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(width, height)`` as stored (before EXIF orientation), from the header only; None if unreadable."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001  any unreadable file: the caller reports it
+        return None
+
+
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files, folders (recursively, images only, sorted) and globs -> a list of paths in input order.
 

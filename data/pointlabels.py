@@ -28,10 +28,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from smear.configs.errors import ImageReadError
+
 from .boxes import iou_matrix
 from .chula import read_chula
 from .formats import parse_yolo_line, yolo_lines
-from .images import cell_mask
+from .images import cell_mask, read_bgr
+from .splits import hash_fraction
 from .taxonomy import GROUPS
 
 #: ``propose(rgb, scale)`` -> detections of one field with ``boxes`` (N, 4 xyxy, that field's pixels), ``scores`` and
@@ -198,8 +201,9 @@ def add_point_labelled_fields(yolo_dir: Path, chula_root: Path, image_ids: Itera
         cells = data.get(image_id)
         if not cells:
             continue
-        bgr0 = cv2.imread(cells[0].image, cv2.IMREAD_COLOR)
-        if bgr0 is None:
+        try:
+            bgr0 = read_bgr(cells[0].image)
+        except ImageReadError:
             log.warning("%s: cannot be decoded, skipped", cells[0].image)
             continue
         bgr = cv2.resize(bgr0, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
@@ -267,8 +271,9 @@ def pseudo_label_split(yolo_dir: Path, propose: ProposeBoxes, split: str = "trai
     floor = {GROUPS.index("RBC"): conf, GROUPS.index("WBC"): wbc_conf}
     rows = []
     for img_path in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
-        bgr = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
-        if bgr is None:
+        try:
+            bgr = read_bgr(img_path)
+        except ImageReadError:
             log.warning("%s: cannot be decoded, skipped", img_path)
             continue
         h, w = bgr.shape[:2]
@@ -299,11 +304,9 @@ def pseudo_label_split(yolo_dir: Path, propose: ProposeBoxes, split: str = "trai
 
 def sample_ids(image_ids: Sequence[str], max_images: int, seed: int = 0) -> list[str]:
     """A deterministic sample of at most ``max_images`` ids (hash order), returned in input order."""
-    import hashlib
-
     if not max_images or len(image_ids) <= max_images:
         return list(image_ids)
-    key = lambda i: hashlib.sha256(f"points:{seed}:{i}".encode()).hexdigest()  # noqa: E731
+    key = lambda i: hash_fraction(f"points:{seed}:{i}")  # noqa: E731
     chosen = set(sorted(image_ids, key=key)[:max_images])
     return [i for i in image_ids if i in chosen]
 

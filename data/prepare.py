@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from smear.configs.errors import ImageReadError
+
 from .audit import (
     INCOMPLETE_LABELS,
     AuditRow,
@@ -30,6 +32,7 @@ from .audit import (
 from .config import DataConfig
 from .crops import crop_cell
 from .formats import SPLITS, AnnotatedImage, read_source, read_subtypes, yolo_lines
+from .images import read_bgr
 from .splits import assign_splits
 from .taxonomy import CELL_CLASSES, GROUPS, group_of
 
@@ -93,7 +96,10 @@ def prepare_dataset(sources: list[Path], out: Path, cfg: DataConfig, images: Pat
     crops.mkdir(parents=True, exist_ok=True)
 
     for ai in all_images:
-        img = cv2.imread(str(ai.image_path), cv2.IMREAD_COLOR) if Path(ai.image_path).is_file() else None
+        try:
+            img = read_bgr(ai.image_path) if Path(ai.image_path).is_file() else None
+        except ImageReadError:
+            img = None
         if img is None:
             reason = "image file not found" if not Path(ai.image_path).is_file() else "image cannot be decoded"
             audit.append(AuditRow(ai.image_id, "", "", "image skipped", f"{reason}: {ai.image_path}"))

@@ -78,8 +78,9 @@ def rbc_median_diameter_px(data_yaml: Path, split: str = "train") -> float | Non
     """Median RBC box side (mean of width and height) in the training labels: the detector's scale."""
     import statistics
 
-    import cv2
     import yaml
+
+    from smear.data.images import image_size
 
     cfg = yaml.safe_load(Path(data_yaml).read_text())
     root = Path(cfg.get("path") or Path(data_yaml).parent)
@@ -90,10 +91,10 @@ def rbc_median_diameter_px(data_yaml: Path, split: str = "train") -> float | Non
         imgs = list((root / "images" / split).glob(lbl.stem + ".*"))
         if not imgs:
             continue
-        im = cv2.imread(str(imgs[0]))
-        if im is None:
+        size = image_size(imgs[0])
+        if size is None:
             continue
-        h, w = im.shape[:2]
+        w, h = size
         for line in lbl.read_text().splitlines():
             p = line.split()
             if len(p) >= 5 and int(p[0]) in rbc:

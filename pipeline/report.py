@@ -18,7 +18,8 @@ from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from smear.configs.errors import SmearError
+from smear.configs.errors import ImageReadError, SmearError
+from smear.data.images import read_bgr
 from smear.data.taxonomy import SUBTYPES
 
 from .results import ImageResult, SlideResult
@@ -188,9 +189,13 @@ def _thumb_b64(source: Path | np.ndarray, max_side: int = 320) -> str | None:
     """A JPEG thumbnail, base64, of an image file or a BGR array; None when the file cannot be read."""
     import cv2
 
-    img = cv2.imread(str(source)) if isinstance(source, Path) else source
-    if img is None:
-        return None
+    if isinstance(source, Path):
+        try:
+            img = read_bgr(source)
+        except ImageReadError:
+            return None
+    else:
+        img = source
     s = max_side / max(img.shape[:2])
     if s < 1:
         img = cv2.resize(img, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)

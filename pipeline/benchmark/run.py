@@ -13,6 +13,7 @@ from smear.configs.paths import git_commit, resolve_path
 from smear.data.audit import assign_subtypes, audit_image, missing_wbc_box, wbc_boxed_as_platelets
 from smear.data.config import DataConfig
 from smear.data.formats import AnnotatedImage, read_source, read_subtypes
+from smear.data.images import image_size
 from smear.data.splits import assign_splits
 from smear.data.taxonomy import group_of
 
@@ -58,7 +59,7 @@ def load_ground_truth(data: Path | None, split: str,
     subtypes_csv = resolve_path(cfg.subtypes_csv) if cfg.subtypes_csv else None
     subtypes = read_subtypes(subtypes_csv) if subtypes_csv and subtypes_csv.is_file() else {}
     for ai in images:
-        size = _image_size(ai.image_path)
+        size = image_size(ai.image_path)
         if size and size != (ai.width, ai.height):
             ai.width, ai.height = size  # the image wins, as in 'smear data prepare'
         audit_image(ai, cfg)
@@ -69,17 +70,6 @@ def load_ground_truth(data: Path | None, split: str,
                 if wbc_boxed_as_platelets(ai)[0]:
                     ai.missing.append("Platelets")  # its platelet count holds the WBC: wrong, left out too
     return source, images
-
-
-def _image_size(path: Path) -> tuple[int, int] | None:
-    try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return im.size
-    except Exception:  # noqa: BLE001  unreadable files are reported by the analyzer
-        return None
-
 
 
 def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cfg: PipelineConfig | None = None,
