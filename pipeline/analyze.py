@@ -28,6 +28,7 @@ from smear.data.taxonomy import GROUPS, group_of
 from .config import PipelineConfig
 from .flags import compute_flags
 from .progress import progress_bar
+from .quality import rbc_coverage
 from .results import (
     BatchResult,
     Cell,
@@ -79,8 +80,9 @@ class Analyzer:
                 if self.cfg.morphology_weights:
                     raise
                 log.debug("no RBC morphology model: %s", e)
-        self.scale = self.cfg.scale
-        if self.cfg.match_training_scale and self.cfg.pixel_size_um > 0:
+        # A given scale wins; else a given pixel size decides it; else each image's RBC size does.
+        self.scale: float | str = self.cfg.scale_factor() or "auto"
+        if self.scale == "auto" and self.cfg.pixel_size_um > 0 and self.detector.train_pixel_size_um:
             self.scale = self.detector.scale_for_pixel_size(self.cfg.pixel_size_um)
 
     def info(self) -> dict:
@@ -158,7 +160,8 @@ class Analyzer:
         result.ratios = ratios_from_counts(counts)
         result.differential = differential_from_counts(counts)
         unplaced = count_unplaced_wbc(result.cells, self.cfg.low_confidence_wbc)
-        result.flags = compute_flags(counts, result.differential, 1, self.cfg, unplaced, mean_rbc_diameter_um(result.cells, self.cfg))
+        result.flags = compute_flags(counts, result.differential, 1, self.cfg, unplaced,
+                                     mean_rbc_diameter_um(result.cells, self.cfg), result.rbc_coverage)
         if self.morphology is not None:
             result.morphology, extra = self._morphology_outputs(result.cells, counts, 1)
             result.flags += extra
@@ -211,16 +214,24 @@ class Analyzer:
         from smear.detector.predict import drop_edge_fragments
 
         dets = self.detector.predict(list(images), conf=self.cfg.thresholds(), iou=self.cfg.iou, scale=self.scale)
-        dets = [drop_edge_fragments(d, (img.shape[1], img.shape[0]), self.cfg.edge_fragment_min)
+        coverage = [rbc_coverage(img, d.boxes, d.classes) for d, img in zip(dets, images)]
+        for d, name in zip(dets, names):
+            if d.warning:
+                log.warning("%s: %s", name, d.warning)
+        dets = [dataclasses.replace(drop_edge_fragments(d, (img.shape[1], img.shape[0]), self.cfg.edge_fragment_min),
+                                    scale=d.scale, rbc_diameter_px=d.rbc_diameter_px, warning=d.warning)
                 for d, img in zip(dets, images)]
         # The crops of all images in the batch go to the classifier together: far fewer small forward calls.
         probs = classify_fields(self.classifier, images, [d.boxes for d in dets], batch=CLASSIFIER_BATCH)
         out = []
-        for img, name, det, pr in zip(images, names, dets, probs):
+        for img, name, det, pr, cov in zip(images, names, dets, probs, coverage):
             cells = self.merge(det.boxes, det.scores, det.classes, pr)
             if self.morphology is not None and self._morphology_domain(cells)["in_domain"]:
                 self.morphology.annotate(img, cells, self.cfg.pixel_size_um or None)
-            out.append(self._finish(ImageResult(image=name, width=int(img.shape[1]), height=int(img.shape[0]), cells=cells)))
+            out.append(self._finish(ImageResult(
+                image=name, width=int(img.shape[1]), height=int(img.shape[0]), cells=cells,
+                scale=round(det.scale, 4), rbc_diameter_px=det.rbc_diameter_px, rbc_coverage=cov,
+                warnings=[det.warning] if det.warning else [])))
         return out
 
     def iter_images(self, paths: Sequence[str | Path],
@@ -332,7 +343,8 @@ class Analyzer:
             est["per_mm2"] = {k: round(v / n / self.cfg.field_area_um2 * 1e6, 1) for k, v in counts.items()}
         slide.estimates = est
         slide.flags = compute_flags(counts, slide.differential, n, self.cfg, totals.unplaced_wbc,
-                                    mean_diameter_um(totals.rbc_diameters_px, self.cfg))
+                                    mean_diameter_um(totals.rbc_diameters_px, self.cfg), totals.rbc_coverage)
+        slide.rbc_coverage = totals.rbc_coverage
         if self.morphology is not None:
             from .flags import summarize_morphology_counts
 
@@ -358,6 +370,7 @@ class SlideTotals:
         self.unplaced_wbc = 0
         self.rbc_diameters_px = array("d")
         self.morphology_labels: Counter[str] = Counter()
+        self.rbc_coverages: list[float] = []
 
     @property
     def n_fields(self) -> int:
@@ -373,6 +386,13 @@ class SlideTotals:
         self.unplaced_wbc += count_unplaced_wbc(result.cells, self.low_confidence_wbc)
         self.rbc_diameters_px.extend(rbc_diameters_px(result.cells))
         self.morphology_labels.update(c.morphology["label"] for c in result.cells if c.morphology)
+        if result.rbc_coverage is not None:
+            self.rbc_coverages.append(result.rbc_coverage)
+
+    @property
+    def rbc_coverage(self) -> float | None:
+        """Mean RBC coverage over the slide's fields (None when no field had red-cell pixels)."""
+        return round(sum(self.rbc_coverages) / len(self.rbc_coverages), 4) if self.rbc_coverages else None
 
 
 def count_unplaced_wbc(cells: Iterable[Cell], low_confidence_wbc: float) -> int:

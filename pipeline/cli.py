@@ -99,7 +99,8 @@ def analyze(
     batch: Optional[int] = typer.Option(None, "--batch", help="images per detector batch"),
     capture_mode: Optional[str] = typer.Option(None, "--capture-mode", help="wbc-centred (BCCD) or random fields"),
     pixel_size_um: Optional[float] = typer.Option(None, "--pixel-size-um", help="micrometres per pixel of the inputs"),
-    scale: Optional[float] = typer.Option(None, "--scale", help="resize factor before detection"),
+    scale: Optional[str] = typer.Option(None, "--scale", help="'auto' (default: from each image's RBC size) or a "
+                                        "resize factor before detection"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/pipeline.yaml)"),
     overrides: List[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
 ) -> None:

@@ -44,9 +44,9 @@ class PipelineConfig:
     batch: int = param(8, "images per detector batch", range=(1, 1024))
     threads: int = param(0, "torch CPU threads; 0: one per core (ultralytics alone would use cores - 1)",
                           range=(0, 256))
-    scale: float = param(1.0, "resize factor applied before detection (other microscopes)", range=(0.05, 20.0))
+    scale: str = param("auto", "'auto': measure each image's RBC size and resize it to the detector's training "
+                               "scale (tiling what becomes large); or one resize factor for every image, 0.05-20")
     pixel_size_um: float = param(0.0, "micrometres per pixel of the inputs; 0 if unknown (sizes then in px)", range=(0.0, 100.0))
-    match_training_scale: bool = param(False, "with pixel_size_um set, resize inputs to the detector's training scale")
     group_override_prob: float = param(0.9, "classifier group probability that overrides the detector's group", range=(0.5, 1.0))
     review_prob: float = param(0.5, "classifier probability for another group that marks a cell for review", range=(0.0, 1.0))
     low_confidence_wbc: float = param(0.5, "WBC subtype probability below which a WBC counts as unplaced", range=(0.0, 1.0))
@@ -65,6 +65,7 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         self.thresholds()  # a bad class_conf entry fails when the config is made, not mid-batch
+        self.scale_factor()  # 'auto' or a factor in range, else a ConfigError naming the key
 
     @staticmethod
     def implied(values: dict[str, Any]) -> dict[str, Any]:
@@ -80,6 +81,20 @@ class PipelineConfig:
         if "conf" in values and values["conf"] is not None and "class_conf" not in values:
             return {**values, "class_conf": ()}
         return values
+
+    def scale_factor(self) -> float | None:
+        """The one resize factor ``scale`` names, or None for ``auto``."""
+        text = str(self.scale).strip().lower()
+        if text == "auto":
+            return None
+        try:
+            k = float(text)
+        except ValueError:
+            k = float("nan")
+        if not 0.05 <= k <= 20.0:
+            raise ConfigError(f"PipelineConfig.scale: got {self.scale!r}; valid values are 'auto' or a resize "
+                              f"factor between 0.05 and 20")
+        return k
 
     def one_threshold(self, conf: float) -> "PipelineConfig":
         """This config with ``conf`` for every class (``class_conf`` cleared), e.g. for a full ranked list."""

@@ -7,11 +7,13 @@ capture mode or a calibration say so and are skipped without it. Too few cells g
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 from smear.data.taxonomy import MORPHOLOGY_CLASSES, SUBTYPES
 
 from .config import PipelineConfig
+from .quality import MIN_RBC_COVERAGE
 from .results import Flag, count_noun, wilson_interval
 
 # Normal ranges implied by RBC 4.2-6.1 M/uL, WBC 4-11 k/uL, platelets 150-450 k/uL.
@@ -35,7 +37,20 @@ def _evidence(counts: dict[str, int], n_fields: int, **extra: Any) -> dict[str, 
     return ev
 
 
-def platelet_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) -> list[Flag]:
+def incomplete_rbc_flag(name: str, rule: str, rbc_coverage: float | None, counts: dict[str, int],
+                        n_fields: int) -> list[Flag]:
+    """One 'insufficient evidence' flag when the RBCs were found too incompletely for a flag that rests on them."""
+    if rbc_coverage is None or rbc_coverage >= MIN_RBC_COVERAGE:
+        return []
+    return [Flag(name, "insufficient evidence", rule, f"RBC boxes cover >= {MIN_RBC_COVERAGE:.0%} of red-cell pixels",
+                 f"{rbc_coverage:.0%} covered", _evidence(counts, n_fields, rbc_coverage=rbc_coverage),
+                 "Many red cells were not found (touching or clumped cells, or fields unlike the detector's training "
+                 "fields), so the RBC count under this ratio is too low and the ratio would mislead. "
+                 + DECISION_SUPPORT)]
+
+
+def platelet_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig,
+                   rbc_coverage: float | None = None) -> list[Flag]:
     flags = []
     rbc, plt = counts.get("RBC", 0), counts.get("Platelets", 0)
     if cfg.platelet_factor_per_field > 0:
@@ -61,6 +76,8 @@ def platelet_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) -
         return [Flag("platelet_ratio", "insufficient evidence", rule, f">= {cfg.min_rbc_for_ratio} RBC needed",
                      f"{rbc} RBC, {plt} platelets", _evidence(counts, n_fields),
                      "Too few RBCs to judge the platelet:RBC ratio; analyse more fields of the slide.")]
+    if incomplete := incomplete_rbc_flag("platelet_ratio", rule, rbc_coverage, counts, n_fields):
+        return incomplete
     ratio = 1000 * plt / rbc
     lo, hi = PLATELETS_PER_1000_RBC
     if ratio < lo or ratio > hi:
@@ -72,7 +89,8 @@ def platelet_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) -
     return flags
 
 
-def wbc_count_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) -> list[Flag]:
+def wbc_count_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig,
+                    rbc_coverage: float | None = None) -> list[Flag]:
     if cfg.capture_mode != "random":
         return []  # WBC-centred fields always over-represent WBCs: no count flag means anything there.
     wbc, rbc = counts.get("WBC", 0), counts.get("RBC", 0)
@@ -93,6 +111,8 @@ def wbc_count_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig) 
     if rbc < cfg.min_rbc_for_ratio:
         return [Flag("wbc_ratio", "insufficient evidence", rule, f">= {cfg.min_rbc_for_ratio} RBC needed",
                      f"{rbc} RBC, {wbc} WBC", _evidence(counts, n_fields), caveat, "random")]
+    if incomplete := incomplete_rbc_flag("wbc_ratio", rule, rbc_coverage, counts, n_fields):
+        return [dataclasses.replace(f, capture_mode="random") for f in incomplete]
     ratio = 1000 * wbc / rbc
     lo, hi = WBC_PER_1000_RBC
     if ratio > hi or ratio < lo:
@@ -151,10 +171,13 @@ def unplaced_wbc_flag(n_unplaced: int, n_wbc: int, counts: dict[str, int], n_fie
     return []
 
 
-def rbc_size_flags(mean_diameter_um: float | None, n_rbc: int, counts: dict[str, int], n_fields: int) -> list[Flag]:
+def rbc_size_flags(mean_diameter_um: float | None, n_rbc: int, counts: dict[str, int], n_fields: int,
+                   rbc_coverage: float | None = None) -> list[Flag]:
     if mean_diameter_um is None or n_rbc < 30:
         return []
     rule = "mean RBC diameter (box side x pixel size) vs 6-9 um"
+    if incomplete := incomplete_rbc_flag("rbc_size", rule, rbc_coverage, counts, n_fields):
+        return incomplete
     if mean_diameter_um < 6.0 or mean_diameter_um > 9.0:
         return [Flag("microcytosis_pattern" if mean_diameter_um < 6 else "macrocytosis_pattern", "warning", rule,
                      "< 6 um" if mean_diameter_um < 6 else "> 9 um", f"{mean_diameter_um:.2f} um",
@@ -164,15 +187,20 @@ def rbc_size_flags(mean_diameter_um: float | None, n_rbc: int, counts: dict[str,
 
 
 def compute_flags(counts: dict[str, int], differential: dict[str, Any], n_fields: int, cfg: PipelineConfig,
-                  n_unplaced_wbc: int = 0, mean_rbc_diameter_um: float | None = None) -> list[Flag]:
-    """All flags for a set of fields (one image or a whole slide)."""
+                  n_unplaced_wbc: int = 0, mean_rbc_diameter_um: float | None = None,
+                  rbc_coverage: float | None = None) -> list[Flag]:
+    """All flags for a set of fields (one image or a whole slide).
+
+    ``rbc_coverage`` (see :mod:`smear.pipeline.quality`) below ``MIN_RBC_COVERAGE`` turns the flags that rest
+    on the RBC count (platelet:RBC, WBC:RBC, RBC size) into 'insufficient evidence' with the figure.
+    """
     wbc_estimate = None
     if cfg.capture_mode == "random" and cfg.wbc_factor_per_field > 0 and n_fields >= cfg.min_fields_for_estimate:
         wbc_estimate = counts.get("WBC", 0) / n_fields * cfg.wbc_factor_per_field
-    return (platelet_flags(counts, n_fields, cfg) + wbc_count_flags(counts, n_fields, cfg)
+    return (platelet_flags(counts, n_fields, cfg, rbc_coverage) + wbc_count_flags(counts, n_fields, cfg, rbc_coverage)
             + differential_flags(counts, differential, n_fields, cfg, wbc_estimate)
             + unplaced_wbc_flag(n_unplaced_wbc, counts.get("WBC", 0), counts, n_fields)
-            + rbc_size_flags(mean_rbc_diameter_um, counts.get("RBC", 0), counts, n_fields))
+            + rbc_size_flags(mean_rbc_diameter_um, counts.get("RBC", 0), counts, n_fields, rbc_coverage))
 
 
 # ---------------------------------------------------------------- RBC morphology

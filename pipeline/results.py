@@ -116,13 +116,18 @@ class ImageResult:
     error: str | None = None
     slide: str | None = None
     morphology: dict[str, Any] | None = None
+    scale: float | None = None  # resize factor the detector ran at (scale=auto: chosen from the RBC size)
+    rbc_diameter_px: float | None = None  # median RBC box side that scale=auto measured, in this image's pixels
+    rbc_coverage: float | None = None  # share of red-cell pixels inside RBC boxes (smear.pipeline.quality)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
             "image": self.image, "width": self.width, "height": self.height,
             "cells": [c.to_dict() for c in self.cells], "counts": self.counts, "ratios": self.ratios,
             "differential": self.differential, "flags": [f.to_dict() for f in self.flags], "error": self.error,
-            "slide": self.slide,
+            "slide": self.slide, "scale": self.scale, "rbc_diameter_px": self.rbc_diameter_px,
+            "rbc_coverage": self.rbc_coverage, "warnings": list(self.warnings),
         }
         if self.morphology is not None:
             d["morphology"] = self.morphology
@@ -139,6 +144,9 @@ class ImageResult:
         for k, v in {**dict.fromkeys(ratios_from_counts({})), **self.ratios}.items():
             row[k] = v if v is not None else ""
         row["n_review"] = sum(c.review for c in self.cells)
+        row["scale"] = "" if self.scale is None else self.scale
+        row["rbc_coverage"] = "" if self.rbc_coverage is None else self.rbc_coverage
+        row["warnings"] = "; ".join(self.warnings)
         row["flags"] = "; ".join(f"{f.name} ({f.severity})" for f in self.flags)
         return row
 
@@ -156,6 +164,7 @@ class SlideResult:
     flags: list[Flag] = field(default_factory=list)
     capture_mode: str = "wbc-centred"
     morphology: dict[str, Any] | None = None
+    rbc_coverage: float | None = None  # mean over its fields of the share of red-cell pixels inside RBC boxes
 
     @property
     def n_fields(self) -> int:
@@ -163,7 +172,8 @@ class SlideResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = {"slide": self.slide, "n_fields": self.n_fields, "n_failed": sum(1 for r in self.images if r.error),
-             "capture_mode": self.capture_mode, "counts": self.counts, "ratios": self.ratios,
+             "capture_mode": self.capture_mode, "rbc_coverage": self.rbc_coverage, "counts": self.counts,
+             "ratios": self.ratios,
              "differential": self.differential, "estimates": self.estimates,
              "flags": [f.to_dict() for f in self.flags], "images": [r.image for r in self.images]}
         if self.morphology is not None:

@@ -260,3 +260,21 @@ def test_shipped_detector_cards_carry_thresholds_for_every_group(model):
     card = json.loads((shipped_models_dir() / model / "card.json").read_text())
     assert set(card["operating_thresholds"]) == {"RBC", "WBC", "Platelets"}
     assert PipelineConfig().thresholds(card) == card["operating_thresholds"]
+
+
+@pytest.mark.parametrize("value, factor", [("auto", None), ("AUTO", None), (2, 2.0), ("0.5", 0.5)])
+def test_scale_is_auto_or_a_factor(value, factor):
+    from smear.configs.loader import load_config
+    from smear.pipeline.config import PipelineConfig
+
+    assert load_config(PipelineConfig, None, {"scale": value}).scale_factor() == factor
+
+
+@pytest.mark.parametrize("value", ["big", 0, 100])
+def test_a_bad_scale_names_the_key_and_what_is_valid(value):
+    from smear.configs.errors import ConfigError
+    from smear.configs.loader import load_config
+    from smear.pipeline.config import PipelineConfig
+
+    with pytest.raises(ConfigError, match="PipelineConfig.scale: .*'auto' or a resize factor between 0.05 and 20"):
+        load_config(PipelineConfig, None, {"scale": value})

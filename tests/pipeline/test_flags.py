@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from conftest import draw_field
 
 from smear.configs.loader import build_config
 from smear.data.taxonomy import MORPHOLOGY_CLASSES, SUBTYPES
@@ -310,3 +312,35 @@ def test_few_rbcs_give_insufficient_evidence():
     assert len(flags) == 1 and flags[0].severity == "insufficient evidence"
     assert str(MIN_RBC_FOR_MORPHOLOGY) in flags[0].threshold and "50" in flags[0].observed
     assert morphology_flags(None, {}, 0) == []
+
+
+# ---------------------------------------------------------------- count quality
+
+@pytest.mark.parametrize("coverage, expect", [(0.6, "insufficient evidence"), (0.95, "warning"), (None, "warning")])
+def test_ratio_flags_rest_on_how_completely_the_rbcs_were_found(coverage, expect):
+    """Half the RBCs missed doubles the platelet:RBC ratio: below the coverage floor the flag says so instead."""
+    cfg = PipelineConfig()
+    counts = {"RBC": 1000, "Platelets": 150, "WBC": 3}  # 150 per 1,000 RBC: a thrombocytosis pattern if real
+    flags = platelet_flags(counts, 20, cfg, rbc_coverage=coverage)
+    assert len(flags) == 1 and flags[0].severity == expect
+    if expect == "insufficient evidence":
+        assert flags[0].name == "platelet_ratio" and "60%" in flags[0].observed
+        assert flags[0].evidence["rbc_coverage"] == 0.6
+    else:
+        assert flags[0].name == "thrombocytosis_pattern"
+
+
+def test_rbc_coverage_measures_the_share_of_red_cell_pixels_in_rbc_boxes():
+    from smear.data.taxonomy import GROUPS
+    from smear.pipeline.quality import rbc_coverage
+
+    img, boxes = draw_field(seed=3, n_rbc=12, n_wbc=1, n_plt=2)
+    b = np.array([bx for _, bx in boxes], float)
+    c = np.array([GROUPS.index("RBC" if lab == "RBC" else "WBC" if lab == "WBC" else "Platelets") for lab, _ in boxes])
+    full = rbc_coverage(img, b, c)
+    rbc_rows = np.flatnonzero(c == 0)
+    half = np.concatenate([rbc_rows[: len(rbc_rows) // 2], np.flatnonzero(c != 0)])
+    assert full > 0.9
+    assert rbc_coverage(img, b[half], c[half]) == pytest.approx(0.5, abs=0.15)
+    assert rbc_coverage(img, b[c != 0], c[c != 0]) == 0.0
+    assert rbc_coverage(np.full((64, 64, 3), 230, np.uint8), np.zeros((0, 4)), np.zeros(0, int)) in (None, 0.0)

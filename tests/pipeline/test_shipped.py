@@ -194,3 +194,32 @@ def test_pseudo_labels_restore_the_cells_a_labeller_skipped_and_only_those(tmp_p
     assert (yolo / "pseudo_labels_train.csv").is_file()
     with pytest.raises(SmearError, match="training split only"):
         pseudo_label_split(yolo, propose, "val")
+
+
+@pytest.mark.parametrize("factor", [4.0, 0.5])
+def test_auto_scale_counts_a_resized_field_like_the_native_one(analyzer, tmp_path, factor):
+    """A field at 4x or 0.5x its pixel size gives the same counts (within 10%), and the record says the scale."""
+    import cv2
+
+    from smear.data.images import read_image
+
+    img = read_image(SAMPLES / "BloodImage_00007.jpg")
+    native = analyzer.analyze_arrays([img], ["native"])[0]
+    big = cv2.resize(img, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    got = analyzer.analyze_arrays([big], ["resized"])[0]
+    assert native.scale == 1.0 and got.scale == pytest.approx(native.scale / factor, rel=0.15)
+    for group in ("RBC", "WBC"):
+        n, g = native.counts[group], got.counts[group]
+        assert abs(g - n) <= max(1, 0.1 * n), (group, n, g)
+    assert got.rbc_diameter_px == pytest.approx(factor * native.rbc_diameter_px, rel=0.15)
+    record = got.to_dict()
+    assert record["scale"] == got.scale and record["warnings"] == []
+
+
+def test_a_field_where_no_scale_finds_cells_is_a_warning_not_a_silent_zero(analyzer, caplog):
+    blank = np.full((480, 640, 3), 235, np.uint8)
+    with caplog.at_level("WARNING"):
+        r = analyzer.analyze_arrays([blank], ["blank.png"])[0]
+    assert r.counts["RBC"] == 0 and len(r.warnings) == 1 and "no scale" in r.warnings[0]
+    assert r.to_dict()["warnings"] == r.warnings
+    assert any("blank.png" in m and "no scale" in m for m in caplog.messages)
