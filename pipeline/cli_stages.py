@@ -69,6 +69,37 @@ def data_prepare(
         raise typer.Exit(1)
 
 
+@data_app.command("complete")
+def data_complete(
+    shared: Path = typer.Option(Path("../shared/data"), "--shared", help="folder holding bccd/, bccd-relabel/ and "
+                                "txl-external/"),
+    out: Path = typer.Option(Path("runs/prepared/complete"), "--out", help="output folder (gets yolo/)"),
+    exclude: List[str] = typer.Option(None, "--exclude", help="leave a source out (bccd, pbc, raabin): train without "
+                                      "it, then test on it (leave-one-source-out); repeatable"),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="share of PBC and Raabin fields held for val "
+                                       "(by a hash of the image bytes; BCCD keeps its official split)"),
+) -> None:
+    """Write a detector set of completely labelled fields from three labs, every field at one RBC size.
+
+    Example: smear data complete --out runs/prepared/complete-no-pbc --exclude pbc
+    """
+    from smear.configs.paths import resolve_path
+    from smear.data.complete import SOURCES, list_fields, source_scale, write_yolo_set
+
+    unknown = sorted(set(exclude or []) - set(SOURCES))
+    if unknown:
+        _fail(f"--exclude {', '.join(unknown)}: valid sources are {', '.join(SOURCES)}")
+    fields = list_fields(resolve_path(str(shared)), val_fraction)
+    data_yaml = write_yolo_set(fields, Path(out) / "yolo", exclude=tuple(exclude or ()))
+    typer.echo("resize per source (to an RBC of 97.5 px): " + ", ".join(f"{k} x{v:g}" for k, v in
+                                                                          source_scale(fields).items()))
+    kept = [f for f in fields if f.source not in (exclude or [])]
+    for split in ("train", "val"):
+        typer.echo(f"{split}: " + ", ".join(f"{s} {sum(f.split == split and f.source == s for f in kept)}"
+                                            for s in SOURCES if s not in (exclude or [])))
+    typer.echo(f"written: {data_yaml} (per field: {data_yaml.parent / 'fields.csv'})")
+
+
 @data_app.command("add-points")
 def data_add_points(
     source: Path = typer.Option(Path("../shared/data/chula-rbc-12"), "--source", help="point-labelled fields "
