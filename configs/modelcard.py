@@ -88,6 +88,14 @@ def card_title(kind: str, folder: Path) -> str:
     return f"{(kind or 'model').replace('_', ' ').capitalize()} {Path(folder).name}"
 
 
+def is_shipped_model_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is one of the package's shipped model folders (``<stage>/models/<name>``)."""
+    from .paths import PACKAGE_ROOT
+
+    f = Path(folder).resolve()
+    return f.parent.name == "models" and f.parent.parent in (PACKAGE_ROOT / "detector", PACKAGE_ROOT / "classifier")
+
+
 @dataclass
 class ModelCard:
     """A model folder's card: typed access to the keys inference reads, every other key kept in order.
@@ -152,9 +160,12 @@ class ModelCard:
     def render(self, title: str) -> str:
         return render_card_md(self.to_dict(), title)
 
-    def write(self, folder: str | Path, title: str | None = None, allow_dirty: bool = False) -> Path:
-        """Write ``card.json`` and ``card.md``. A card may not name uncommitted code (``+dirty``) unless allowed:
-        commit first, so that the card's commit reproduces the model."""
+    def write(self, folder: str | Path, title: str | None = None, allow_dirty: bool | None = None) -> Path:
+        """Write ``card.json`` and ``card.md``. A shipped model's card (a folder in the package's
+        ``detector/models`` or ``classifier/models``) may not name uncommitted code (``+dirty``): commit first,
+        so that the card's commit reproduces the model. ``allow_dirty`` overrides that rule either way."""
+        if allow_dirty is None:
+            allow_dirty = not is_shipped_model_folder(folder)
         card = self.to_dict()
         commits = [card.get("commit")] + [v.get("commit") for v in card.values() if isinstance(v, dict)]
         dirty = [c for c in commits if DIRTY in str(c or "")]

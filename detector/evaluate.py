@@ -145,6 +145,16 @@ def _count_images(data_yaml: Path, split: str) -> int:
     return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if cfg.get(split) else 0
 
 
+def _model_folder(weights: str | Path | None) -> Path:
+    """The model folder of ``weights`` (a folder with a card.json), for writing its card."""
+    info = find_detector(weights)
+    folder = info.weights.parent
+    if not (folder / "card.json").is_file():
+        raise SmearError(f"{info.weights}: not inside a model folder with a card.json; --write-card needs a model "
+                         f"folder ('smear detector package', or the shipped one)")
+    return folder
+
+
 def record_metrics(weights: str | Path | None, metrics: dict, command: str) -> Path:
     """Write evaluation metrics into the evaluated model folder's card (``<split>_metrics``, and
     ``<split>_metrics_audited`` when the split has audited labels), with the command, date and commit."""
@@ -153,18 +163,14 @@ def record_metrics(weights: str | Path | None, metrics: dict, command: str) -> P
     from smear.configs.modelcard import ModelCard
     from smear.configs.paths import git_commit
 
-    info = find_detector(weights)
-    folder = info.weights.parent
-    if not (folder / "card.json").is_file():
-        raise SmearError(f"{info.weights}: not inside a model folder with a card.json; --write-card needs a model "
-                         f"folder ('smear detector train' then package it, or the shipped one)")
+    folder = _model_folder(weights)
     split = metrics["split"]
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
     card = ModelCard.read(folder)
     card.set(f"{split}_metrics", {**stamp, **{k: v for k, v in metrics.items() if k not in ("audited", "plots")}})
     if metrics.get("audited"):
         card.set(f"{split}_metrics_audited", {**stamp, **metrics["audited"]})
-    return card.write(folder, allow_dirty=False)
+    return card.write(folder)
 
 
 def count_labels(data_yaml: Path, split: str) -> tuple[list[Path], np.ndarray]:
@@ -217,6 +223,26 @@ def choose_thresholds(weights: str | Path | None = None, split: str = "val", dat
         best = min(rows, key=lambda r: (r["count_mae"], r["threshold"]))
         chosen[name] = best["threshold"]
         table += rows
-    return {"operating_thresholds": chosen, "split": split, "data": str(data_yaml), "images": len(images),
+    best = {(r["group"], r["threshold"]): r for r in table}
+    return {"operating_thresholds": chosen, "chosen": {g: best[(g, t)] for g, t in chosen.items()}, "split": split,
+            "data": str(data_yaml), "images": len(images),
             "rule": "per group, the candidate threshold with the lowest count MAE per image (lower on ties)",
             "table": table}
+
+
+def record_thresholds(weights: str | Path | None, res: dict, command: str) -> Path:
+    """Write :func:`choose_thresholds`' choice into the model folder's card: ``operating_thresholds`` (what the
+    pipeline counts with) and ``operating_thresholds_choice`` (how, on what, and the count error there)."""
+    import time
+
+    from smear.configs.modelcard import ModelCard
+    from smear.configs.paths import git_commit
+
+    folder = _model_folder(weights)
+    card = ModelCard.read(folder)
+    card.set("operating_thresholds", res["operating_thresholds"])
+    card.set("operating_thresholds_choice", {
+        "command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+        **{k: res[k] for k in ("split", "data", "images", "rule")},
+        "count_mae": {g: r["count_mae"] for g, r in res["chosen"].items()}})
+    return card.write(folder)

@@ -66,12 +66,35 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
     best = run_dir / "weights" / "best.pt"
     card = {
         "kind": "detector", "classes": list(GROUPS), "config": config_to_dict(cfg), "data": str(data),
-        "split": "official BCCD ImageSets/Main: train 205 / val 87 (test 72 never used for choices)",
+        "split": describe_split(data),
         "train_minutes_this_session": round(minutes, 1), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
         "weights": str(best),
     }
     (run_dir / "card.json").write_text(json.dumps(card, indent=2))
     return run_dir
+
+
+def describe_split(data_yaml: Path) -> dict:
+    """Images per split of a YOLO set, and per source where the set names them (``fields.csv``)."""
+    import csv
+    from collections import Counter
+
+    import yaml
+
+    from smear.data.images import IMAGE_SUFFIXES
+
+    cfg = yaml.safe_load(Path(data_yaml).read_text())
+    root = Path(cfg.get("path") or Path(data_yaml).parent)
+    out: dict = {"data": str(data_yaml)}
+    for split in ("train", "val", "test"):
+        if cfg.get(split) and isinstance(cfg[split], str) and (root / cfg[split]).is_dir():
+            out[f"{split}_images"] = sum(1 for p in (root / cfg[split]).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    fields = root / "fields.csv"
+    if fields.is_file():
+        with open(fields, newline="") as f:
+            n = Counter((r["split"], r["source"]) for r in csv.DictReader(f))
+        out["per_source"] = {f"{split}/{src}": k for (split, src), k in sorted(n.items())}
+    return out
 
 
 def rbc_median_diameter_px(data_yaml: Path, split: str = "train") -> float | None:
@@ -106,7 +129,7 @@ def package_detector(run_dir: Path, dest: Path, extra: dict | None = None) -> Pa
     """Copy a run's best weights into a self-describing model folder (weights.pt, card.json, card.md)."""
     import csv
 
-    from smear.configs.modelcard import write_card
+    from smear.configs.modelcard import ModelCard
 
     run_dir = Path(run_dir)
     card = json.loads((run_dir / "card.json").read_text()) if (run_dir / "card.json").is_file() else {}
@@ -127,8 +150,9 @@ def package_detector(run_dir: Path, dest: Path, extra: dict | None = None) -> Pa
     data = Path(card.get("data", "")) if card.get("data") else None
     if data and data.is_file():
         card["rbc_median_diameter_px"] = rbc_median_diameter_px(data)
+        card["split"] = describe_split(data)
     card.update(extra or {})
-    write_card(dest, card, f"Detector {dest.name}")
+    ModelCard.from_dict(card).write(dest)
     for name in ("results.csv", "results.png"):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, dest / name)

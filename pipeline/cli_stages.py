@@ -185,6 +185,22 @@ def detector_train(
     typer.echo(f"run folder: {run}")
 
 
+@detector_app.command("package")
+def detector_package(
+    run: Path = typer.Argument(..., help="training run folder (runs/detector/NAME)"),
+    out: Path = typer.Option(..., "--out", help="model folder to write (e.g. detector/models/NAME)"),
+    summary: str = typer.Option("", "--summary", help="one paragraph for the card: what the model is"),
+) -> None:
+    """Copy a run's best weights into a self-describing model folder with its card (weights.pt, card.json, card.md).
+
+    Example: smear detector package runs/detector/my-run --out detector/models/my-model --summary "..."
+    """
+    from smear.detector.train import package_detector
+
+    dest = package_detector(run, out, {"summary": summary} if summary else None)
+    typer.echo(f"model folder: {dest} (card.json, card.md, weights.pt); run it with --set detector_weights={dest}")
+
+
 @detector_app.command("evaluate")
 def detector_evaluate(
     weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),
@@ -227,27 +243,15 @@ def detector_thresholds(
     Example: smear detector thresholds --data runs/prepared/complete/yolo/data.yaml --write-card
     """
     import sys
-    import time
 
-    from smear.configs.modelcard import ModelCard
-    from smear.configs.paths import git_commit
-    from smear.detector.evaluate import choose_thresholds
-    from smear.detector.model import find_detector
+    from smear.detector.evaluate import choose_thresholds, record_thresholds
 
     res = choose_thresholds(weights, split=split, data=data, device=device)
-    best = {(r["group"], r["threshold"]): r for r in res["table"]}
-    for g, t in res["operating_thresholds"].items():
-        r = best[(g, t)]
-        typer.echo(f"{g:<10} threshold {t:.2f}  count MAE {r['count_mae']:.3f}  bias {r['count_bias']:+.3f}")
+    for g, r in res["chosen"].items():
+        typer.echo(f"{g:<10} threshold {r['threshold']:.2f}  count MAE {r['count_mae']:.3f}  "
+                   f"bias {r['count_bias']:+.3f}")
     if write_card:
-        folder = find_detector(weights).weights.parent
-        card = ModelCard.read(folder)
-        card.set("operating_thresholds", res["operating_thresholds"])
-        card.set("operating_thresholds_choice", {
-            "command": "smear " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
-            **{k: res[k] for k in ("split", "data", "images", "rule")},
-            "count_mae": {g: best[(g, t)]["count_mae"] for g, t in res["operating_thresholds"].items()}})
-        card.write(folder)
+        folder = record_thresholds(weights, res, "smear " + " ".join(sys.argv[1:]))
         typer.echo(f"card updated: {folder / 'card.json'}")
 
 

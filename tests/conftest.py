@@ -169,3 +169,21 @@ def restore_threads():
     before = torch.get_num_threads()
     yield
     use_cpu_threads(before)
+
+
+def make_cell(group: str, box=(100, 100, 140, 140)):
+    """A detected cell of ``group`` with a confident score and no classifier output."""
+    from smear.pipeline.results import Cell
+
+    return Cell(box=list(box), group=group, label=group, score=0.9, detector={}, classifier={})
+
+
+def cells_with_morphology(labels: dict[str, int]) -> list:
+    """RBCs carrying a morphology call: ``{"normal": 490, "schistocyte": 10}`` gives 500 cells."""
+    cells = []
+    for lab, n in labels.items():
+        for _ in range(n):
+            c = make_cell("RBC")
+            c.morphology = {"label": lab, "score": 0.9}
+            cells.append(c)
+    return cells

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_cell
 
 from smear.classifier.config import MorphologyConfig
 from smear.classifier.predict import load_morphology_model
@@ -15,7 +16,6 @@ from smear.configs.errors import ModelNotFoundError, SmearError
 from smear.data.chula import read_chula, split_images
 from smear.data.crops import crop_square, mirrored_point_crop
 from smear.data.taxonomy import MORPHOLOGY_CLASSES
-from smear.pipeline.results import Cell
 
 
 def write_chula(root: Path, n_images: int = 8, cells_per_image: int = 6, unlabelled: int = 2) -> Path:
@@ -51,20 +51,6 @@ def tiny_morphology(tmp_path_factory) -> Path:
     return make_untrained_model_folder(
         tmp_path_factory.mktemp("tiny_morphology"), MorphologyConfig,
         {"backbone": "mobilenet_v2", "pretrained": "none", "crop_size_px": 32}, MORPHOLOGY_CLASSES, "morphology")
-
-
-def _cell(group: str, box=(100, 100, 140, 140)) -> Cell:
-    return Cell(box=list(box), group=group, label=group, score=0.9, detector={}, classifier={})
-
-
-def _cells_with(labels: dict[str, int]) -> list[Cell]:
-    cells = []
-    for lab, n in labels.items():
-        for _ in range(n):
-            c = _cell("RBC")
-            c.morphology = {"label": lab, "score": 0.9}
-            cells.append(c)
-    return cells
 
 
 def test_read_chula_skips_unlabelled_images(chula):
@@ -134,8 +120,8 @@ def test_annotate_sets_morphology_on_rbc_only(tiny_morphology, field_image):
 
     model = load_morphology_model(str(tiny_morphology))
     img = read_image(field_image)
-    cells = [_cell("RBC", (100, 100, 180, 180)), _cell("WBC", (300, 200, 420, 320)),
-             _cell("Platelets", (50, 50, 66, 66)), _cell("RBC", (400, 100, 470, 172))]
+    cells = [make_cell("RBC", (100, 100, 180, 180)), make_cell("WBC", (300, 200, 420, 320)),
+             make_cell("Platelets", (50, 50, 66, 66)), make_cell("RBC", (400, 100, 470, 172))]
     model.annotate(img, cells)
     assert [c.morphology is not None for c in cells] == [True, False, False, True]
     for c in cells[::3]:

@@ -36,10 +36,22 @@ def test_a_card_naming_uncommitted_code_is_refused(tmp_path):
     from smear.configs.modelcard import ModelCard
 
     with pytest.raises(SmearError, match="uncommitted"):
-        ModelCard(kind="detector", commit="abc+dirty").write(tmp_path)
+        ModelCard(kind="detector", commit="abc+dirty").write(tmp_path, allow_dirty=False)
     with pytest.raises(SmearError, match="uncommitted"):
-        ModelCard(kind="detector", commit="abc").set("test_metrics", {"commit": "def+dirty"}).write(tmp_path)
+        ModelCard(kind="detector", commit="abc").set("test_metrics", {"commit": "def+dirty"}).write(tmp_path,
+                                                                                                    allow_dirty=False)
     assert not (tmp_path / "card.json").exists()
+    ModelCard(kind="detector", commit="abc+dirty").write(tmp_path)  # a run's own folder: not shipped, allowed
+    assert (tmp_path / "card.json").is_file()
+
+
+def test_only_the_package_model_folders_count_as_shipped(tmp_path):
+    from smear.configs.modelcard import is_shipped_model_folder
+    from smear.configs.paths import PACKAGE_ROOT
+
+    assert is_shipped_model_folder(PACKAGE_ROOT / "detector" / "models" / "bccd-chula-yolov8n-cpu")
+    assert is_shipped_model_folder(PACKAGE_ROOT / "classifier" / "models" / "new-one")
+    assert not is_shipped_model_folder(tmp_path / "models" / "x")
 
 
 def test_shipped_cards_are_written_by_code_from_committed_code():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import draw_field
+from conftest import cells_with_morphology, draw_field, make_cell
 
 from smear.configs.loader import build_config
 from smear.data.taxonomy import MORPHOLOGY_CLASSES, SUBTYPES
@@ -256,7 +256,6 @@ def test_differential_and_ratios_from_counts():
 
 
 def test_count_cells_groups_and_labels():
-    from smear.pipeline.results import Cell
 
     def cell(group, label):
         return Cell([0, 0, 1, 1], group, label, 0.9, {}, {})
@@ -267,22 +266,8 @@ def test_count_cells_groups_and_labels():
 
 # ---------------------------------------------------------------- RBC morphology
 
-def _cell(group: str, box=(100, 100, 140, 140)) -> Cell:
-    return Cell(box=list(box), group=group, label=group, score=0.9, detector={}, classifier={})
-
-
-def _cells_with(labels: dict[str, int]) -> list[Cell]:
-    cells = []
-    for lab, n in labels.items():
-        for _ in range(n):
-            c = _cell("RBC")
-            c.morphology = {"label": lab, "score": 0.9}
-            cells.append(c)
-    return cells
-
-
 def test_summary_counts_cells_with_a_call():
-    cells = _cells_with({"normal": 490, "schistocyte": 10}) + [_cell("WBC")]
+    cells = cells_with_morphology({"normal": 490, "schistocyte": 10}) + [make_cell("WBC")]
     s = summarize_morphology(cells)
     assert s["n_rbc"] == 500
     assert s["counts"]["schistocyte"] == 10 and s["percent"]["schistocyte"] == 2.0
@@ -291,23 +276,23 @@ def test_summary_counts_cells_with_a_call():
 
 
 def test_schistocytes_over_one_percent_flag():
-    s = summarize_morphology(_cells_with({"normal": 490, "schistocyte": 10}))
+    s = summarize_morphology(cells_with_morphology({"normal": 490, "schistocyte": 10}))
     flags = morphology_flags(s, {"RBC": 500}, 12)
     assert [f.name for f in flags] == ["schistocytes"]
     f = flags[0]
     assert isinstance(f, Flag) and f.severity == "warning" and f.threshold == "> 1%"
     assert f.observed.startswith("2.0%") and f.evidence["fields"] == 12 and f.evidence["rbc_with_morphology"] == 500
     assert "haemoglobin" in f.caveat
-    assert morphology_flags(summarize_morphology(_cells_with({"normal": 496, "schistocyte": 4})), {"RBC": 500}, 1) == []
+    assert morphology_flags(summarize_morphology(cells_with_morphology({"normal": 496, "schistocyte": 4})), {"RBC": 500}, 1) == []
 
 
 def test_microcytic_hypochromic_pattern_pools_both_labels():
-    s = summarize_morphology(_cells_with({"normal": 440, "microcyte": 30, "hypochromia": 30}))
+    s = summarize_morphology(cells_with_morphology({"normal": 440, "microcyte": 30, "hypochromia": 30}))
     assert [f.name for f in morphology_flags(s, {"RBC": 500}, 3)] == ["microcytic_hypochromic_pattern"]
 
 
 def test_few_rbcs_give_insufficient_evidence():
-    s = summarize_morphology(_cells_with({"normal": 40, "schistocyte": 10}))
+    s = summarize_morphology(cells_with_morphology({"normal": 40, "schistocyte": 10}))
     flags = morphology_flags(s, {"RBC": 50}, 1)
     assert len(flags) == 1 and flags[0].severity == "insufficient evidence"
     assert str(MIN_RBC_FOR_MORPHOLOGY) in flags[0].threshold and "50" in flags[0].observed
