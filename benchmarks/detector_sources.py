@@ -41,12 +41,13 @@ def map50_per_source(weights, data_yaml: Path, split: str, sources: list[str], o
 
     info = find_detector(weights)
     root = data_yaml.parent
+    out.mkdir(parents=True, exist_ok=True)
     with open(root / "fields.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+        rows = [r for r in csv.DictReader(f) if split in ("all", r["split"])]
     res = {}
     model = YOLO(str(info.weights), task="detect")
     for s in sources:
-        listed = [str(root / "images" / split / f"{r['image']}.jpg") for r in rows if r["source"] == s]
+        listed = [str(root / "images" / r["split"] / f"{r['image']}.jpg") for r in rows if r["source"] == s]
         if not listed:
             continue
         (out / f"{s}.txt").write_text("\n".join(listed) + "\n")
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="runs/prepared/complete/yolo/data.yaml",
                     help="set written by smear.data.complete (for mAP50; fields.csv names each field's source)")
     ap.add_argument("--shared", default="../shared/data", help="the shared data folder")
-    ap.add_argument("--split", default="val", choices=("train", "val"), help="fields of this split")
+    ap.add_argument("--split", default="val", choices=("train", "val", "all"),
+                    help="fields of this split; 'all' for a source the model never saw (leave-one-source-out)")
     ap.add_argument("--sources", nargs="+", default=["bccd", "pbc", "raabin"])
     ap.add_argument("--scale", default="auto", help="'auto', or a resize factor for every field")
     ap.add_argument("--no-map", action="store_true", help="counts only (skip the mAP50 pass)")
@@ -85,11 +87,12 @@ def main(argv=None) -> int:
     thresholds = PipelineConfig().for_detector(det.info.card).thresholds(det.info.card)
     scale = args.scale if args.scale == "auto" else float(args.scale)
     stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")
-    fields = [f for f in list_fields(resolve_path(args.shared)) if f.split == args.split and f.source in args.sources]
+    fields = [f for f in list_fields(resolve_path(args.shared)) if args.split in ("all", f.split)
+              and f.source in args.sources]
     rows = []
     for f in fields:
         found = det.predict([read_image(f.image)], conf=thresholds, scale=scale)[0]
-        row = {"split": args.split, "source": f.source, "image": f.image.name, "scale": round(found.scale, 4),
+        row = {"split": f.split, "source": f.source, "image": f.image.name, "scale": round(found.scale, 4),
                "rbc_diameter_px": found.rbc_diameter_px or "", "thresholds": ";".join(f"{g}={t:g}" for g, t in
                                                                                      thresholds.items())}
         for gi, g in enumerate(GROUPS):

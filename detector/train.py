@@ -31,6 +31,7 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
     ensure_offline()
     from ultralytics import YOLO
 
+    commit = git_commit()  # the code that trains: taken at the start, not when the card is written
     threads = use_cpu_threads(cfg.threads)
     log.info("training on %d CPU thread(s) (device %s)", threads, cfg.device)
     data = resolve_path(cfg.data)
@@ -67,7 +68,7 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
     card = {
         "kind": "detector", "classes": list(GROUPS), "config": config_to_dict(cfg), "data": str(data),
         "split": describe_split(data),
-        "train_minutes_this_session": round(minutes, 1), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+        "train_minutes_this_session": round(minutes, 1), "date": time.strftime("%Y-%m-%d"), "commit": commit,
         "weights": str(best),
     }
     (run_dir / "card.json").write_text(json.dumps(card, indent=2))
