@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-map", action="store_true", help="counts only (skip the mAP50 pass)")
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("detector_sources"))
+    ap.add_argument("--write-card", action="store_true",
+                    help="store the per-source summary in the model folder's card as sources_<split>")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")
     fields = [f for f in list_fields(resolve_path(args.shared)) if args.split in ("all", f.split)
               and f.source in args.sources]
-    rows = []
+    rows, summary = [], {}
     for f in fields:
         found = det.predict([read_image(f.image)], conf=thresholds, scale=scale)[0]
         row = {"split": f.split, "source": f.source, "image": f.image.name, "scale": round(found.scale, 4),
@@ -108,16 +110,31 @@ def main(argv=None) -> int:
         for r in of:
             r.update({k: v for k, v in aps.get(s, {}).items()})
         line = [f"{s:<7} {len(of):>4} fields"]
+        summary[s] = {"fields": len(of), **aps.get(s, {})}
         if s in aps:
             line.append(f"mAP50 {aps[s]['mAP50']:.3f}")
         for g in GROUPS:
             t = np.array([r[f"true_{g}"] for r in of], float)
             p = np.array([r[f"pred_{g}"] for r in of], float)
             rel = np.abs(p - t).sum() / max(t.sum(), 1)
+            summary[s][f"count_{g}"] = {"true": int(t.sum()), "mae": round(float(np.abs(p - t).mean()), 3),
+                                        "relative_error": round(float(rel), 4),
+                                        "bias": round(float((p - t).sum() / max(t.sum(), 1)), 4)}
             line.append(f"{g} MAE {np.abs(p - t).mean():.2f} rel {100 * rel:.1f}% bias {100 * (p - t).sum() / max(t.sum(), 1):+.1f}%")
         print(" | ".join(line))
     out = append_rows(args.out, rows, stamp=stamp)
     print(f"{len(rows)} rows appended to {out}")
+    if args.write_card:
+        from smear.configs.modelcard import ModelCard
+
+        folder = det.info.weights.parent
+        card = ModelCard.read(folder)
+        card.set(f"sources_{args.split}", {
+            "command": "python " + " ".join(sys.argv), "date": stamp["date"][:10], "commit": stamp["commit"],
+            "labels": "complete: bccd-relabel (BCCD fields), txl-external (PBC, Raabin)",
+            "thresholds": rows[0]["thresholds"] if rows else "", "scale": args.scale, **summary})
+        card.write(folder)
+        print(f"card updated: {folder / 'card.json'}")
     return 0
 
 
