@@ -9,7 +9,7 @@ from pathlib import Path
 
 from smear.configs.errors import ModelNotFoundError
 
-DEFAULT_MODEL = "bccd-chula-yolov8n-cpu"
+DEFAULT_MODEL = "multilab-yolov8n-cpu"
 
 
 def shipped_models_dir() -> Path:

@@ -250,7 +250,7 @@ def test_a_conf_that_no_class_uses_is_warned_about(caplog):
     assert caplog.text == ""  # conf still counts RBC and WBC; the default conf is not a choice to warn about
 
 
-@pytest.mark.parametrize("model", ["bccd-chula-yolov8n-cpu", "bccd-chula-yolov8n"])
+@pytest.mark.parametrize("model", ["multilab-yolov8n-cpu", "bccd-chula-yolov8n-cpu", "bccd-chula-yolov8n"])
 def test_shipped_detector_cards_carry_thresholds_for_every_group(model):
     """Each shipped detector brings the operating point chosen on val for it; the default config takes it."""
     import json

@@ -59,7 +59,9 @@ def test_info_json_lists_both_models():
     assert info["detector"]["classes"] == ["RBC", "WBC", "Platelets"] and info["detector"]["imgsz"] > 0
     assert info["classifier"]["backbone"] and info["classifier"]["crop_size_px"] > 0
     assert info["detector"]["test_metrics"]["mAP50"] > 0.5
-    card = json.loads((ROOT / "detector" / "models" / "bccd-chula-yolov8n-cpu" / "card.json").read_text())
+    from smear.detector.model import DEFAULT_MODEL
+
+    card = json.loads((ROOT / "detector" / "models" / DEFAULT_MODEL / "card.json").read_text())
     assert info["detector"]["operating_thresholds"] == card["operating_thresholds"]  # what counting uses
     sub = info["classifier"]["subtyper"]
     assert sub["classes"] == ["Neutrophil", "Eosinophil", "Lymphocyte", "Monocyte", "Basophil"]
