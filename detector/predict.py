@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,10 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def subset(self, keep: np.ndarray) -> "Detections":
+        """The boxes ``keep`` selects (a mask or indices), with this image's scale, RBC size and warning."""
+        return dataclasses.replace(self, boxes=self.boxes[keep], scores=self.scores[keep], classes=self.classes[keep])
+
     def labels(self) -> list[str]:
         return [GROUPS[int(c)] for c in self.classes]
 
@@ -88,7 +93,7 @@ def drop_edge_fragments(det: Detections, size: tuple[int, int], min_visible: flo
         drop |= of & ((at_x & (bw < min_visible * side)) | (at_y & (bh < min_visible * side)))
     if not drop.any():
         return det
-    return Detections(b[~drop], det.scores[~drop], det.classes[~drop])
+    return det.subset(~drop)
 
 
 def median_rbc_side(det: Detections, size: tuple[int, int], min_cells: int = 3) -> float | None:
@@ -111,7 +116,7 @@ def keep_above(det: Detections, thresholds: Mapping[str, float]) -> Detections:
     keep = det.scores >= floor
     if keep.all():
         return det
-    return Detections(det.boxes[keep], det.scores[keep], det.classes[keep])
+    return det.subset(keep)
 
 
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:

@@ -218,8 +218,7 @@ class Analyzer:
         for d, name in zip(dets, names):
             if d.warning:
                 log.warning("%s: %s", name, d.warning)
-        dets = [dataclasses.replace(drop_edge_fragments(d, (img.shape[1], img.shape[0]), self.cfg.edge_fragment_min),
-                                    scale=d.scale, rbc_diameter_px=d.rbc_diameter_px, warning=d.warning)
+        dets = [drop_edge_fragments(d, (img.shape[1], img.shape[0]), self.cfg.edge_fragment_min)
                 for d, img in zip(dets, images)]
         # The crops of all images in the batch go to the classifier together: far fewer small forward calls.
         probs = classify_fields(self.classifier, images, [d.boxes for d in dets], batch=CLASSIFIER_BATCH)

@@ -241,3 +241,13 @@ def test_thresholds_minimise_the_count_error_per_group(tmp_path, monkeypatch):
     assert len(res["table"]) == 3 * 11 and res["images"] == 2
     with pytest.raises(SmearError, match="never on the test split"):
         choose_thresholds(None, split="test", data=tmp_path / "data.yaml")
+
+
+def test_filtering_keeps_the_scale_an_image_was_detected_at():
+    from smear.detector.predict import Detections, drop_edge_fragments, keep_above
+
+    d = Detections(np.array([[0, 0, 5, 50], [100, 100, 150, 150], [200, 200, 250, 250], [300, 300, 350, 350]],
+                            np.float32), np.array([0.9, 0.9, 0.3, 0.9], np.float32), np.zeros(4, np.int64),
+                   scale=0.25, rbc_diameter_px=200.0, warning="w")
+    for out in (drop_edge_fragments(d, (640, 480), 0.5), keep_above(d, {"RBC": 0.5})):
+        assert len(out) == 3 and (out.scale, out.rbc_diameter_px, out.warning) == (0.25, 200.0, "w")
