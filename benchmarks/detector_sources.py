@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from smear.pipeline.config import PipelineConfig
 
     det = Detector(args.weights)
-    thresholds = PipelineConfig().for_detector(det.info.card).thresholds(det.info.card)
+    thresholds = PipelineConfig().thresholds(det.info.card)
     scale = args.scale if args.scale == "auto" else float(args.scale)
     stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")
     fields = [f for f in list_fields(resolve_path(args.shared)) if args.split in ("all", f.split)

@@ -114,6 +114,7 @@ class ModelCard:
     operating_thresholds: dict[str, float] = field(default_factory=dict)
     test_metrics: dict = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # every other key (data, split, summary, comparison, ...)
+    key_order: list[str] = field(default_factory=list, repr=False)  # card.json's key order as read, kept on write
 
     _TYPED = ("kind", "classes", "date", "commit", "config", "operating_thresholds", "test_metrics")
 
@@ -122,9 +123,7 @@ class ModelCard:
         typed = {k: card[k] for k in cls._TYPED if k in card}
         if "classes" in typed:
             typed["classes"] = tuple(typed["classes"])
-        out = cls(**typed, extra={k: v for k, v in card.items() if k not in cls._TYPED})
-        out._order = list(card)
-        return out
+        return cls(**typed, extra={k: v for k, v in card.items() if k not in cls._TYPED}, key_order=list(card))
 
     @classmethod
     def read(cls, folder: str | Path) -> "ModelCard":
@@ -154,7 +153,7 @@ class ModelCard:
         values = {k: (list(getattr(self, k)) if k == "classes" else getattr(self, k)) for k in self._TYPED}
         values = {k: v for k, v in values.items() if v not in ("", (), [], {}, None)}
         values.update(self.extra)
-        order = [k for k in getattr(self, "_order", []) if k in values]
+        order = [k for k in self.key_order if k in values]
         return {k: values[k] for k in order + [k for k in values if k not in order]}
 
     def render(self, title: str) -> str:

@@ -23,15 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .formats import parse_yolo_line, yolo_lines
 from .images import read_bgr
 from .splits import hash_fraction, split_by_fraction
+from .taxonomy import GROUPS
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("bccd", "pbc", "raabin")
-#: class order of bccd-relabel and txl-external (their classes.txt) and smear's group order
+#: class order of bccd-relabel and txl-external (their classes.txt); smear writes its own, GROUPS
 _EXTERNAL_ORDER = ("WBC", "RBC", "Platelets")
-_GROUPS = ("RBC", "WBC", "Platelets")
 #: median RBC box side in BCCD's relabelled fields (bccd-relabel, 4,204 RBCs): smear's detection scale
 RBC_DIAMETER_PX = 97.5
 
@@ -52,15 +53,8 @@ def content_split(data: bytes, val_fraction: float) -> str:
 
 
 def _read_external_labels(path: Path, width: int, height: int) -> tuple:
-    boxes = []
-    for line in path.read_text().splitlines():
-        p = line.split()
-        if len(p) < 5:
-            continue
-        label = _EXTERNAL_ORDER[int(p[0])]
-        cx, cy, w, h = (float(v) for v in p[1:5])
-        boxes.append((label, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height))
-    return tuple(boxes)
+    parsed = (parse_yolo_line(line, (width, height)) for line in path.read_text().splitlines())
+    return tuple((_EXTERNAL_ORDER[c], *box) for c, box, _ in (p for p in parsed if p is not None))
 
 
 def list_fields(shared: Path, val_fraction: float = 0.2) -> list[Field]:
@@ -86,11 +80,6 @@ def list_fields(shared: Path, val_fraction: float = 0.2) -> list[Field]:
             fields.append(Field(image, row["source"], split,
                                 _read_external_labels(lbl, int(row["width"]), int(row["height"]))))
     return fields
-
-
-def median_rbc_px(boxes) -> float | None:
-    sides = [((x2 - x1) + (y2 - y1)) / 2 for g, x1, y1, x2, y2 in boxes if g == "RBC"]
-    return statistics.median(sides) if sides else None
 
 
 def source_scale(fields: list[Field]) -> dict[str, float]:
@@ -131,14 +120,14 @@ def write_yolo_set(fields: list[Field], out: Path, exclude: tuple[str, ...] = ()
         (out / "images" / f.split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / f.split).mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out / "images" / f.split / f"{name}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        lines = []
+        boxes, classes = [], []
         for g, x1, y1, x2, y2 in f.boxes:
             x1, x2 = np.clip([x1, x2], 0, w)
             y1, y2 = np.clip([y1, y2], 0, h)
-            if x2 - x1 < 1 or y2 - y1 < 1:
-                continue
-            lines.append(f"{_GROUPS.index(g)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
-                         f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+            if x2 - x1 >= 1 and y2 - y1 >= 1:
+                boxes.append((x1, y1, x2, y2))
+                classes.append(GROUPS.index(g))
+        lines = yolo_lines(boxes, classes, (w, h))
         (out / "labels" / f.split / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
         rows.append({"image": name, "source": f.source, "split": f.split, "scale": k, "boxes": len(lines)})
     with open(out / "fields.csv", "w", newline="") as fh:
@@ -147,6 +136,6 @@ def write_yolo_set(fields: list[Field], out: Path, exclude: tuple[str, ...] = ()
         w_.writerows(rows)
     data = out / "data.yaml"
     data.write_text(yaml.safe_dump({"path": str(out.resolve()), "train": "images/train", "val": "images/val",
-                                    "names": dict(enumerate(_GROUPS))}, sort_keys=False))
+                                    "names": dict(enumerate(GROUPS))}, sort_keys=False))
     log.info("wrote %d fields to %s (scales %s)", len(rows), out, scales)
     return data

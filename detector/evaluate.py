@@ -46,7 +46,7 @@ def evaluate_detector(weights: str | Path | None = None, split: str = "test", da
     res = model.val(data=str(data_yaml), split=split, imgsz=size, batch=8, conf=conf, iou=iou, device=device,
                     plots=True, project=str(out.parent), name=out.name, exist_ok=True, verbose=False)
     metrics = {
-        "split": split, "weights": str(info.weights), "imgsz": size, "images": _count_images(data_yaml, split),
+        "split": split, "weights": str(info.weights), "imgsz": size, "images": count_images(data_yaml, split),
         **_box_metrics(res),
         # ultralytics' matrix: rows are predictions, columns ground truth, at the validation conf.
         "confusion_matrix": {"labels": list(GROUPS) + ["background"], "rows": "predicted", "columns": "true",
@@ -134,7 +134,8 @@ def ignoring_validator(ignore: dict[str, set[int]]):
     return IgnoringValidator
 
 
-def _count_images(data_yaml: Path, split: str) -> int:
+def count_images(data_yaml: Path, split: str) -> int:
+    """How many images a split of a YOLO set holds (0 for a split it does not name)."""
     import yaml
 
     from smear.data.images import IMAGE_SUFFIXES
@@ -155,17 +156,23 @@ def _model_folder(weights: str | Path | None) -> Path:
     return folder
 
 
+def _stamp(command: str) -> dict:
+    """What a card section records about the run that measured it: command, date and commit."""
+    import time
+
+    from smear.configs.paths import git_commit
+
+    return {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
+
+
 def record_metrics(weights: str | Path | None, metrics: dict, command: str) -> Path:
     """Write evaluation metrics into the evaluated model folder's card (``<split>_metrics``, and
     ``<split>_metrics_audited`` when the split has audited labels), with the command, date and commit."""
-    import time
-
     from smear.configs.modelcard import ModelCard
-    from smear.configs.paths import git_commit
 
     folder = _model_folder(weights)
     split = metrics["split"]
-    stamp = {"command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
+    stamp = _stamp(command)
     card = ModelCard.read(folder)
     card.set(f"{split}_metrics", {**stamp, **{k: v for k, v in metrics.items() if k not in ("audited", "plots")}})
     if metrics.get("audited"):
@@ -175,21 +182,15 @@ def record_metrics(weights: str | Path | None, metrics: dict, command: str) -> P
 
 def count_labels(data_yaml: Path, split: str) -> tuple[list[Path], np.ndarray]:
     """The images of a YOLO split and their labelled cells per group, shape (images, groups)."""
-    import yaml
+    from smear.data.formats import read_yolo
+    from smear.data.taxonomy import group_of
 
-    from smear.data.images import IMAGE_SUFFIXES
-
-    cfg = yaml.safe_load(Path(data_yaml).read_text())
-    root = Path(cfg.get("path") or Path(data_yaml).parent)
-    images = sorted(p for p in (root / cfg[split]).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    counts = np.zeros((len(images), len(GROUPS)), int)
-    for i, img in enumerate(images):
-        lbl = root / "labels" / img.relative_to(root / "images").parent / f"{img.stem}.txt"
-        if lbl.is_file():
-            for line in lbl.read_text().splitlines():
-                if line.split():
-                    counts[i, int(line.split()[0])] += 1
-    return images, counts
+    fields = [ai for ai in read_yolo(Path(data_yaml)) if ai.split == split]
+    counts = np.zeros((len(fields), len(GROUPS)), int)
+    for i, ai in enumerate(fields):
+        for b in ai.boxes:
+            counts[i, GROUPS.index(group_of(b.label))] += 1
+    return [Path(ai.image_path) for ai in fields], counts
 
 
 def choose_thresholds(weights: str | Path | None = None, split: str = "val", data: str | Path | None = None,
@@ -233,16 +234,13 @@ def choose_thresholds(weights: str | Path | None = None, split: str = "val", dat
 def record_thresholds(weights: str | Path | None, res: dict, command: str) -> Path:
     """Write :func:`choose_thresholds`' choice into the model folder's card: ``operating_thresholds`` (what the
     pipeline counts with) and ``operating_thresholds_choice`` (how, on what, and the count error there)."""
-    import time
-
     from smear.configs.modelcard import ModelCard
-    from smear.configs.paths import git_commit
 
     folder = _model_folder(weights)
     card = ModelCard.read(folder)
     card.set("operating_thresholds", res["operating_thresholds"])
     card.set("operating_thresholds_choice", {
-        "command": command, "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+        **_stamp(command),
         **{k: res[k] for k in ("split", "data", "images", "rule")},
         "count_mae": {g: r["count_mae"] for g, r in res["chosen"].items()}})
     return card.write(folder)

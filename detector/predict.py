@@ -296,23 +296,21 @@ class Detector:
         found = dict(zip(native, self.predict([images_rgb[i] for i in native], conf, iou))) if native else {}
         for i, img in enumerate(images_rgb):
             size = (img.shape[1], img.shape[0])
-            det = found[i] if i in found else self.predict([img], conf, iou, scale=first[i])[0]
-            measured = median_rbc_side(det, size)
+            first_pass = found[i] if i in found else self.predict([img], conf, iou, scale=first[i])[0]
+            measured = median_rbc_side(first_pass, size)
             probes = [k for k in AUTO_SCALE_PROBES if k != first[i]]
             while measured is None and probes:  # too few RBCs: try cells of another size
-                det = self.predict([img], conf, iou, scale=probes.pop(0) * first[i])[0]
-                measured = median_rbc_side(det, size)
+                measured = median_rbc_side(self.predict([img], conf, iou, scale=probes.pop(0) * first[i])[0], size)
             if measured is None:
-                base = found[i] if i in found else self.predict([img], conf, iou, scale=first[i])[0]
-                base.warning = (f"no scale between x{min(AUTO_SCALE_PROBES) * first[i]:g} and "
-                                f"x{max(AUTO_SCALE_PROBES) * first[i]:g} found RBCs to measure; detected as it is "
-                                f"(x{first[i]:g}); give --scale or --pixel-size-um")
-                out[i] = base
+                first_pass.warning = (f"no scale between x{min(AUTO_SCALE_PROBES) * first[i]:g} and "
+                                      f"x{max(AUTO_SCALE_PROBES) * first[i]:g} found RBCs to measure; detected as it "
+                                      f"is (x{first[i]:g}); give --scale or --pixel-size-um")
+                out[i] = first_pass
                 continue
             k = target / measured
-            if first[i] == 1.0 and i in found and abs(np.log(k)) <= np.log(AUTO_SCALE_TOLERANCE):
-                det, k = found[i], 1.0
-            elif not (det.scale == k):
+            if first[i] == 1.0 and abs(np.log(k)) <= np.log(AUTO_SCALE_TOLERANCE):
+                det, k = first_pass, 1.0
+            else:
                 det = self.predict([img], conf, iou, scale=k)[0]
             det.scale, det.rbc_diameter_px = float(k), round(measured, 1)
             out[i] = det

@@ -82,14 +82,14 @@ def describe_split(data_yaml: Path) -> dict:
 
     import yaml
 
-    from smear.data.images import IMAGE_SUFFIXES
+    from .evaluate import count_images
 
     cfg = yaml.safe_load(Path(data_yaml).read_text())
     root = Path(cfg.get("path") or Path(data_yaml).parent)
     out: dict = {"data": str(data_yaml)}
     for split in ("train", "val", "test"):
-        if cfg.get(split) and isinstance(cfg[split], str) and (root / cfg[split]).is_dir():
-            out[f"{split}_images"] = sum(1 for p in (root / cfg[split]).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if n := count_images(data_yaml, split):
+            out[f"{split}_images"] = n
     fields = root / "fields.csv"
     if fields.is_file():
         with open(fields, newline="") as f:

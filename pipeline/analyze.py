@@ -369,7 +369,7 @@ class SlideTotals:
         self.unplaced_wbc = 0
         self.rbc_diameters_px = array("d")
         self.morphology_labels: Counter[str] = Counter()
-        self.rbc_coverages: list[float] = []
+        self.rbc_coverage_sum, self.rbc_coverage_fields = 0.0, 0  # running mean: memory stays flat
 
     @property
     def n_fields(self) -> int:
@@ -386,12 +386,13 @@ class SlideTotals:
         self.rbc_diameters_px.extend(rbc_diameters_px(result.cells))
         self.morphology_labels.update(c.morphology["label"] for c in result.cells if c.morphology)
         if result.rbc_coverage is not None:
-            self.rbc_coverages.append(result.rbc_coverage)
+            self.rbc_coverage_sum += result.rbc_coverage
+            self.rbc_coverage_fields += 1
 
     @property
     def rbc_coverage(self) -> float | None:
         """Mean RBC coverage over the slide's fields (None when no field had red-cell pixels)."""
-        return round(sum(self.rbc_coverages) / len(self.rbc_coverages), 4) if self.rbc_coverages else None
+        return round(self.rbc_coverage_sum / self.rbc_coverage_fields, 4) if self.rbc_coverage_fields else None
 
 
 def count_unplaced_wbc(cells: Iterable[Cell], low_confidence_wbc: float) -> int:

@@ -7,7 +7,6 @@ capture mode or a calibration say so and are skipped without it. Too few cells g
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterable
 
 from smear.data.taxonomy import MORPHOLOGY_CLASSES, SUBTYPES
@@ -38,7 +37,7 @@ def _evidence(counts: dict[str, int], n_fields: int, **extra: Any) -> dict[str, 
 
 
 def incomplete_rbc_flag(name: str, rule: str, rbc_coverage: float | None, counts: dict[str, int],
-                        n_fields: int) -> list[Flag]:
+                        n_fields: int, capture_mode: str = "any") -> list[Flag]:
     """One 'insufficient evidence' flag when the RBCs were found too incompletely for a flag that rests on them."""
     if rbc_coverage is None or rbc_coverage >= MIN_RBC_COVERAGE:
         return []
@@ -46,7 +45,7 @@ def incomplete_rbc_flag(name: str, rule: str, rbc_coverage: float | None, counts
                  f"{rbc_coverage:.0%} covered", _evidence(counts, n_fields, rbc_coverage=rbc_coverage),
                  "Many red cells were not found (touching or clumped cells, or fields unlike the detector's training "
                  "fields), so the RBC count under this ratio is too low and the ratio would mislead. "
-                 + DECISION_SUPPORT)]
+                 + DECISION_SUPPORT, capture_mode)]
 
 
 def platelet_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig,
@@ -111,8 +110,8 @@ def wbc_count_flags(counts: dict[str, int], n_fields: int, cfg: PipelineConfig,
     if rbc < cfg.min_rbc_for_ratio:
         return [Flag("wbc_ratio", "insufficient evidence", rule, f">= {cfg.min_rbc_for_ratio} RBC needed",
                      f"{rbc} RBC, {wbc} WBC", _evidence(counts, n_fields), caveat, "random")]
-    if incomplete := incomplete_rbc_flag("wbc_ratio", rule, rbc_coverage, counts, n_fields):
-        return [dataclasses.replace(f, capture_mode="random") for f in incomplete]
+    if incomplete := incomplete_rbc_flag("wbc_ratio", rule, rbc_coverage, counts, n_fields, "random"):
+        return incomplete
     ratio = 1000 * wbc / rbc
     lo, hi = WBC_PER_1000_RBC
     if ratio > hi or ratio < lo:
