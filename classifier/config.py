@@ -16,7 +16,10 @@ BACKBONES = ("resnet50", "efficientnet_lite0", "mobilenet_v2")
 class ClassifierConfig:
     """Training settings of the crop classifier. The study's recipe is the default head and schedule."""
 
-    manifest: str = param("runs/prepared/bccd/crops/manifest.csv", "crop manifest written by 'smear data prepare'")
+    manifest: str = param("runs/prepared/bccd/crops/manifest.csv", "crop manifest(s) from 'smear data prepare' or "
+                          "'smear data pbc', comma-separated to train across labs")
+    exclude_sources: str = param("", "leave out the rows of these sources (comma-separated, e.g. 'pbc'): "
+                                 "leave-one-lab-out training")
     classes: str = param("cells", "what the model names: 'cells' (RBC, Platelets and the 5 WBC subtypes) or "
                          "'subtypes' (the 5 WBC subtypes of a cell known to be a WBC)", choices=("cells", "subtypes"))
     backbone: str = param("efficientnet_lite0", "feature extractor", choices=BACKBONES)
@@ -31,6 +34,11 @@ class ClassifierConfig:
     hue_jitter: float = param(0.02, "stain hue jitter (fraction of the hue circle)", range=(0.0, 0.5))
     saturation_jitter: float = param(0.2, "stain saturation jitter (+/- fraction)", range=(0.0, 1.0))
     brightness_jitter: float = param(0.2, "brightness / contrast jitter (+/- fraction)", range=(0.0, 1.0))
+    stain_hed: float = param(0.0, "HED stain jitter: each haematoxylin / eosin / DAB channel scaled by 1 +/- this and "
+                             "shifted by +/- this / 2 (Tellez et al. 2019); 0 off", range=(0.0, 1.0))
+    blur: float = param(0.0, "probability of a Gaussian blur (sigma 0.3-1.5 crop px): focus differs between "
+                        "microscopes", range=(0.0, 1.0))
+    jpeg: float = param(0.0, "probability of JPEG re-compression at quality 30-90", range=(0.0, 1.0))
     head_hidden: int = param(128, "units of the dense layer after global average pooling", range=(8, 4096))
     dropout: float = param(0.5, "dropout before the output layer", range=(0.0, 0.95))
     frozen_epochs: int = param(2, "phase 1: epochs with the backbone frozen", range=(0, 1000))

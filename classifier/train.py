@@ -52,10 +52,44 @@ def stain_jitter(crop: np.ndarray, hue: float, saturation: float, brightness: fl
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+# Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB), as in scikit-image's rgb2hed
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
+_RGB_FROM_HED /= np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+
+def hed_jitter(crop: np.ndarray, sigma: float, rng: random.Random) -> np.ndarray:
+    """HED colour augmentation: the crop's optical density split into stain channels, each scaled by 1 + U(-sigma,
+    sigma) and shifted by U(-sigma, sigma) / 2, then recombined (Tellez et al., IEEE TMI 2018/2019)."""
+    od = -np.log(np.maximum(crop.astype(np.float32), 1.0) / 255.0)
+    hed = od.reshape(-1, 3) @ _HED_FROM_RGB
+    alpha = np.array([1 + rng.uniform(-sigma, sigma) for _ in range(3)], np.float32)
+    beta = np.array([rng.uniform(-sigma, sigma) / 2 for _ in range(3)], np.float32)
+    od = np.maximum((hed * alpha + beta) @ _RGB_FROM_HED, 0.0)
+    return np.clip(255.0 * np.exp(-od), 0, 255).reshape(crop.shape).astype(np.uint8)
+
+
+def blur_and_jpeg(crop: np.ndarray, blur: float, jpeg: float, rng: random.Random) -> np.ndarray:
+    """With probability ``blur`` a Gaussian blur (sigma 0.3-1.5 px), with probability ``jpeg`` a JPEG round trip at
+    quality 30-90: the focus and compression of other labs' cameras."""
+    import cv2
+
+    if blur and rng.random() < blur:
+        crop = cv2.GaussianBlur(crop, (0, 0), rng.uniform(0.3, 1.5))
+    if jpeg and rng.random() < jpeg:
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(crop), [cv2.IMWRITE_JPEG_QUALITY, rng.randint(30, 90)])
+        if ok:
+            crop = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return crop
+
+
 def _flip_and_stain(crop: np.ndarray, cfg: ClassifierConfig | MorphologyConfig, rng: random.Random) -> np.ndarray:
     if cfg.flip and rng.random() < 0.5:
         crop = crop[:, ::-1]
-    return stain_jitter(crop, cfg.hue_jitter, cfg.saturation_jitter, cfg.brightness_jitter, rng)
+    if getattr(cfg, "stain_hed", 0.0):
+        crop = hed_jitter(crop, cfg.stain_hed, rng)
+    crop = stain_jitter(crop, cfg.hue_jitter, cfg.saturation_jitter, cfg.brightness_jitter, rng)
+    return blur_and_jpeg(crop, getattr(cfg, "blur", 0.0), getattr(cfg, "jpeg", 0.0), rng)
 
 
 def augmented_crop(image: np.ndarray, box: tuple[float, float, float, float], cfg: ClassifierConfig,
@@ -115,23 +149,46 @@ def class_weights(labels: list[str], classes: Sequence[str], power: float) -> di
     return {c: counts[c] ** -power for c in classes}
 
 
-def optimise_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module, batches, device: str,
+def set_valued_loss(logits: torch.Tensor, allowed: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against a set of allowed classes per sample: ``-log sum_{c allowed} p_c``.
+
+    One allowed class is plain cross-entropy (with PyTorch's label smoothing, same value); a group-only label such
+    as ``WBC`` (Raabin's WBCs carry no subtype) allows every subtype, so it teaches the group and leaves the share
+    among subtypes to the labelled cells."""
+    logp = torch.log_softmax(logits, dim=1)
+    nll = -torch.logsumexp(logp.masked_fill(~allowed, float("-inf")), dim=1)
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(1)
+    return nll.mean()
+
+
+def allowed_classes(label: str, classes: Sequence[str]) -> list[bool]:
+    """The classes a training label allows: itself, or for the group label ``WBC`` every WBC subtype."""
+    if label in classes:
+        return [c == label for c in classes]
+    if label == "WBC":
+        return [c in SUBTYPES for c in classes]
+    raise SmearError(f"training label {label!r} is neither a class of the model ({', '.join(classes)}) nor 'WBC'")
+
+
+def optimise_epoch(net: nn.Module, opt: torch.optim.Optimizer, label_smoothing: float, batches, device: str,
                    sched=None) -> tuple[float, float]:
-    """One epoch of optimisation steps over ``(inputs, label indices)`` batches; returns (mean loss, accuracy)."""
+    """One epoch of optimisation steps over ``(inputs, allowed-class masks)`` batches; returns (mean loss, accuracy:
+    the share whose top class is allowed)."""
     run_loss, run_correct, seen = 0.0, 0, 0
-    for x, labels in batches:
+    for x, allowed in batches:
         x = x.to(device)
-        y = torch.tensor(labels, device=device)
+        allowed = torch.as_tensor(np.asarray(allowed), device=device)
         logits = net(x)
-        loss = loss_fn(logits, y)
+        loss = set_valued_loss(logits, allowed, label_smoothing)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        run_loss += loss.item() * len(y)
-        run_correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
+        run_loss += loss.item() * len(x)
+        run_correct += int(allowed.gather(1, logits.argmax(1, keepdim=True)).sum())
+        seen += len(x)
     return run_loss / max(seen, 1), run_correct / max(seen, 1)
 
 
@@ -156,12 +213,12 @@ def fit(net: CellClassifier, classes: Sequence[str], items: Sequence[Any], label
     ckpt = run_dir / "last.pt"
     rng = random.Random(loop.seed)
     torch.manual_seed(loop.seed)
-    weights = class_weights(labels, classes, loop.balance_power)
+    weights = class_weights(labels, sorted(set(labels), key=lambda c: (c not in classes, c)), loop.balance_power)
     sample_p = np.array([weights[lab] for lab in labels])
     sample_p /= sample_p.sum()
-    targets = [classes.index(lab) for lab in labels]
+    masks = {lab: allowed_classes(lab, classes) for lab in set(labels)}
+    targets = [masks[lab] for lab in labels]
     steps = max(1, loop.samples_per_epoch // loop.batch)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=loop.label_smoothing)
     total_epochs = loop.frozen_epochs + loop.epochs
     clock = {"start": time.time(), "before": 0.0}
 
@@ -219,7 +276,7 @@ def fit(net: CellClassifier, classes: Sequence[str], items: Sequence[Any], label
         idx = np.random.default_rng([loop.seed, epoch]).choice(len(items), size=steps * loop.batch, p=sample_p)
         batches = (idx[s * loop.batch:(s + 1) * loop.batch] for s in range(steps))
         train_loss, train_acc = optimise_epoch(
-            net, opt, loss_fn, ((to_tensor([make_crop(items[i], rng) for i in b]), [targets[i] for i in b])
+            net, opt, loop.label_smoothing, ((to_tensor([make_crop(items[i], rng) for i in b]), [targets[i] for i in b])
                                 for b in batches), loop.device, sched)
         net.eval()
         entry: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "lr": opt.param_groups[0]["lr"],
@@ -292,9 +349,23 @@ def save_run(run_dir: Path, net: CellClassifier, card: dict, result: dict) -> Pa
 
 # ---------------------------------------------------------------- tasks
 
-def model_classes(cfg: ClassifierConfig) -> tuple[str, ...]:
-    """The classes a model trained with ``cfg`` names."""
-    return SUBTYPES if cfg.classes == "subtypes" else CELL_CLASSES
+def model_classes(cfg: ClassifierConfig, rows: Sequence[CropRow] | None = None) -> tuple[str, ...]:
+    """The classes a model trained with ``cfg`` names: those of its task that the training ``rows`` hold (a BCCD-only
+    model names no immature granulocyte), in the taxonomy's order."""
+    classes = SUBTYPES if cfg.classes == "subtypes" else CELL_CLASSES
+    if rows is None:
+        return classes
+    present = {r.label for r in rows}
+    return tuple(c for c in classes if c in present)
+
+
+def read_training_rows(cfg: ClassifierConfig) -> list[CropRow]:
+    """The rows of every manifest of ``cfg`` whose label is one of the task's classes (for ``cells``, group-only
+    ``WBC`` rows too: they train the group through :func:`set_valued_loss`), less ``exclude_sources``."""
+    classes = SUBTYPES if cfg.classes == "subtypes" else CELL_CLASSES + ("WBC",)
+    excluded = {s.strip().lower() for s in cfg.exclude_sources.split(",") if s.strip()}
+    rows = [r for m in cfg.manifest.split(",") if m.strip() for r in read_manifest(resolve_path(m.strip()), classes)]
+    return [r for r in rows if r.source not in excluded]
 
 
 def train(cfg: ClassifierConfig | MorphologyConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -313,15 +384,16 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = False, train_rows: li
     splits (cross-validation).
     """
     torch.set_num_threads(cfg.threads)
-    classes = model_classes(cfg)
     if train_rows is None:
-        rows = read_manifest(resolve_path(cfg.manifest), classes)
+        rows = read_training_rows(cfg)
         want = ("train", "val") if cfg.train_split == "trainval" else ("train",)
         train_rows = [r for r in rows if r.split in want]
         val_rows = [r for r in rows if r.split == "val"] if cfg.val_split == "val" and cfg.train_split != "trainval" else []
     val_rows = val_rows or []
     if not train_rows:
         raise SmearError("no training crops: check the manifest's split and label columns")
+    classes = model_classes(cfg, train_rows)
+    val_rows = [r for r in val_rows if r.label in classes]
     overlap = {r.image_id for r in train_rows} & {r.image_id for r in val_rows}
     if overlap:
         raise SmearError(f"{len(overlap)} source images have crops in both train and val (e.g. {sorted(overlap)[0]}); "
@@ -342,9 +414,13 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = False, train_rows: li
     card = {
         "kind": "classifier", "task": task_of(cfg), "classes": list(classes), "config": config_to_dict(cfg),
         "title": f"Classifier {cfg.name} ({task_of(cfg)})",
-        "data": {"manifest": str(resolve_path(cfg.manifest)), "train_crops": len(train_rows), "val_crops": len(val_rows),
+        "data": {"manifest": [str(resolve_path(m.strip())) for m in cfg.manifest.split(",") if m.strip()],
+                 "sources": sorted({r.source for r in train_rows}), "excluded_sources": cfg.exclude_sources,
+                 "train_crops": len(train_rows), "val_crops": len(val_rows),
                  "train_images": len({r.image_id for r in train_rows}), "val_images": len({r.image_id for r in val_rows}),
-                 "train_counts": {c: sum(1 for r in train_rows if r.label == c) for c in classes}},
+                 "train_counts": {c: sum(1 for r in train_rows if r.label == c) for c in classes},
+                 "train_counts_by_source": {s: {c: sum(1 for r in train_rows if r.label == c and r.source == s)
+                                                for c in classes} for s in sorted({r.source for r in train_rows})}},
         "split": f"train on '{cfg.train_split}', choose on '{cfg.val_split}' (by source image; test never used)",
     }
     return save_run(run_dir, net, card, result)

@@ -82,18 +82,25 @@ class CropRow:
     label: str
     split: str
     image_id: str
+    source: str = ""  # the lab / data set (manifest column ``source``), for leave-one-lab-out
 
 
 def read_manifest(path: Path, classes: Sequence[str] = CELL_CLASSES) -> list[CropRow]:
-    """Rows of a crop manifest whose label is one of ``classes`` (plain 'WBC' rows are left out of cell classes)."""
+    """Rows of a crop manifest whose label is one of ``classes`` (plain 'WBC' rows are left out of cell classes).
+
+    A manifest without a ``source`` column (written before it existed) names its rows' source after the set's
+    folder (``runs/prepared/bccd/crops/manifest.csv`` -> ``bccd``)."""
     if not Path(path).is_file():
         raise SmearError(f"{path}: crop manifest not found; make it with 'smear data prepare'")
     rows = []
+    folder = Path(path).resolve().parent
+    default_source = (folder.parent.name if folder.name == "crops" else folder.name).lower()
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
             if r["label"] in classes:
                 rows.append(CropRow(r["source_image"], (float(r["x1"]), float(r["y1"]), float(r["x2"]), float(r["y2"])),
-                                    r["label"], r["split"], r.get("image_id") or r["source_image"]))
+                                    r["label"], r["split"], r.get("image_id") or r["source_image"],
+                                    r.get("source") or default_source))
     return rows
 
 

@@ -71,11 +71,13 @@ def prepare_dataset(sources: list[Path], out: Path, cfg: DataConfig, images: Pat
     import yaml
 
     all_images: list[AnnotatedImage] = []
+    source_of: dict[str, str] = {}  # image id -> the source folder's name (the lab, for leave-one-lab-out)
     for i, src in enumerate(sources):
         items = read_source(Path(src), images)
         if len(sources) > 1:  # keep ids unique when merging several sources
             for ai in items:
                 ai.image_id = f"src{i}/{ai.image_id}"
+        source_of.update({ai.image_id: Path(src).resolve().name.lower() for ai in items})
         all_images.extend(items)
     subtypes = read_subtypes(subtypes_csv) if subtypes_csv and Path(subtypes_csv).is_file() else {}
     assign_splits(all_images, cfg)
@@ -136,7 +138,7 @@ def prepare_dataset(sources: list[Path], out: Path, cfg: DataConfig, images: Pat
             manifest.append({
                 "crop_path": str(crop_rel), "source_image": str(Path(ai.image_path).resolve()), "image_id": ai.image_id,
                 "x1": round(b.x1, 2), "y1": round(b.y1, 2), "x2": round(b.x2, 2), "y2": round(b.y2, 2),
-                "label": b.label, "group": g, "split": ai.split,
+                "label": b.label, "group": g, "split": ai.split, "source": source_of.get(ai.image_id, ""),
             })
         (yolo / "labels" / ai.split / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
 
@@ -148,7 +150,7 @@ def prepare_dataset(sources: list[Path], out: Path, cfg: DataConfig, images: Pat
         wr = csv.writer(f)
         wr.writerow(["image", "split", "class", "reason"])
         wr.writerows(incomplete)
-    fields = ["crop_path", "source_image", "image_id", "x1", "y1", "x2", "y2", "label", "group", "split"]
+    fields = ["crop_path", "source_image", "image_id", "x1", "y1", "x2", "y2", "label", "group", "split", "source"]
     with open(crops / "manifest.csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=fields)
         wr.writeheader()

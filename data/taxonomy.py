@@ -5,18 +5,26 @@ from __future__ import annotations
 GROUPS = ("RBC", "WBC", "Platelets")
 
 
-SUBTYPES = ("Neutrophil", "Eosinophil", "Lymphocyte", "Monocyte", "Basophil")
+# The WBC differential's classes: the five mature subtypes and immature granulocytes (promyelocytes, myelocytes,
+# metamyelocytes), which count inside the differential as manual and automated differentials count them.
+SUBTYPES = ("Neutrophil", "Eosinophil", "Lymphocyte", "Monocyte", "Basophil", "ImmatureGranulocyte")
+
+# Nucleated RBCs (erythroblasts): found by the detector among the nucleated cells (its WBC group), named by the
+# classifier, kept out of the differential and reported per 100 WBCs.
+NRBC = "Erythroblast"
 
 
-CELL_CLASSES = ("RBC", "Platelets") + SUBTYPES
+CELL_CLASSES = ("RBC", "Platelets") + SUBTYPES + (NRBC,)
 
 
-_NAME_ALIASES = {"rbc": "RBC", "wbc": "WBC", "platelets": "Platelets", "platelet": "Platelets", "plt": "Platelets"}
+_NAME_ALIASES = {"rbc": "RBC", "wbc": "WBC", "platelets": "Platelets", "platelet": "Platelets", "plt": "Platelets",
+                 "ig": "ImmatureGranulocyte", "immature_granulocyte": "ImmatureGranulocyte",
+                 "immature granulocyte": "ImmatureGranulocyte", "nrbc": NRBC, "nucleated_rbc": NRBC}
 
 
 def group_of(label: str) -> str:
     """The detector group (RBC, WBC, Platelets) of a cell label."""
-    if label in SUBTYPES or label == "WBC":
+    if label in SUBTYPES or label in ("WBC", NRBC):
         return "WBC"
     return label
 

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from smear.configs.errors import SmearError
 from smear.data.formats import yolo_lines
 from smear.data.images import IMAGE_SUFFIXES, expand_inputs
-from smear.data.taxonomy import GROUPS, SUBTYPES
+from smear.data.taxonomy import GROUPS, NRBC, SUBTYPES
 
 from .config import PipelineConfig
 from .progress import progress_bar
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("voc", "yolo", "coco")
 # "WBC" closes the subtype list: a WBC the classifier gave no subtype (only with a classifier
 # trained without subtypes); reviewers may also use it for "WBC, subtype unsure".
-LABEL_SETS: dict[str, tuple[str, ...]] = {"groups": GROUPS, "subtypes": ("RBC", "Platelets", *SUBTYPES, "WBC")}
+LABEL_SETS: dict[str, tuple[str, ...]] = {"groups": GROUPS, "subtypes": ("RBC", "Platelets", *SUBTYPES, NRBC, "WBC")}
 MANIFEST_NAME = "annotate_manifest.csv"
 COCO_NAME = "annotations.json"
 YOLO_CLASSES_NAME = "classes.txt"
@@ -104,7 +104,7 @@ def _label_of(cell, labels: str) -> str:
     if labels == "groups":
         return cell.group
     if cell.group == "WBC":
-        return cell.label if cell.label in SUBTYPES else "WBC"
+        return cell.label if cell.label in SUBTYPES or cell.label == NRBC else "WBC"
     return cell.group
 
 

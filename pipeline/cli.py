@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from smear.configs.errors import SmearError
+from smear.data.taxonomy import SUBTYPES
 
 from .cli_stages import _fail, _load, classifier_app, data_app, detector_app
 
@@ -148,7 +149,10 @@ def analyze(
         for s in batch.slides:
             flags = ", ".join(f"{f.name} ({f.severity})" for f in s.flags) or "none"
             d = s.differential
-            diff = ", ".join(f"{k[:3]} {d[k]['percent']}%" for k in d if k != "n_wbc" and d[k]["percent"] is not None)
+            diff = ", ".join(f"{'IG' if k == 'ImmatureGranulocyte' else k[:3]} {d[k]['percent']}%" for k in SUBTYPES
+                             if (d.get(k) or {}).get("percent") is not None)
+            if (d.get("nrbc_per_100_wbc") or {}).get("count"):
+                diff += f"; NRBC {d['nrbc_per_100_wbc']['per_100_wbc']} per 100 WBCs"
             typer.echo(f"slide {s.slide}: {s.n_fields} fields, counts {s.counts}; differential (n={d['n_wbc']}) "
                        f"{diff or '-'}; flags: {flags}")
         if output:

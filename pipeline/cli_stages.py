@@ -139,6 +139,39 @@ def data_add_points(
     typer.echo(f"written: {data_yaml} (per field: {data_yaml.parent / 'point_fields_train.csv'})")
 
 
+@data_app.command("pbc")
+def data_pbc(
+    source: Path = typer.Option(Path("../shared/data/pbc"), "--source", help="PBC folder (labels.csv, <class>/*.jpg)"),
+    out: Path = typer.Option(Path("runs/prepared/pbc"), "--out", help="output folder (gets manifest.csv)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="detector that boxes the centred cells "
+                                          "(default: shipped)"),
+    scale: str = typer.Option("auto", "--scale", help="'auto', or the resize factor to the detector's training scale"),
+    limit: int = typer.Option(0, "--limit", help="at most this many images per class (0: all)"),
+    fields: bool = typer.Option(True, "--fields/--no-fields", help="add the boxed cells of txl-external's PBC and "
+                                "Raabin fields (RBCs, platelets; Raabin WBCs as group-only 'WBC' rows)"),
+) -> None:
+    """Box the centred cell of every PBC image and write a crop manifest for the classifier (content-hashed splits).
+
+    Example: smear data pbc --out runs/prepared/pbc
+    """
+    from smear.configs.paths import resolve_path
+    from smear.data.complete import list_fields
+    from smear.data.pbc import build_pbc_manifest
+    from smear.detector.predict import Detector
+
+    det = Detector(weights)
+    k = scale if scale == "auto" else float(scale)
+    shared = resolve_path(str(source)).parent
+    path = build_pbc_manifest(resolve_path(str(source)), out, lambda rgb: det.predict([rgb], conf=0.05, scale=k)[0],
+                              limit=limit, fields=list_fields(shared) if fields else ())
+    import pandas as pd
+
+    m = pd.read_csv(path)
+    typer.echo(m.groupby(["label", "split"]).size().unstack(fill_value=0).to_string())
+    typer.echo(f"boxes: " + ", ".join(f"{k} {v}" for k, v in m["box_from"].value_counts().items()))
+    typer.echo(f"written: {path}")
+
+
 @data_app.command("pseudo-label")
 def data_pseudo_label(
     base: Path = typer.Option(Path("runs/prepared/bccd-chula/yolo"), "--base", help="YOLO set to start from"),
@@ -320,6 +353,34 @@ def classifier_train(
         _fail(f"--task {task} and task={values['task']}: give the task once")
     task = values.pop("task", task)
     folder = train(load_task_config(None if task is None else str(task), config, values), resume=resume)
+    typer.echo(f"model folder: {folder}")
+
+
+@classifier_app.command("adapt")
+def classifier_adapt(
+    cells_dir: Path = typer.Argument(..., help="CELLS_DIR/<class>/* cell images of your lab (class folder names as "
+                                     "smear names them, any case: neutrophil, lymphocyte, ig, erythroblast, ...)"),
+    output: Path = typer.Option(..., "--output", help="model folder to write (weights.pt, card.json, card.md)"),
+    base: Optional[str] = typer.Option(None, "--base", help="model folder to start from (default: the shipped one)"),
+    steps: int = typer.Option(150, "--steps", help="optimisation steps of 32 cells"),
+    seed: int = typer.Option(0, "--seed", help="random seed"),
+) -> None:
+    """Fine-tune the classifier on a lab's own labelled cells (minutes on a CPU); classes without a folder keep the
+    base model's knowledge. Use the result with 'smear classify --weights MODEL_DIR' or
+    'smear analyze --set classifier_weights=MODEL_DIR'.
+
+    Example: smear classifier adapt my_cells/ --output models/my-lab
+    """
+    from smear.classifier.adapt import AdaptConfig, adapt
+
+    if output.exists() and any(output.iterdir()):
+        _fail(f"{output}: folder exists and is not empty; choose a new --output")
+    folder = adapt(cells_dir, output, base, AdaptConfig(steps=steps, seed=seed))
+    card = json.loads((folder / "card.json").read_text())
+    used = card["adapt"]["cells_per_class"]
+    typer.echo(f"adapted on {sum(used.values())} cells: " + ", ".join(f"{c} {n}" for c, n in used.items()))
+    for bad in card["adapt"]["unreadable"]:
+        typer.echo(f"skipped: {bad}", err=True)
     typer.echo(f"model folder: {folder}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from smear.data.taxonomy import MORPHOLOGY_CLASSES, SUBTYPES
+from smear.data.taxonomy import MORPHOLOGY_CLASSES, NRBC, SUBTYPES
 
 from .config import PipelineConfig
 from .quality import MIN_RBC_COVERAGE
@@ -26,6 +26,9 @@ ABSOLUTE_LIMITS = {"Neutrophil": ("neutrophilia", 7700.0), "Lymphocyte": ("lymph
 HIGH_NAMES = {"Neutrophil": "neutrophil_percent_high", "Lymphocyte": "lymphocytosis_percent",
               "Monocyte": "monocyte_percent_high", "Eosinophil": "eosinophil_percent_high",
               "Basophil": "basophil_percent_high"}
+# Immature granulocytes are normally absent or below about 1% of WBCs; "a few percent or more" is a left shift.
+IG_PERCENT_HIGH = 2.0
+IG = "ImmatureGranulocyte"
 DECISION_SUPPORT = "Decision support only, not a diagnosis; confirm by manual review and a full blood count."
 
 
@@ -135,7 +138,7 @@ def differential_flags(counts: dict[str, int], differential: dict[str, Any], n_f
                      observed, _evidence(counts, n_fields, classified_wbc=n),
                      f"Only {count_noun(n, 'WBC')}: the evidence is thin; counts are shown with 95% confidence intervals. "
                      "A differential rests on at least 100 WBCs.")]
-    for s in SUBTYPES:
+    for s in DIFFERENTIAL_PERCENT:
         pct = differential[s]["percent"]
         lo, hi = DIFFERENTIAL_PERCENT[s]
         if pct is not None and pct > hi:
@@ -154,6 +157,48 @@ def differential_flags(counts: dict[str, int], differential: dict[str, Any], n_f
                                   f"{absolute:,.0f}/uL{extra}", _evidence(counts, n_fields, classified_wbc=n),
                                   "From a calibrated smear estimate. " + DECISION_SUPPORT, "random"))
     return flags
+
+
+def left_shift_flags(differential: dict[str, Any], counts: dict[str, int], n_fields: int,
+                     cfg: PipelineConfig) -> list[Flag]:
+    """Immature granulocytes (promyelocytes, myelocytes, metamyelocytes) above a few percent of the differential."""
+    n, ig = differential.get("n_wbc", 0), (differential.get(IG) or {}).get("count", 0)
+    if not ig:
+        return []
+    lo, hi = differential[IG]["ci95"]
+    rule = "immature granulocytes as a percent of the WBC differential (normally absent or below about 1%)"
+    observed = f"{count_noun(ig, 'immature granulocyte')} of {count_noun(n, 'WBC')} ({differential[IG]['percent']}%, " \
+               f"95% CI {lo}-{hi}%)"
+    caveat = ("A left shift is worth review (infection or inflammation, G-CSF, pregnancy, a myeloproliferative "
+              "process); look at the cells, since a band or a reactive cell can be named an immature granulocyte. "
+              + DECISION_SUPPORT)
+    ev = _evidence(counts, n_fields, classified_wbc=n, immature_granulocytes=ig)
+    if n < cfg.min_wbc_for_differential:
+        return [Flag("left_shift_pattern", "insufficient evidence", rule, f"> {IG_PERCENT_HIGH:g}% of >= "
+                     f"{cfg.min_wbc_for_differential} WBCs", observed, ev,
+                     f"Only {count_noun(n, 'WBC')}: too few for a percent; the immature granulocytes found are "
+                     "listed for review. " + caveat)]
+    if differential[IG]["percent"] > IG_PERCENT_HIGH:
+        return [Flag("left_shift_pattern", "warning", rule, f"> {IG_PERCENT_HIGH:g}%", observed, ev, caveat)]
+    return []
+
+
+def nrbc_flags(differential: dict[str, Any], counts: dict[str, int], n_fields: int) -> list[Flag]:
+    """Any nucleated RBC: normally none in adult blood (newborns have some)."""
+    nrbc = differential.get("nrbc_per_100_wbc") or {}
+    k = nrbc.get("count", 0)
+    if not k:
+        return []
+    n = differential.get("n_wbc", 0)
+    per100 = nrbc.get("per_100_wbc")
+    observed = count_noun(k, "nucleated RBC") + (f" ({per100} per 100 WBCs, {n} WBCs)" if per100 is not None
+                                                 else " (no WBC classified)")
+    thin = "One or two cells are thin evidence and may be misnamed lymphocytes or debris; look at them. " if k < 3 else ""
+    return [Flag("nrbc_present", "warning", "nucleated RBCs (erythroblasts) per 100 WBCs, outside the differential",
+                 "> 0 in an adult", observed, _evidence(counts, n_fields, nrbc=k, classified_wbc=n),
+                 thin + "NRBCs in an adult are worth review (marrow stress such as haemolysis, hypoxia or severe "
+                 "anaemia; marrow infiltration; asplenia); normal in newborns. They are not counted as WBCs here. "
+                 + DECISION_SUPPORT)]
 
 
 def unplaced_wbc_flag(n_unplaced: int, n_wbc: int, counts: dict[str, int], n_fields: int) -> list[Flag]:
@@ -198,6 +243,7 @@ def compute_flags(counts: dict[str, int], differential: dict[str, Any], n_fields
         wbc_estimate = counts.get("WBC", 0) / n_fields * cfg.wbc_factor_per_field
     return (platelet_flags(counts, n_fields, cfg, rbc_coverage) + wbc_count_flags(counts, n_fields, cfg, rbc_coverage)
             + differential_flags(counts, differential, n_fields, cfg, wbc_estimate)
+            + left_shift_flags(differential, counts, n_fields, cfg) + nrbc_flags(differential, counts, n_fields)
             + unplaced_wbc_flag(n_unplaced_wbc, counts.get("WBC", 0), counts, n_fields)
             + rbc_size_flags(mean_rbc_diameter_um, counts.get("RBC", 0), counts, n_fields, rbc_coverage))
 

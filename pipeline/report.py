@@ -20,14 +20,15 @@ import numpy as np
 
 from smear.configs.errors import ImageReadError, SmearError
 from smear.data.images import read_bgr
-from smear.data.taxonomy import SUBTYPES
+from smear.data.taxonomy import NRBC, SUBTYPES
 
 from .results import ImageResult, SlideResult
 
 # Colours (RGB) per final label, chosen to stay distinct on pink/purple stained fields.
 COLOURS = {
     "RBC": (220, 40, 40), "Platelets": (255, 200, 0), "Neutrophil": (0, 90, 255), "Eosinophil": (255, 110, 0),
-    "Lymphocyte": (0, 170, 60), "Monocyte": (150, 0, 200), "Basophil": (0, 200, 200), "WBC": (40, 40, 40),
+    "Lymphocyte": (0, 170, 60), "Monocyte": (150, 0, 200), "Basophil": (0, 200, 200),
+    "ImmatureGranulocyte": (255, 0, 140), "Erythroblast": (120, 60, 0), "WBC": (40, 40, 40),
 }
 SEVERITY_CLASS = {"critical": "crit", "warning": "warn"}  # the report's CSS class per flag severity (else "info")
 
@@ -245,7 +246,7 @@ def format_table(results: list[ImageResult]) -> str:
     return "\n".join([table_header(name_width), *(table_row(r, name_width) for r in results)])
 
 
-_TABLE_COLUMNS = ["RBC", "Platelets", *SUBTYPES]
+_TABLE_COLUMNS = ["RBC", "Platelets", *SUBTYPES, NRBC]
 
 
 def table_name_width(images: Iterable[str]) -> int:
@@ -255,7 +256,7 @@ def table_name_width(images: Iterable[str]) -> int:
 
 def table_header(name_width: int) -> str:
     short = {"Platelets": "PLT", "Neutrophil": "NEU", "Eosinophil": "EOS", "Lymphocyte": "LYM", "Monocyte": "MON",
-             "Basophil": "BAS"}
+             "Basophil": "BAS", "ImmatureGranulocyte": "IG", "Erythroblast": "NRBC"}
     return f"{'image':<{name_width}} " + " ".join(f"{short.get(c, c):>5}" for c in _TABLE_COLUMNS) + "  flags"
 
 

@@ -6,7 +6,7 @@ import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from smear.data.taxonomy import GROUPS, SUBTYPES
+from smear.data.taxonomy import GROUPS, NRBC, SUBTYPES
 
 
 @dataclass
@@ -73,12 +73,15 @@ def count_noun(n: int, noun: str) -> str:
 
 
 def count_cells(cells: list[Cell]) -> dict[str, int]:
-    """Counts per final label plus the three groups (RBC, WBC, Platelets)."""
-    counts = {c: 0 for c in ("RBC", "Platelets", *SUBTYPES, "WBC")}
+    """Counts per final label plus the three groups (RBC, WBC, Platelets).
+
+    Nucleated RBCs (``Erythroblast``) are counted apart and not as WBCs, whatever group found them: an
+    analyser's WBC count is corrected for them the same way."""
+    counts = {c: 0 for c in ("RBC", "Platelets", *SUBTYPES, NRBC, "WBC")}
     for c in cells:
         if c.label in counts and c.label != "WBC":
             counts[c.label] += 1
-        if c.group == "WBC":
+        if c.group == "WBC" and c.label != NRBC:
             counts["WBC"] += 1
     return counts
 
@@ -92,12 +95,15 @@ def ratios_from_counts(counts: dict[str, int]) -> dict[str, float | None]:
 
 
 def differential_from_counts(counts: dict[str, int]) -> dict[str, Any]:
-    """WBC differential over subtype-classified WBCs: count, percent and 95% CI per subtype."""
+    """WBC differential over subtype-classified WBCs: count, percent and 95% CI per subtype (immature granulocytes
+    included, as differentials count them), plus nucleated RBCs per 100 of those WBCs, outside the differential."""
     n = sum(counts.get(s, 0) for s in SUBTYPES)
     out: dict[str, Any] = {"n_wbc": n}
     for s in SUBTYPES:
         k = counts.get(s, 0)
         out[s] = {"count": k, "percent": round(100 * k / n, 1) if n else None, "ci95": list(wilson_interval(k, n))}
+    k = counts.get(NRBC, 0)
+    out["nrbc_per_100_wbc"] = {"count": k, "per_100_wbc": round(100 * k / n, 1) if n else None}
     return out
 
 
@@ -137,7 +143,7 @@ class ImageResult:
         """One flat row for summary.csv."""
         row: dict[str, Any] = {"image": self.image, "slide": self.slide or "", "width": self.width,
                                "height": self.height, "error": self.error or ""}
-        for c in ("RBC", "WBC", "Platelets", *SUBTYPES):
+        for c in ("RBC", "WBC", "Platelets", *SUBTYPES, NRBC):
             row[f"n_{c}"] = self.counts.get(c, 0) if not self.error else ""
         # Every row has the ratio columns, so the header (taken from the first row) fits a batch
         # whose first file failed.

@@ -23,7 +23,8 @@ from smear.data.prepare import prepare_dataset
 from smear.data.splits import assign_splits
 from smear.data.taxonomy import CELL_CLASSES, GROUPS, group_of
 
-MANIFEST_COLUMNS = ["crop_path", "source_image", "image_id", "x1", "y1", "x2", "y2", "label", "group", "split"]
+MANIFEST_COLUMNS = ["crop_path", "source_image", "image_id", "x1", "y1", "x2", "y2", "label", "group", "split",
+                    "source"]
 AUDIT_COLUMNS = ["image_id", "label", "box", "action", "reason"]
 
 
@@ -261,6 +262,7 @@ def test_manifest_columns_and_crops(defects):
         assert Path(r["source_image"]).is_absolute() and Path(r["source_image"]).is_file()
         assert r["group"] == group_of(r["label"]) and r["split"] in SPLITS
         assert Path(r["crop_path"]).parts[:2] == (r["split"], r["label"])
+        assert r["source"] and r["source"] == r["source"].lower()  # the source folder's name, for leave-one-lab-out
 
 
 def test_missing_and_broken_images_reported_others_kept(tmp_path):

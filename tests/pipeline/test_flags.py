@@ -13,7 +13,9 @@ from smear.pipeline.flags import (
     MIN_RBC_FOR_MORPHOLOGY,
     compute_flags,
     differential_flags,
+    left_shift_flags,
     morphology_flags,
+    nrbc_flags,
     platelet_flags,
     rbc_size_flags,
     summarize_morphology,
@@ -263,6 +265,50 @@ def test_count_cells_groups_and_labels():
     got = count_cells([cell("RBC", "RBC"), cell("WBC", "Neutrophil"), cell("WBC", "Neutrophil"),
                        cell("Platelets", "Platelets")])
     assert got["RBC"] == 1 and got["Neutrophil"] == 2 and got["WBC"] == 2 and got["Platelets"] == 1
+
+def test_nucleated_rbcs_are_counted_apart_from_wbcs():
+
+    def cell(group, label):
+        return Cell([0, 0, 1, 1], group, label, 0.9, {}, {})
+
+    got = count_cells([cell("WBC", "Neutrophil"), cell("WBC", "Erythroblast"), cell("WBC", "ImmatureGranulocyte")])
+    assert got["WBC"] == 2 and got["Erythroblast"] == 1 and got["ImmatureGranulocyte"] == 1
+    d = differential_from_counts(got)
+    assert d["n_wbc"] == 2 and d["ImmatureGranulocyte"]["percent"] == 50.0  # inside the differential
+    assert d["nrbc_per_100_wbc"] == {"count": 1, "per_100_wbc": 50.0}  # outside it
+
+
+def test_left_shift_over_a_few_percent_of_enough_wbcs():
+    c = counts(rbc=5000, plt=300, Neutrophil=57, Lymphocyte=30, Monocyte=6, Eosinophil=2, ImmatureGranulocyte=5)
+    (f,) = left_shift_flags(differential_from_counts(c), c, 20, cfg())
+    assert f.name == "left_shift_pattern" and f.severity == "warning" and f.threshold == "> 2%"
+    assert f.observed.startswith("5 immature granulocytes of 100 WBCs (5.0%, 95% CI")
+    assert f.evidence["immature_granulocytes"] == 5
+    assert_complete(f)
+    one = counts(rbc=5000, plt=300, Neutrophil=60, Lymphocyte=33, Monocyte=6, ImmatureGranulocyte=1)
+    assert left_shift_flags(differential_from_counts(one), one, 20, cfg()) == []  # 1%: within normal
+    assert left_shift_flags(differential_from_counts(counts(Neutrophil=50)), counts(Neutrophil=50), 1, cfg()) == []
+    # the generic differential rules do not judge immature granulocytes a second time
+    assert "left_shift_pattern" not in names(differential_flags(c, differential_from_counts(c), 20, cfg()))
+
+
+def test_few_wbcs_with_immature_granulocytes_is_insufficient_evidence_that_lists_them():
+    c = counts(rbc=500, plt=30, Neutrophil=7, ImmatureGranulocyte=1)
+    (f,) = left_shift_flags(differential_from_counts(c), c, 1, cfg())
+    assert f.severity == "insufficient evidence" and "1 immature granulocyte of 8 WBCs" in f.observed
+    assert_complete(f)
+
+
+def test_any_nrbc_is_worth_review_and_a_single_one_says_it_is_thin():
+    c = {**counts(rbc=5000, plt=300, Neutrophil=60, Lymphocyte=40), "Erythroblast": 1}
+    (f,) = nrbc_flags(differential_from_counts(c), c, 20)
+    assert f.name == "nrbc_present" and f.severity == "warning"
+    assert f.observed == "1 nucleated RBC (1.0 per 100 WBCs, 100 WBCs)" and "thin evidence" in f.caveat
+    assert "nrbc_present" in names(compute_flags(c, differential_from_counts(c), 20, cfg()))
+    c3 = {**c, "Erythroblast": 3}
+    assert "thin evidence" not in nrbc_flags(differential_from_counts(c3), c3, 20)[0].caveat
+    assert nrbc_flags(differential_from_counts(counts(Neutrophil=5)), counts(Neutrophil=5), 1) == []
+
 
 # ---------------------------------------------------------------- RBC morphology
 

@@ -349,7 +349,7 @@ def _synthetic_results(seed: int, n_images: int = 6, rbc_px: float = 39.0) -> li
     from smear.data.taxonomy import MORPHOLOGY_CLASSES
 
     rng = random.Random(seed)
-    labels = ["RBC"] * 12 + ["Platelets"] * 3 + list(SUBTYPES)
+    labels = ["RBC"] * 16 + ["Platelets"] * 3 + list(SUBTYPES) + ["Erythroblast"]  # every label the pipeline counts
     results = []
     for i in range(n_images):
         if i == 2:

@@ -1,0 +1,133 @@
+"""Training across labs: the set-valued loss, stain augmentation, leave-one-lab-out rows, and 'classifier adapt'."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from smear.configs.errors import SmearError
+
+
+def test_set_valued_loss_is_cross_entropy_for_one_class_and_group_likelihood_for_wbc():
+    from smear.classifier.train import allowed_classes, set_valued_loss
+    from smear.data.taxonomy import CELL_CLASSES, SUBTYPES
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, len(CELL_CLASSES))
+    labels = ["RBC", "Lymphocyte", "Erythroblast", "Platelets", "Neutrophil", "Basophil"]
+    one = torch.tensor([allowed_classes(lab, CELL_CLASSES) for lab in labels])
+    target = torch.tensor([CELL_CLASSES.index(lab) for lab in labels])
+    for eps in (0.0, 0.1):
+        assert set_valued_loss(logits, one, eps) == pytest.approx(
+            float(torch.nn.functional.cross_entropy(logits, target, label_smoothing=eps)), rel=1e-5)
+    wbc = torch.tensor([allowed_classes("WBC", CELL_CLASSES)])
+    assert wbc.sum() == len(SUBTYPES) and not wbc[0, CELL_CLASSES.index("Erythroblast")]
+    p = torch.softmax(logits[:1], 1)[0]
+    assert float(set_valued_loss(logits[:1], wbc)) == pytest.approx(-float(torch.log(p[wbc[0]].sum())), rel=1e-5)
+    with pytest.raises(SmearError, match="Blast"):
+        allowed_classes("Blast", CELL_CLASSES)
+
+
+def test_hed_jitter_keeps_the_crop_and_changes_the_stain():
+    from smear.classifier.train import blur_and_jpeg, hed_jitter
+
+    rng = np.random.default_rng(0)
+    crop = rng.integers(40, 250, (32, 32, 3), dtype=np.uint8)
+    same = hed_jitter(crop, 0.0, random.Random(0))
+    assert same.dtype == np.uint8 and same.shape == crop.shape
+    assert np.abs(same.astype(int) - crop).max() <= 2  # sigma 0: only the round trip's rounding
+    moved = hed_jitter(crop, 0.3, random.Random(1))
+    assert np.abs(moved.astype(int) - crop).mean() > 3
+    blurred = blur_and_jpeg(crop, 1.0, 0.0, random.Random(0))
+    assert blurred.shape == crop.shape and blurred.std() < crop.std()
+    assert blur_and_jpeg(crop, 0.0, 0.0, random.Random(0)) is crop
+
+
+def test_training_rows_from_several_manifests_leave_a_lab_out(tmp_path):
+    from smear.classifier.config import ClassifierConfig
+    from smear.classifier.train import model_classes, read_training_rows
+
+    cols = ["crop_path", "source_image", "image_id", "x1", "y1", "x2", "y2", "label", "group", "split"]
+    bccd = tmp_path / "bccd" / "crops" / "manifest.csv"  # an older manifest: no source column
+    bccd.parent.mkdir(parents=True)
+    with open(bccd, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(cols)
+        wr.writerow(["", "a.jpg", "a", 0, 0, 9, 9, "RBC", "RBC", "train"])
+        wr.writerow(["", "a.jpg", "a", 0, 0, 9, 9, "Neutrophil", "WBC", "train"])
+    other = tmp_path / "pbc" / "manifest.csv"
+    other.parent.mkdir()
+    with open(other, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(cols + ["source"])
+        wr.writerow(["", "b.jpg", "b", 0, 0, 9, 9, "ImmatureGranulocyte", "WBC", "train", "pbc"])
+        wr.writerow(["", "c.jpg", "c", 0, 0, 9, 9, "WBC", "WBC", "train", "raabin"])
+    cfg = ClassifierConfig(manifest=f"{bccd},{other}")
+    rows = read_training_rows(cfg)
+    assert [(r.source, r.label) for r in rows] == [("bccd", "RBC"), ("bccd", "Neutrophil"),
+                                                   ("pbc", "ImmatureGranulocyte"), ("raabin", "WBC")]
+    assert model_classes(cfg, rows) == ("RBC", "Neutrophil", "ImmatureGranulocyte")  # group-only WBC is no class
+    out = read_training_rows(ClassifierConfig(manifest=f"{bccd},{other}", exclude_sources="PBC, raabin"))
+    assert {r.source for r in out} == {"bccd"}
+
+
+def _cells_dir(root, classes=("lymphocyte", "IG"), n=4):
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            img = np.full((40, 40, 3), 220, np.uint8)
+            cv2.circle(img, (20, 20), 8 + 4 * k, (150, 50, 150 - 60 * k), -1)
+            cv2.imwrite(str(root / name / f"{i}.png"), img)
+    return root
+
+
+def test_adapt_writes_a_model_folder_that_classify_loads(tmp_path, tiny_classifier):
+    from smear.classifier.adapt import AdaptConfig, adapt
+    from smear.classifier.model import load_classifier
+    from smear.classifier.predict import classify_files
+
+    cells = _cells_dir(tmp_path / "cells")
+    (cells / "lymphocyte" / "broken.png").write_bytes(b"not an image")
+    out = adapt(cells, tmp_path / "adapted", tiny_classifier, AdaptConfig(steps=3, batch=4, threads=1))
+    card = json.loads((out / "card.json").read_text())
+    assert card["adapt"]["cells_per_class"] == {"ImmatureGranulocyte": 4, "Lymphocyte": 5}
+    assert len(card["adapt"]["unreadable"]) == 1 and "broken.png" in card["adapt"]["unreadable"][0]
+    assert card["base_model"]["folder"] == str(tiny_classifier)
+    model = load_classifier(out)
+    assert model.classes == json.loads((tiny_classifier / "card.json").read_text())["classes"]
+    base = load_classifier(tiny_classifier)
+    changed = [n for (n, a), b in zip(model.net.state_dict().items(), base.net.state_dict().values())
+               if a.is_floating_point() and not torch.equal(a, b)]
+    assert changed and all(not n.startswith("features.0.") for n in changed)  # head and deep stages only
+    recs = classify_files(model, sorted((cells / "lymphocyte").glob("*.png")))
+    assert all(r.get("label") in model.classes for r in recs if "error" not in r)
+
+
+def test_adapt_refuses_unknown_class_folders_and_empty_input(tmp_path, tiny_classifier):
+    from smear.classifier.adapt import AdaptConfig, adapt
+
+    with pytest.raises(SmearError, match="blast"):
+        adapt(_cells_dir(tmp_path / "a", ("blast",)), tmp_path / "o1", tiny_classifier, AdaptConfig(steps=1))
+    (tmp_path / "empty" / "lymphocyte").mkdir(parents=True)
+    with pytest.raises(SmearError, match="no cell images"):
+        adapt(tmp_path / "empty", tmp_path / "o2", tiny_classifier, AdaptConfig(steps=1))
+
+
+def test_adapt_cli_names_the_cells_used(tmp_path, tiny_classifier):
+    from typer.testing import CliRunner
+
+    from smear.pipeline.cli import app
+
+    cells = _cells_dir(tmp_path / "cells", ("Neutrophil",), n=3)
+    res = CliRunner().invoke(app, ["classifier", "adapt", str(cells), "--output", str(tmp_path / "m"), "--base",
+                                   str(tiny_classifier), "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert "adapted on 3 cells: Neutrophil 3" in res.output and (tmp_path / "m" / "weights.pt").is_file()
+    again = CliRunner().invoke(app, ["classifier", "adapt", str(cells), "--output", str(tmp_path / "m")])
+    assert again.exit_code != 0 and "not empty" in again.output
