@@ -52,6 +52,8 @@ class ClassifierConfig:
     balance_power: float = param(0.5, "class weighting: 0 natural frequencies, 1 fully balanced", range=(0.0, 1.0))
     label_smoothing: float = param(0.05, "cross-entropy label smoothing", range=(0.0, 0.5))
     patience: int = param(5, "phase 2 epochs without val-loss improvement before stopping", range=(1, 1000))
+    max_minutes: float = param(0.0, "time budget: training stops after the epoch that passes it and keeps the best "
+                               "epoch so far (0: none)", range=(0.0, None))
     threads: int = param(2, "CPU threads for torch", range=(1, 256))
     device: str = param("cpu", "torch device: cpu, cuda, cuda:0, mps")
     seed: int = param(0, "random seed", range=(0, None))

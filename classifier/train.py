@@ -406,7 +406,7 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = False, train_rows: li
                 samples_per_epoch=cfg.samples_per_epoch, balance_power=cfg.balance_power,
                 label_smoothing=cfg.label_smoothing, seed=cfg.seed, device=cfg.device,
                 frozen_epochs=cfg.frozen_epochs, lr_head=cfg.lr_head, unfreeze_fraction=cfg.unfreeze_fraction,
-                patience=cfg.patience)
+                patience=cfg.patience, max_minutes=cfg.max_minutes)
     result = fit(net, classes, train_rows, [r.label for r in train_rows],
                  lambda r, rng: augmented_crop(cache.get(r.image), r.box, cfg, rng),
                  eval_crops(val_rows, cache, cfg.crop_size_px, cfg.crop_margin), [r.label for r in val_rows],

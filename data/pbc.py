@@ -21,9 +21,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 

@@ -322,35 +322,43 @@ class Analyzer:
         return self.slide_result(totals, images=results)
 
     def slide_result(self, totals: SlideTotals, images: list[ImageResult] | None = None) -> SlideResult:
-        """A slide's aggregate from its running totals.
+        """A slide's aggregate from its running totals (:func:`slide_from_totals`), with its RBC morphology.
 
         ``images`` (default: one record per field without cells, from the totals) becomes
         ``SlideResult.images``.
         """
-        counts = dict(totals.counts)
-        if images is None:
-            images = [ImageResult(image=image, error=error, slide=totals.name) for image, error in totals.fields]
-        slide = SlideResult(slide=totals.name, images=images, counts=counts, ratios=ratios_from_counts(counts),
-                            differential=differential_from_counts(counts), capture_mode=self.cfg.capture_mode)
-        n = totals.n_fields
-        est: dict = {"mean_per_field": {k: round(v / n, 2) for k, v in counts.items()} if n else {}}
-        if n and self.cfg.platelet_factor_per_field > 0:
-            est["platelets_per_uL"] = round(counts["Platelets"] / n * self.cfg.platelet_factor_per_field)
-        if n and self.cfg.wbc_factor_per_field > 0 and self.cfg.capture_mode == "random":
-            est["wbc_per_uL"] = round(counts["WBC"] / n * self.cfg.wbc_factor_per_field)
-        if n and self.cfg.field_area_um2 > 0:
-            est["per_mm2"] = {k: round(v / n / self.cfg.field_area_um2 * 1e6, 1) for k, v in counts.items()}
-        slide.estimates = est
-        slide.flags = compute_flags(counts, slide.differential, n, self.cfg, totals.unplaced_wbc,
-                                    mean_diameter_um(totals.rbc_diameters_px, self.cfg), totals.rbc_coverage)
-        slide.rbc_coverage = totals.rbc_coverage
+        slide = slide_from_totals(totals, self.cfg, images)
         if self.morphology is not None:
             from .flags import summarize_morphology_counts
 
             summary = summarize_morphology_counts(totals.morphology_labels)
-            slide.morphology, extra = self._morphology_outputs_from(summary, totals.rbc_diameters_px, counts, n)
+            slide.morphology, extra = self._morphology_outputs_from(summary, totals.rbc_diameters_px, slide.counts,
+                                                                    totals.n_fields)
             slide.flags += extra
         return slide
+
+
+def slide_from_totals(totals: "SlideTotals", cfg: PipelineConfig, images: list[ImageResult] | None = None) -> SlideResult:
+    """A slide's counts, ratios, differential, estimates and flags from its running totals (no model needed: the
+    review page recomputes a slide from corrected calls with it). RBC morphology is the Analyzer's to add."""
+    counts = dict(totals.counts)
+    if images is None:
+        images = [ImageResult(image=image, error=error, slide=totals.name) for image, error in totals.fields]
+    slide = SlideResult(slide=totals.name, images=images, counts=counts, ratios=ratios_from_counts(counts),
+                        differential=differential_from_counts(counts), capture_mode=cfg.capture_mode)
+    n = totals.n_fields
+    est: dict = {"mean_per_field": {k: round(v / n, 2) for k, v in counts.items()} if n else {}}
+    if n and cfg.platelet_factor_per_field > 0:
+        est["platelets_per_uL"] = round(counts["Platelets"] / n * cfg.platelet_factor_per_field)
+    if n and cfg.wbc_factor_per_field > 0 and cfg.capture_mode == "random":
+        est["wbc_per_uL"] = round(counts["WBC"] / n * cfg.wbc_factor_per_field)
+    if n and cfg.field_area_um2 > 0:
+        est["per_mm2"] = {k: round(v / n / cfg.field_area_um2 * 1e6, 1) for k, v in counts.items()}
+    slide.estimates = est
+    slide.flags = compute_flags(counts, slide.differential, n, cfg, totals.unplaced_wbc,
+                                mean_diameter_um(totals.rbc_diameters_px, cfg), totals.rbc_coverage)
+    slide.rbc_coverage = totals.rbc_coverage
+    return slide
 
 
 class SlideTotals:

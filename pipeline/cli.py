@@ -104,6 +104,8 @@ def analyze(
                                         "resize factor before detection"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (configs/pipeline.yaml)"),
     overrides: List[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
+    fields: bool = typer.Option(True, "--fields/--no-fields", help="with --output, copy each input field into "
+                                "OUT/fields/ (smear review cuts its cell crops from them, never from outside OUT)"),
 ) -> None:
     """Find, classify and count cells; differential and flags per image and per slide.
 
@@ -126,7 +128,7 @@ def analyze(
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
     analyzer = Analyzer(cfg)
-    writer = ResultWriter(output, run_info=analyzer.provenance()) if output else None
+    writer = ResultWriter(output, run_info=analyzer.provenance(), fields=fields) if output else None
     # Each result is written and dropped as it comes (memory flat over any batch); only its table
     # line is kept, to print the table after the progress bar as before.
     name_width = table_name_width(str(f) for f in files)
@@ -232,6 +234,60 @@ def benchmark(
 
     summary = run_benchmark(data, split, output, cfg=_load(PipelineConfig, config, overrides))
     typer.echo(summary)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command("review")
+def review(
+    out: Path = typer.Argument(..., help="an analysis folder ('smear analyze ... --output OUT')"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; any other than the loopback needs a token"),
+    port: int = typer.Option(8765, "--port", help="port to listen on"),
+    token: Optional[str] = typer.Option(None, "--token", help="access token (default off the loopback: a random one, "
+                                        "printed)"),
+    no_browser: bool = typer.Option(False, "--no-browser", help="do not open a browser"),
+    export: Optional[Path] = typer.Option(None, "--export", help="no server: write the reviewed cells as DIR/<class>/"
+                                          "*.png crops (for 'smear classifier adapt') and DIR/voc/ fields"),
+) -> None:
+    """Check every call of an analysis folder in a local page: correct, accept, sign a slide off.
+
+    Corrections live in OUT/review.sqlite; a signed-off slide is written to OUT/reviewed/<slide>.json.
+
+    Examples:
+
+      smear review out/
+
+      smear review out/ --export reviewed_cells/
+    """
+    if export is not None:
+        from .review.export import export_reviewed
+
+        done = export_reviewed(out, export)
+        typer.echo(f"exported {sum(done['cells'].values())} cells (" + ", ".join(f"{c} {n}" for c, n in
+                   sorted(done["cells"].items())) + f") and {done['fields']} fields to {export}")
+        for line in done["skipped"]:
+            typer.echo(f"skipped: {line}", err=True)
+        return
+    try:
+        import uvicorn
+
+        from .review.app import create_app
+    except ImportError as e:
+        _fail(f"smear review needs the review extra: pip install 'smear[review]' ({e})")
+    if host not in LOOPBACK and not token:
+        import secrets
+
+        token = secrets.token_urlsafe(16)
+    app_ = create_app(out, token)  # a SmearError (no results.jsonl) is one line via main()
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/" + (f"?token={token}" if token else "")
+    typer.echo(f"smear review of {Path(out).resolve()} at {url}  (Ctrl+C stops; corrections are saved as you go)")
+    if not no_browser:
+        import threading
+        import webbrowser
+
+        threading.Timer(1.0, webbrowser.open, (url,)).start()
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
@@ -97,6 +98,11 @@ def overlay_name(result: ImageResult, index: int) -> str:
     return f"{index:05d}_{stem}.png"
 
 
+def field_name(result: ImageResult, index: int) -> str:
+    """``fields/`` name of a field's copy: the record's index and the input's file name."""
+    return f"{index:05d}_{Path(result.image).name}"
+
+
 def write_overlay(path: Path, image_rgb: np.ndarray, result: ImageResult) -> np.ndarray | None:
     """Draw and write the overlay PNG; returns the drawn image (BGR), or None when encoding failed."""
     import cv2
@@ -118,10 +124,11 @@ class ResultWriter:
     keeps no record in memory, however long the batch.
     """
 
-    def __init__(self, out: Path, overlays: bool = True, run_info: dict | None = None):
+    def __init__(self, out: Path, overlays: bool = True, run_info: dict | None = None, fields: bool = False):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.overlays = overlays
+        self.fields = fields  # copy each input (its bytes) to fields/<index>_<name>: the review page's source
         if run_info is not None:  # first, so an interrupted batch still says what made its results
             atomic_write_text(self.out / "run.json", json.dumps(run_info, indent=2))
         self._jsonl = open(self.out / "results.jsonl", "w")
@@ -139,6 +146,9 @@ class ResultWriter:
         overlay = None
         if self.overlays and image_rgb is not None and not result.error:
             overlay = write_overlay(overlay_path, image_rgb, result)
+        if self.fields and not result.error and Path(result.image).is_file():
+            (self.out / "fields").mkdir(exist_ok=True)
+            shutil.copyfile(result.image, self.out / "fields" / field_name(result, self.count))
         row = result.summary_row()
         if self._summary_csv is None:
             self._summary_csv = csv.DictWriter(self._summary_rows, fieldnames=list(row))

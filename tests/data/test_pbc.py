@@ -84,7 +84,8 @@ def test_manifest_boxes_by_detector_or_median_and_keeps_other_labs_fields(tmp_pa
                               boxes=(("WBC", 1, 1, 20, 20), ("Platelets", 30, 30, 36, 36))),
               SimpleNamespace(image=image, source="bccd", split="train", boxes=(("RBC", 1, 1, 9, 9),))]
     path = build_pbc_manifest(root, tmp_path / "out", propose, fields=fields)
-    rows = list(csv.DictReader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
     pbc = [r for r in rows if r["box_from"] != "label"]
     assert len(pbc) == 13 and {r["source"] for r in pbc} == {"pbc"}
     missed = [r for r in pbc if r["box_from"] == "median"]

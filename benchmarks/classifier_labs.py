@@ -1,0 +1,152 @@
+"""Classifier per lab: WBC subtype balanced accuracy, per-class recall and WBCs lost to the wrong group, on each
+source's cells; and 'smear classifier adapt' with k cells per class of a lab.
+
+Leave-one-lab-out: pass a model trained with ``exclude_sources=<lab>`` and read that lab's row (``--split all``:
+every cell of a lab the model never saw). Figures on a lab the model trained on are not generalisation figures.
+
+Subtype figures are over the cells whose true class is a WBC subtype, immature granulocyte or erythroblast (the
+nucleated cells a differential names) and that the model can name; a nucleated cell called RBC or platelet counts as
+wrong and is also reported as ``wbc_lost_to_group``. Group-only ``WBC`` rows (Raabin) give only that figure.
+
+One row per cell goes to ``benchmarks/results/classifier_labs.csv`` (true, predicted, score); the summary printed
+is computed from those rows.
+
+Examples:
+    python benchmarks/classifier_labs.py --weights runs/classifier/loso-no-pbc/model --sources pbc --split all
+    python benchmarks/classifier_labs.py --weights runs/classifier/loso-no-pbc/model --sources pbc \\
+        --adapt 5 10 25 50 --adapt-from train --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import append_rows, model_name, results_csv, run_stamp  # noqa: E402
+
+MANIFESTS = "runs/prepared/bccd/crops/manifest.csv,runs/prepared/pbc/manifest.csv"
+
+
+def nucleated(label: str) -> bool:
+    from smear.data.taxonomy import NRBC, SUBTYPES
+
+    return label in SUBTYPES or label == NRBC or label == "WBC"
+
+
+def summarise(rows: list[dict], classes: list[str]) -> dict:
+    """Subtype balanced accuracy, accuracy and recall per class over nucleated cells; WBCs lost to RBC/platelets."""
+    from smear.data.taxonomy import group_of
+
+    nuc = [r for r in rows if nucleated(r["true"])]
+    named = [r for r in nuc if r["true"] != "WBC" and r["true"] in classes]
+    recall = {}
+    for c in sorted({r["true"] for r in named}, key=classes.index):
+        of = [r for r in named if r["true"] == c]
+        recall[c] = round(sum(r["pred"] == c for r in of) / len(of), 4)
+    lost = [r for r in nuc if group_of(r["pred"]) != "WBC"]
+    out = {"nucleated_cells": len(nuc), "named_cells": len(named),
+           "wbc_lost_to_group": round(len(lost) / len(nuc), 4) if nuc else None,
+           "accuracy": round(sum(r["pred"] == r["true"] for r in named) / len(named), 4) if named else None,
+           "balanced_accuracy": round(float(np.mean(list(recall.values()))), 4) if recall else None,
+           "recall": recall, "support": {c: sum(r["true"] == c for r in named) for c in recall}}
+    allc = [r for r in rows if r["true"] != "WBC"]
+    out["all_classes_accuracy"] = round(sum(r["pred"] == r["true"] for r in allc) / len(allc), 4) if allc else None
+    # PBC's 8 classes: every labelled cell but RBCs (the 7 nucleated classes and platelets)
+    eight = [r for r in allc if r["true"] != "RBC"]
+    out["accuracy_without_rbc"] = round(sum(r["pred"] == r["true"] for r in eight) / len(eight), 4) if eight else None
+    return out
+
+
+def score(model, rows) -> list[dict]:
+    from smear.classifier.evaluate import predict_rows
+
+    probs = predict_rows(model, rows)
+    out = []
+    for r, p in zip(rows, probs):
+        k = int(p.argmax())
+        out.append({"source": r.source, "split": r.split, "image": Path(r.image).name, "true": r.label,
+                    "pred": model.classes[k], "score": round(float(p[k]), 4)})
+    return out
+
+
+def write_cells(rows, model, folder: Path) -> None:
+    """The crops of ``rows`` as ``folder/<class>/*.png``, cut as the model cuts them (the input of adapt)."""
+    import cv2
+
+    from smear.data.crops import ImageCache, crop_cell
+
+    cache = ImageCache()
+    for i, r in enumerate(rows):
+        d = folder / r.label.lower()
+        d.mkdir(parents=True, exist_ok=True)
+        crop = crop_cell(cache.get(r.image), r.box, model.crop_margin, model.crop_size_px)
+        cv2.imwrite(str(d / f"{i:05d}.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", help="classifier model folder (default: the shipped one)")
+    ap.add_argument("--manifests", default=MANIFESTS, help="crop manifests, comma-separated")
+    ap.add_argument("--sources", nargs="+", default=["bccd", "pbc", "raabin"])
+    ap.add_argument("--split", default="val", choices=("train", "val", "test", "all", "val+test"),
+                    help="rows scored; 'all' for a lab the model never saw")
+    ap.add_argument("--adapt", nargs="*", type=int, default=[], help="also adapt on k cells per class (one run per k)")
+    ap.add_argument("--adapt-from", default="train", help="split the adapt cells are drawn from (never scored)")
+    ap.add_argument("--adapt-steps", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", help="run name (default: the model folder's name)")
+    ap.add_argument("--out", type=Path, default=results_csv("classifier_labs"))
+    args = ap.parse_args(argv)
+
+    from smear.classifier.adapt import AdaptConfig, adapt
+    from smear.classifier.config import ClassifierConfig
+    from smear.classifier.model import load_classifier
+    from smear.classifier.train import read_training_rows
+    from smear.data.taxonomy import CELL_CLASSES
+
+    model = load_classifier(args.weights)
+    rows = read_training_rows(ClassifierConfig(manifest=args.manifests))
+    want = {"all": ("train", "val", "test"), "val+test": ("val", "test")}.get(args.split, (args.split,))
+    variant = args.variant or model_name(args.weights)
+    all_rows = []
+    for s in args.sources:
+        scored_rows = [r for r in rows if r.source == s and r.split in want]
+        if not scored_rows:
+            continue
+        runs = [(variant, model, None)]
+        pool = [r for r in rows if r.source == s and r.split == args.adapt_from and r.label in model.classes
+                and nucleated(r.label)]
+        for k in args.adapt:
+            rng = random.Random(args.seed)
+            chosen = [r for c in CELL_CLASSES for r in rng.sample([q for q in pool if q.label == c],
+                                                                  min(k, sum(q.label == c for q in pool)))]
+            with tempfile.TemporaryDirectory() as tmp:
+                write_cells(chosen, model, Path(tmp) / "cells")
+                folder = adapt(Path(tmp) / "cells", Path(tmp) / "model", args.weights,
+                               AdaptConfig(steps=args.adapt_steps, seed=args.seed))
+                runs.append((f"{variant}+adapt{k}", load_classifier(folder), len(chosen)))
+        for name, m, n_cells in runs:
+            stamp = run_stamp(name, seed=args.seed, device="cpu")
+            out = score(m, scored_rows)
+            for r in out:
+                r["adapt_cells"] = n_cells or 0
+            append_rows(args.out, out, stamp=stamp)
+            all_rows += out
+            sm = summarise(out, list(m.classes))
+            rec = ", ".join(f"{c[:4]} {v:.2f}" for c, v in sm["recall"].items())
+            print(f"{name:<34} {s:<7} {args.split:<8} nucleated {sm['nucleated_cells']:>5}  "
+                  f"bal.acc {sm['balanced_accuracy']}  acc {sm['accuracy']}  lost to RBC/PLT "
+                  f"{sm['wbc_lost_to_group']}  all-class acc {sm['all_classes_accuracy']}  acc w/o RBC "
+                  f"{sm['accuracy_without_rbc']}  recall: {rec}")
+    print(f"{len(all_rows)} rows appended to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
