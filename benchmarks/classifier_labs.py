@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import append_rows, model_name, results_csv, run_stamp  # noqa: E402
+from _results import append_rows, model_name, results_csv, run_stamp
 
 MANIFESTS = "runs/prepared/bccd/crops/manifest.csv,runs/prepared/pbc/manifest.csv"
 

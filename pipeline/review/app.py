@@ -22,7 +22,6 @@ documentation pages are off; the page's assets ship in the package (no CDN, no w
 import functools
 import hmac
 from pathlib import Path
-from typing import Optional
 
 from smear.data.taxonomy import CELL_CLASSES
 
@@ -76,7 +75,7 @@ def create_app(out: Path, token: str | None = None):
         return response
 
     class LabelIn(BaseModel):
-        label: Optional[str] = Field(default=None, max_length=64)
+        label: str | None = Field(default=None, max_length=64)
 
     class SignOffIn(BaseModel):
         reviewer: str = Field(min_length=1, max_length=200)
@@ -148,6 +147,8 @@ def create_app(out: Path, token: str | None = None):
         if img is None:
             raise HTTPException(404, "no such cell, or its field is not in the analysis folder's fields/")
         ok, buf = cv2.imencode(".png", crop_cell(img, c["box"], CROP_MARGIN, CROP_PX))
+        if not ok:
+            raise HTTPException(500, "the crop could not be encoded")
         return Response(buf.tobytes(), media_type="image/png")
 
     @app.get("/api/fields/{field}/overlay.png")

@@ -15,9 +15,10 @@ import datetime
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from smear.configs.errors import SmearError
 from smear.data.taxonomy import CELL_CLASSES, GROUPS, group_of
@@ -44,7 +45,7 @@ REVIEW_LABELS = (*CELL_CLASSES, "WBC")
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 class ReviewStore:
@@ -84,7 +85,7 @@ class ReviewStore:
         def __exit__(self, exc_type, exc, tb) -> None:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
-    def transaction(self) -> "_Tx":
+    def transaction(self) -> _Tx:
         return self._Tx(self._db())
 
     def _one(self, sql: str, *args) -> Any:

@@ -16,10 +16,10 @@ from conftest import draw_field
 from smear.pipeline.results import Cell, ImageResult
 
 fastapi = pytest.importorskip("fastapi")  # the 'review' extra (part of the 'test' extra)
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from smear.pipeline.review.app import create_app  # noqa: E402
-from smear.pipeline.review.store import ReviewStore  # noqa: E402
+from smear.pipeline.review.app import create_app
+from smear.pipeline.review.store import ReviewStore
 
 SUBTYPE_OF_FIELD = ("Neutrophil", "Neutrophil", "Eosinophil")
 
