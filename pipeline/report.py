@@ -129,6 +129,7 @@ class ResultWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.overlays = overlays
         self.fields = fields  # copy each input (its bytes) to fields/<index>_<name>: the review page's source
+        self.run_info = run_info or {}
         if run_info is not None:  # first, so an interrupted batch still says what made its results
             atomic_write_text(self.out / "run.json", json.dumps(run_info, indent=2))
         self._jsonl = open(self.out / "results.jsonl", "w")
@@ -136,6 +137,7 @@ class ResultWriter:
         self._summary_rows = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)
         self._summary_csv: csv.DictWriter | None = None
         self._report_cards = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)
+        self._wbc_crops = tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=self.out)
         self.count = 0
         self.n_failed = 0
 
@@ -157,7 +159,11 @@ class ResultWriter:
         thumb = None
         if not result.error:  # the overlay just drawn is the PNG's exact pixels: no need to read it back
             thumb = _thumb_b64(overlay if overlay is not None else overlay_path)
-        self._report_cards.write(json.dumps(field_card(result, thumb)) + "\n")  # one card a line
+        link = f"overlays/{overlay_path.name}" if self.overlays and overlay is not None else None
+        self._report_cards.write(json.dumps(field_card(result, thumb, link)) + "\n")  # one card a line
+        if image_rgb is not None and not result.error:
+            for crop in wbc_crops(image_rgb, result):
+                self._wbc_crops.write(json.dumps({"slide": result.slide or "", **crop}) + "\n")
         self.n_failed += bool(result.error)
         self.count += 1
 
@@ -173,10 +179,17 @@ class ResultWriter:
         with self._summary_rows, atomic_open(self.out / "summary.csv") as f:
             _copy_text(self._summary_rows, f)
         atomic_write_text(self.out / "slides.json", json.dumps([s.to_dict() for s in slides], indent=2))
+        write_rows(self.out / "slides.csv", [slide_row(s) for s in slides])
+        with self._wbc_crops:
+            self._wbc_crops.seek(0)
+            gallery: dict[str, dict[str, list[dict]]] = {}
+            for line in self._wbc_crops:
+                c = json.loads(line)
+                gallery.setdefault(c["slide"], {}).setdefault(c["label"], []).append(c)
         with self._report_cards, atomic_open(self.out / "report.html") as f:
             self._report_cards.seek(0)
             cards = (json.loads(line) for line in self._report_cards)
-            for piece in _report_pieces(self.count, self.n_failed, slides, cards):
+            for piece in _report_pieces(self.count, self.n_failed, slides, cards, self.run_info, gallery):
                 f.write(piece.encode())
 
 
@@ -226,28 +239,91 @@ def _templates():
     return env
 
 
-def field_card(result: ImageResult, thumb_b64: str | None) -> str:
-    """One field's card in the report (HTML): thumbnail, name, counts and flags (or its error)."""
+def field_card(result: ImageResult, thumb_b64: str | None, link: str | None = None) -> str:
+    """One field's card in the report (HTML): thumbnail (a link to the full-size overlay), name, counts and the
+    field's own warnings (or its error). Flags are the slide's, shown once per slide."""
     return _templates().get_template("field.html.j2").render(result=result, name=Path(result.image).name,
-                                                             thumb=thumb_b64)
+                                                             thumb=thumb_b64, link=link)
 
 
-def _report_pieces(n_images: int, n_failed: int, slides: Sequence[SlideResult],
-                   cards: Iterable[str]) -> Iterator[str]:
-    """report.html in pieces as it renders: per-slide counts, flags, differential and morphology, then ``cards``
-    (from :func:`field_card`), read only as the page reaches them."""
+#: WBC-group cells in the report's gallery: at most this many per class and slide, the least certain first
+GALLERY_PER_CLASS = 60
+GALLERY_CROP_PX = 72
+
+
+def wbc_crops(image_rgb: np.ndarray, result: ImageResult) -> list[dict]:
+    """Small JPEG crops (base64) of a field's WBC-group cells, for the report's gallery per class."""
+    import cv2
+
+    from smear.data.crops import crop_cell
+
+    out = []
+    for c in result.cells:
+        if c.group != "WBC":
+            continue
+        crop = cv2.cvtColor(crop_cell(image_rgb, c.box, 0.15, GALLERY_CROP_PX), cv2.COLOR_RGB2BGR)
+        ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        if ok:
+            out.append({"label": c.label, "score": c.classifier.get("score_in_group", c.score),
+                        "field": Path(result.image).name, "jpeg": base64.b64encode(buf.tobytes()).decode()})
+    return out
+
+
+def slide_row(s: SlideResult) -> dict:
+    """One slide's row of ``slides.csv``: fields, counts, ratios, differential percents, RBC coverage, flags."""
+    row: dict = {"slide": s.slide, "n_fields": s.n_fields, "n_failed": s.n_failed, "capture_mode": s.capture_mode}
+    row.update({f"n_{k}": v for k, v in s.counts.items()})
+    row.update({k: "" if v is None else v for k, v in s.ratios.items()})
+    for k in SUBTYPES:
+        pct = (s.differential.get(k) or {}).get("percent")
+        row[f"pct_{k}"] = "" if pct is None else pct
+    nrbc = (s.differential.get("nrbc_per_100_wbc") or {}).get("per_100_wbc")
+    row["nrbc_per_100_wbc"] = "" if nrbc is None else nrbc
+    row["rbc_coverage"] = "" if s.rbc_coverage is None else s.rbc_coverage
+    row["flags"] = "; ".join(f"{f.name} ({f.severity})" for f in s.flags)
+    return row
+
+
+def _report_pieces(n_images: int, n_failed: int, slides: Sequence[SlideResult], cards: Iterable[str],
+                   run_info: dict | None = None, gallery: dict | None = None) -> Iterator[str]:
+    """report.html in pieces as it renders: a header (date, smear version, models), per slide the counts, flags,
+    differential, a WBC gallery per class and morphology, then ``cards`` (from :func:`field_card`), read only as
+    the page reaches them."""
     from markupsafe import Markup
 
+    run_info = run_info or {}
+    models = run_info.get("models") or {}
+    header = {"date": run_info.get("date", ""), "smear": run_info.get("smear", ""),
+              "commit": run_info.get("commit", ""),
+              "models": {k: Path(str((v or {}).get("weights", ""))).name for k, v in models.items()
+                         if isinstance(v, dict)}}
+    galleries = {}
+    for slide, per_label in (gallery or {}).items():
+        order = [lab for lab in (*SUBTYPES, NRBC, "WBC") if lab in per_label]
+        galleries[slide] = [(lab, len(per_label[lab]), sorted(per_label[lab], key=lambda c: c["score"] or 0)
+                             [:GALLERY_PER_CLASS]) for lab in order]
     page = _templates().get_template("report.html.j2")
-    return page.generate(n_images=n_images, n_failed=n_failed, slides=slides, cards=(Markup(c) for c in cards))
+    return page.generate(n_images=n_images, n_failed=n_failed, slides=slides, header=header, galleries=galleries,
+                         cards=(Markup(c) for c in cards))
 
 
-def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_dir: Path | None) -> str:
-    """One self-contained page: per-slide summary, flags with evidence, differential chart, thumbnails."""
-    cards = [field_card(r, _thumb_b64(overlay_dir / overlay_name(r, i)) if overlay_dir and not r.error else None)
-             for i, r in enumerate(results)]
+def render_html(results: list[ImageResult], slides: list[SlideResult], overlay_dir: Path | None,
+                run_info: dict | None = None) -> str:
+    """The report from the whole list of records (what ``ResultWriter`` streams): per-slide summary, flags with
+    evidence, differential chart, WBC gallery (cut from the records' image files), thumbnails."""
+    from smear.data.images import read_image
+
+    cards, gallery = [], {}
+    for i, r in enumerate(results):
+        overlay = overlay_dir / overlay_name(r, i) if overlay_dir and not r.error else None
+        has = overlay is not None and overlay.is_file()
+        cards.append(field_card(r, _thumb_b64(overlay) if overlay else None,
+                                f"overlays/{overlay.name}" if has else None))
+        if not r.error and Path(r.image).is_file():
+            for c in wbc_crops(read_image(r.image), r):
+                gallery.setdefault(r.slide or "", {}).setdefault(c["label"], []).append(c)
     n_fail = sum(1 for r in results if r.error)
-    return "".join(_report_pieces(len(results), n_fail, slides, cards))
+    return "".join(_report_pieces(len(results), n_fail, slides, cards, run_info, gallery))
 
 
 def format_table(results: list[ImageResult]) -> str:

@@ -176,8 +176,12 @@ class SlideResult:
     def n_fields(self) -> int:
         return sum(1 for r in self.images if not r.error)
 
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for r in self.images if r.error)
+
     def to_dict(self) -> dict[str, Any]:
-        d = {"slide": self.slide, "n_fields": self.n_fields, "n_failed": sum(1 for r in self.images if r.error),
+        d = {"slide": self.slide, "n_fields": self.n_fields, "n_failed": self.n_failed,
              "capture_mode": self.capture_mode, "rbc_coverage": self.rbc_coverage, "counts": self.counts,
              "ratios": self.ratios,
              "differential": self.differential, "estimates": self.estimates,

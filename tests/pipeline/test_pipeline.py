@@ -240,11 +240,14 @@ def test_report_html_is_self_contained(run):
     assert text.startswith("<!doctype html>") and text.rstrip().endswith("</html>")
     refs = re.findall(r"""(?:src|href)\s*=\s*['"]?([^'"\s>]+)""", text, flags=re.I)
     assert refs, "expected embedded thumbnails"
-    assert all(r.startswith("data:") or r.startswith("#") for r in refs), refs
+    # embedded images, or links to the full-size overlays beside the report (inside the output folder)
+    assert all(r.startswith(("data:", "#")) or (r.startswith("overlays/") and (run["out"] / r).is_file())
+               for r in refs), refs
+    assert sum(r.startswith("overlays/") for r in refs) == 2  # each field's thumbnail opens its overlay
     assert "http" not in " ".join(refs) and "<link" not in text.lower() and "<script src" not in text.lower()
-    assert text.count("data:image/jpeg;base64,") == 2
+    assert text.count("width='320'") == 2
     assert "broken.jpg" in text and "not a diagnosis" in text
-    assert "Slide s1" in text
+    assert "Slide s1" in text and "smear " in text  # the header names smear's version and the models
 
 
 def test_render_html_escapes_names():
@@ -459,10 +462,46 @@ def test_streamed_writer_outputs_equal_whole_list_views(run):
     from smear.pipeline.report import write_summary_csv
 
     out = run["out"]
-    assert (out / "report.html").read_text() == render_html(run["results"], [run["slide"]], out / "overlays")
+    # the fixture names the slide after streaming: the whole-list view sees the records as they were added
+    as_added = [dataclasses.replace(r, slide=None) for r in run["results"]]
+    assert (out / "report.html").read_text() == render_html(as_added, [run["slide"]], out / "overlays")
     # the fixture names the slide after streaming: rows carry what each record was when added
     write_summary_csv(out / "whole.csv", [dataclasses.replace(r, slide=None) for r in run["results"]])
     assert (out / "summary.csv").read_bytes() == (out / "whole.csv").read_bytes()
+
+
+def test_report_header_wbc_gallery_and_slides_csv(tmp_path):
+    """The report names the run (date, version, models), shows each slide's WBCs by class once, links each
+    thumbnail to its full-size overlay; slides.csv has one row per slide."""
+    import cv2
+
+    from smear.pipeline.results import Flag, SlideResult, differential_from_counts
+
+    img, boxes = draw_field(seed=3, n_wbc=2)
+    path = tmp_path / "f.png"
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    cells = [Cell(list(b), "WBC" if lab == "WBC" else lab, "Lymphocyte" if lab == "WBC" else lab, 0.9, {},
+                  {"score_in_group": 0.8}) for lab, b in boxes]
+    result = ImageResult(image=str(path), width=640, height=480, cells=cells, slide="s9",
+                         counts={"Lymphocyte": 2, "WBC": 2}, warnings=["a field warning"])
+    writer = ResultWriter(tmp_path / "out", run_info={"date": "2026-12-01T10:00:00", "smear": "0.1.0", "commit": "abc",
+                                                      "models": {"detector": {"weights": "/m/det-x/weights.pt"},
+                                                                 "classifier": {"weights": "/m/cls-y"}}})
+    writer.add(result, img)
+    slide = SlideResult("s9", [result], counts={"Lymphocyte": 2, "WBC": 2}, ratios={"platelets_per_1000_rbc": None},
+                        differential=differential_from_counts({"Lymphocyte": 2}),
+                        flags=[Flag("differential", "insufficient evidence", "r", "t", "o", {"fields": 1}, "c")])
+    writer.close(slides=[slide])
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert "smear report: slide s9" in text and "Analysed 2026-12-01T10:00:00; smear 0.1.0 (abc)" in text
+    assert "detector: weights.pt" in text or "detector: det-x" in text
+    assert "<h4>Lymphocyte (2)</h4>" in text and text.count("width:72px") <= 1
+    assert "overlays/00000_f.png" in text and "a field warning" in text
+    assert text.count("differential (insufficient evidence)") == 0  # flags are in the slide's table, not per field
+    with open(tmp_path / "out" / "slides.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["slide"] == "s9" and row["n_Lymphocyte"] == "2" and row["pct_Lymphocyte"] == "100.0"
+    assert row["flags"] == "differential (insufficient evidence)"
 
 
 def test_writer_first_file_failed_and_close_checks(tmp_path):
@@ -480,8 +519,8 @@ def test_writer_first_file_failed_and_close_checks(tmp_path):
     assert rows[0]["platelets_per_1000_rbc"] == "" and rows[1]["platelets_per_1000_rbc"] == "500.0"
     text = (tmp_path / "out" / "report.html").read_text()
     assert "<p>2 images, 1 slide(s), 1 failed.</p>" in text and text.endswith("</html>")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "results.jsonl", "slides.json",
-                                                                     "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "results.jsonl", "slides.csv",
+                                                                     "slides.json", "summary.csv"]
 
     writer = ResultWriter(tmp_path / "out2")
     writer.add(good)
