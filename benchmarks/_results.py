@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import platform
 from datetime import datetime
 from pathlib import Path
 
@@ -37,23 +36,10 @@ def results_csv(benchmark: str) -> Path:
 
 
 def machine(device: str = "cpu") -> str:
-    """CPU model and the CPUs this process may use; on a CUDA device, the GPU's name too."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = f"{cpu} ({n} CPUs)"
-    if str(device).startswith("cuda"):
-        try:
-            import torch
+    """CPU model and the CPUs this process may use; on a CUDA device, the GPU's name too (model cards say the same)."""
+    from smear.configs.paths import machine_description
 
-            out += f" + {torch.cuda.get_device_name(torch.device(device))}"
-        except Exception:  # noqa: BLE001  no CUDA here after all: the CPU describes the machine
-            pass
-    return out
+    return machine_description(device)
 
 
 def model_name(weights: str | os.PathLike | None) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from smear.configs.errors import SmearError
-from smear.configs.paths import git_commit
+from smear.configs.paths import git_commit, machine_description
 from smear.data.images import read_image
 from smear.data.taxonomy import _canonical_label
 
@@ -132,7 +132,7 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
                                                                                     files.items()},
                       "unreadable": failed, "config": dataclasses.asdict(cfg),
                       "minutes": round((time.time() - t0) / 60, 2)},
-            "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
+            "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_description("cpu")}
     save_model_folder(Path(output), net, card)
     return Path(output)
 

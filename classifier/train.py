@@ -24,7 +24,7 @@ from torch import nn
 
 from smear.configs.errors import SmearError
 from smear.configs.loader import config_to_dict, dump_config
-from smear.configs.paths import git_commit, resolve_path
+from smear.configs.paths import git_commit, machine_description, resolve_path
 from smear.data.crops import CropRow, ImageCache, crop_cell, crop_square, read_manifest
 from smear.data.taxonomy import CELL_CLASSES, MORPHOLOGY_CLASSES, SUBTYPES
 
@@ -336,7 +336,8 @@ def save_run(run_dir: Path, net: CellClassifier, card: dict, result: dict) -> Pa
     """Write the model folder ``run_dir/model``: weights, card (json + md), history and training curves."""
     folder = run_dir / "model"
     card = {**card, "best_epoch": result["best_epoch"], "val_metrics": result["val_metrics"],
-            "train_minutes": result["minutes"], "date": time.strftime("%Y-%m-%d"), "commit": git_commit()}
+            "train_minutes": result["minutes"], "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+            "machine": machine_description(str(card.get("config", {}).get("device", "cpu")))}
     save_model_folder(folder, net, card)
     for target in (run_dir, folder):
         (target / "history.json").write_text(json.dumps(result["history"], indent=2))

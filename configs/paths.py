@@ -45,3 +45,26 @@ def git_commit() -> str:
     if out.returncode != 0:
         return "unknown"
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine_description(device: str = "cpu") -> str:
+    """CPU model and the CPUs this process may use; on a CUDA device, the GPU's name too (cards and benchmark rows)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out = f"{cpu} ({n} CPUs)"
+    if str(device).startswith("cuda"):
+        try:
+            import torch
+
+            out += f" + {torch.cuda.get_device_name(torch.device(device))}"
+        except Exception:  # noqa: BLE001  no CUDA here after all: the CPU describes the machine
+            pass
+    return out
