@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("classifier_labs"))
+    ap.add_argument("--write-card", metavar="KEY", help="store the per-source summaries in the model folder's card "
+                    "under KEY (e.g. lolo_pbc_out)")
     args = ap.parse_args(argv)
 
     from smear.classifier.adapt import AdaptConfig, adapt
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
     rows = read_training_rows(ClassifierConfig(manifest=args.manifests))
     want = {"all": ("train", "val", "test"), "val+test": ("val", "test")}.get(args.split, (args.split,))
     variant = args.variant or model_name(args.weights)
-    all_rows = []
+    all_rows, summaries = [], {}
     for s in args.sources:
         scored_rows = [r for r in rows if r.source == s and r.split in want]
         if not scored_rows:
@@ -139,12 +141,22 @@ def main(argv=None) -> int:
             append_rows(args.out, out, stamp=stamp)
             all_rows += out
             sm = summarise(out, list(m.classes))
+            summaries[f"{name}:{s}"] = {"source": s, "split": args.split, "adapt_cells": n_cells or 0, **sm}
             rec = ", ".join(f"{c[:4]} {v:.2f}" for c, v in sm["recall"].items())
             print(f"{name:<34} {s:<7} {args.split:<8} nucleated {sm['nucleated_cells']:>5}  "
                   f"bal.acc {sm['balanced_accuracy']}  acc {sm['accuracy']}  lost to RBC/PLT "
                   f"{sm['wbc_lost_to_group']}  all-class acc {sm['all_classes_accuracy']}  acc w/o RBC "
                   f"{sm['accuracy_without_rbc']}  recall: {rec}")
     print(f"{len(all_rows)} rows appended to {args.out}")
+    if args.write_card:
+        from smear.configs.modelcard import ModelCard
+
+        folder = Path(model.folder)
+        card = ModelCard.read(folder)
+        card.set(args.write_card, {"command": "python " + " ".join(sys.argv), "date": stamp["date"][:10],
+                                   "commit": stamp["commit"], "machine": stamp["machine"], "results": summaries})
+        card.write(folder)
+        print(f"card updated: {folder / 'card.json'} ({args.write_card})")
     return 0
 
 

@@ -348,6 +348,42 @@ def save_run(run_dir: Path, net: CellClassifier, card: dict, result: dict) -> Pa
     return folder
 
 
+#: The data sets a classifier trained on, as its card names and cites them
+DATA_SOURCES = {
+    "bccd": "BCCD (MIT): 364 fields of one lab, official train/val/test split; WBC subtypes from its labels.csv",
+    "pbc": "PBC: Acevedo A, Merino A, Alferez S, Molina A, Boldu L, Rodellar J. A dataset of microscopic peripheral "
+           "blood cell images for development of automatic recognition systems. Data in Brief 30 (2020) 105474, "
+           "doi:10.1016/j.dib.2020.105474. CC BY 4.0. CellaVision DM96, Hospital Clinic of Barcelona; used: 5,600 "
+           "cells (700 per class), plus the RBCs and platelets around them in txl-external's PBC fields",
+    "raabin": "Raabin-WBC fields of txl-external (MIT): RBC and platelet boxes, and WBC boxes without a subtype "
+              "(group-only labels)",
+}
+
+
+def package_classifier(src: Path, dest: Path, extra: dict | None = None) -> Path:
+    """Copy a trained model folder (``run/model``) to ``dest`` and complete its card: the machine, the data sources
+    it trained on (cited) and ``extra`` (e.g. a summary). Refuses to overwrite a folder."""
+    import shutil
+
+    from smear.configs.modelcard import ModelCard
+
+    src, dest = Path(src), Path(dest)
+    if not (src / "weights.pt").is_file():
+        raise SmearError(f"{src}: no weights.pt; give a trained model folder (runs/classifier/NAME/model)")
+    if dest.exists():
+        raise SmearError(f"{dest}: exists; choose another --out or remove it first")
+    shutil.copytree(src, dest)
+    card = ModelCard.read(dest)
+    sources = (card.get("data") or {}).get("sources") or []
+    card.set("data_sources", {s: DATA_SOURCES.get(s, s) for s in sources})
+    if not card.get("machine"):
+        card.set("machine", machine_description(str((card.get("config") or {}).get("device", "cpu"))))
+    for k, v in (extra or {}).items():
+        card.set(k, v)
+    card.write(dest)
+    return dest
+
+
 # ---------------------------------------------------------------- tasks
 
 def model_classes(cfg: ClassifierConfig, rows: Sequence[CropRow] | None = None) -> tuple[str, ...]:

@@ -356,6 +356,22 @@ def classifier_train(
     typer.echo(f"model folder: {folder}")
 
 
+@classifier_app.command("package")
+def classifier_package(
+    model: Path = typer.Argument(..., help="trained model folder (runs/classifier/NAME/model)"),
+    out: Path = typer.Option(..., "--out", help="model folder to write (e.g. classifier/models/NAME)"),
+    summary: str = typer.Option("", "--summary", help="one paragraph for the card: what the model is"),
+) -> None:
+    """Copy a trained classifier into a self-describing model folder; its card names the machine and cites the data.
+
+    Example: smear classifier package runs/classifier/my-run/model --out classifier/models/my-model --summary "..."
+    """
+    from smear.classifier.train import package_classifier
+
+    dest = package_classifier(model, out, {"summary": summary} if summary else None)
+    typer.echo(f"model folder: {dest}; use it with --set classifier_weights={dest}")
+
+
 @classifier_app.command("adapt")
 def classifier_adapt(
     cells_dir: Path = typer.Argument(..., help="CELLS_DIR/<class>/* cell images of your lab (class folder names as "

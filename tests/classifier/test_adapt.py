@@ -131,3 +131,22 @@ def test_adapt_cli_names_the_cells_used(tmp_path, tiny_classifier):
     assert "adapted on 3 cells: Neutrophil 3" in res.output and (tmp_path / "m" / "weights.pt").is_file()
     again = CliRunner().invoke(app, ["classifier", "adapt", str(cells), "--output", str(tmp_path / "m")])
     assert again.exit_code != 0 and "not empty" in again.output
+
+
+def test_package_completes_the_card_and_refuses_to_overwrite(tmp_path, tiny_classifier):
+    from smear.classifier.train import package_classifier
+
+    src = tmp_path / "run" / "model"
+    import shutil
+
+    shutil.copytree(tiny_classifier, src)
+    card = json.loads((src / "card.json").read_text())
+    card["data"] = {"sources": ["bccd", "pbc"]}
+    (src / "card.json").write_text(json.dumps(card))
+    dest = package_classifier(src, tmp_path / "models" / "m", {"summary": "a test model"})
+    got = json.loads((dest / "card.json").read_text())
+    assert got["summary"] == "a test model" and "CPUs" in got["machine"]
+    assert set(got["data_sources"]) == {"bccd", "pbc"} and "CC BY 4.0" in got["data_sources"]["pbc"]
+    assert "a test model" in (dest / "card.md").read_text()
+    with pytest.raises(SmearError, match="exists"):
+        package_classifier(src, dest)
