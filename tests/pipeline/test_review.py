@@ -263,3 +263,38 @@ def test_a_technologist_reclassifies_by_keyboard_and_signs_off_in_chromium(serve
     doc = json.loads((out / "reviewed" / "slideA.json").read_text())
     assert doc["counts"]["Lymphocyte"] == 1 and doc["counts"]["Neutrophil"] == 1
     assert [(a["from_label"], a["to_label"]) for a in doc["audit"]] == [("Neutrophil", "Lymphocyte")]
+
+
+def test_a_correction_acknowledged_before_sigkill_is_kept(out):
+    """The real server process, killed with SIGKILL right after a 200: the correction is on disk."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from smear.pipeline.cli import main; main()", "review", str(out),
+                             "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                cells = httpx.get(f"{base}/api/slides/slideA/cells", timeout=1).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the review server did not start: " + proc.stdout.read1().decode())
+        target = next(c for c in cells if c["label"] == "Eosinophil")
+        assert httpx.post(f"{base}/api/cells/{target['id']}", json={"label": "Basophil"}).status_code == 200
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert ReviewStore(out).cell(target["id"])["corrected_label"] == "Basophil"
