@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 _DONE = False
+#: ultralytics settings that would reach the network: analytics ('sync') and the experiment-tracker callbacks
+OFFLINE_SETTINGS = ("sync", "clearml", "comet", "dvc", "mlflow", "neptune", "raytune", "tensorboard", "wandb", "hub")
 
 
 def ensure_offline() -> None:
@@ -34,7 +36,9 @@ def ensure_offline() -> None:
             if not target.exists() and dejavu.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(dejavu, target)
-        SETTINGS.update({"sync": False, "hub": False}) if hasattr(SETTINGS, "update") else None
+        off = {k: False for k in OFFLINE_SETTINGS if k in SETTINGS and SETTINGS[k] is not False}
+        if off:  # only the keys this ultralytics has: an unknown key raises (and 'hub' is not one)
+            SETTINGS.update(off)
     except Exception:  # noqa: BLE001  ultralytics missing or read-only config dir: nothing to provide
         pass
     _DONE = True
