@@ -68,3 +68,31 @@ def machine_description(device: str = "cpu") -> str:
         except Exception:  # noqa: BLE001  no CUDA here after all: the CPU describes the machine
             pass
     return out
+
+
+def check_device(device: str | None) -> None:
+    """Refuse, in one line, a torch device this machine does not have (before any model loads).
+
+    Raises:
+        SmearError: e.g. ``--device cuda`` without a visible CUDA GPU; the message names the devices there are.
+    """
+    d = str(device or "cpu").strip().lower()
+    if d in ("", "cpu"):
+        return
+    import torch
+
+    from .errors import SmearError
+
+    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        have.append("mps")
+    if d.startswith("cuda"):
+        index = d.split(":", 1)[1] if ":" in d else "0"
+        if not index.isdigit() or f"cuda:{index}" not in have:
+            raise SmearError(f"device {device!r} is not available here; available: {', '.join(have)}")
+    elif d == "mps":
+        if "mps" not in have:
+            raise SmearError(f"device {device!r} is not available here; available: {', '.join(have)}")
+    else:
+        raise SmearError(f"device {device!r} is not a torch device smear knows (cpu, cuda, cuda:N, mps); "
+                         f"available: {', '.join(have)}")

@@ -127,6 +127,12 @@ def analyze(
     files = expand_inputs(paths)
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
+    if not any(f.is_file() for f in files):  # before any model loads or any output is written
+        _fail("nothing to analyse: " + "; ".join(f"{f}: no such file" for f in files[:3])
+              + (f"; and {len(files) - 3} more" if len(files) > 3 else ""))
+    from smear.configs.paths import check_device
+
+    check_device(cfg.device)
     analyzer = Analyzer(cfg)
     writer = ResultWriter(output, run_info=analyzer.provenance(), fields=fields) if output else None
     # Each result is written and dropped as it comes (memory flat over any batch); only its table

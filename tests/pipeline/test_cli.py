@@ -15,7 +15,7 @@ import pytest
 from conftest import AnalyzerBuilt, draw_field, write_voc
 from typer.testing import CliRunner
 
-from smear.configs.errors import ConfigError
+from smear.configs.errors import ConfigError, SmearError
 from smear.data.crops import crop_cell
 from smear.pipeline.cli import app
 
@@ -139,6 +139,34 @@ def test_analyze_nothing_found(tmp_path, analyze_args):
     (tmp_path / "empty").mkdir()
     r = invoke("analyze", tmp_path / "empty", *analyze_args)
     assert r.exit_code == 1 and "no images found" in r.stderr
+
+
+def test_analyze_missing_inputs_fail_before_any_model_loads_and_write_nothing(tmp_path, monkeypatch):
+    import smear.pipeline.analyze as analyze
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded for inputs that do not exist")
+
+    monkeypatch.setattr(analyze.Analyzer, "__init__", no_models)
+    r = invoke("analyze", tmp_path / "no_such.jpg", tmp_path / "nor_this.png", "--output", tmp_path / "out")
+    assert r.exit_code == 1 and not (tmp_path / "out").exists()
+    assert r.stderr.strip() == (f"smear: error: nothing to analyse: {tmp_path / 'no_such.jpg'}: no such file; "
+                                f"{tmp_path / 'nor_this.png'}: no such file")
+
+
+def test_analyze_on_a_device_this_machine_lacks_is_one_line(tmp_path, monkeypatch):
+    import torch
+
+    import smear.pipeline.analyze as analyze
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(analyze.Analyzer, "__init__", lambda *a, **k: pytest.fail("models loaded"))
+    f = _write_field(tmp_path / "f.png", 1)
+    for device, shown in (("cuda", "'cuda'"), ("cuda:3", "'cuda:3'"), ("tpu", "'tpu'")):
+        r = invoke("analyze", f, "--device", device)
+        assert r.exit_code != 0 and isinstance(r.exception, SmearError), r.output
+        msg = str(r.exception)
+        assert "\n" not in msg and shown in msg and "available: cpu" in msg
 
 
 def test_classify_crops_with_a_broken_file(tmp_path, tiny_classifier):
