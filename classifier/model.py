@@ -40,8 +40,9 @@ def _load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  any unpickling failure: refuse, never fall back to unsafe loading
-        raise SmearError(f"{path}: cannot load as a weights-only state dict ({type(e).__name__}); "
-                         f"save it with torch.save(model.state_dict(), ...)") from None
+        raise SmearError(f"{path}: cannot load as a weights-only state dict ({type(e).__name__}: truncated, corrupt, "
+                         "or not a state dict); reinstall smear to restore a shipped model, train one with 'smear "
+                         "classifier train', or save yours with torch.save(model.state_dict(), ...)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state

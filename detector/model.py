@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from smear.configs.errors import ModelNotFoundError
+from smear.configs.errors import ModelNotFoundError, SmearError
 
 DEFAULT_MODEL = "multilab-yolov8n-cpu"
 
@@ -56,3 +56,20 @@ def find_detector(weights: str | Path | None = None) -> DetectorModelInfo:
     raise ModelNotFoundError(
         f"detector weights not found (looked in {', '.join(map(str, looked))}); train one with "
         f"'smear data prepare' then 'smear detector train', or pass --weights PATH")
+
+
+def load_yolo(weights: str | Path):
+    """ultralytics' YOLO on a weights file, or one line naming the file and what to do when it cannot be read.
+
+    Raises:
+        SmearError: a truncated or corrupt file, or a file that is not YOLO weights.
+    """
+    from ultralytics import YOLO
+
+    try:
+        return YOLO(str(weights), task="detect")
+    except Exception as e:  # noqa: BLE001  whatever torch/ultralytics raise on a bad file: one line, not a traceback
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise SmearError(f"{weights}: cannot be read as YOLO detector weights ({type(e).__name__}"
+                         + (f": {first}" if first else "") + "); reinstall smear to restore a shipped model, or "
+                         "train or export one with 'smear detector train' / 'smear detector export'") from None

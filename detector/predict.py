@@ -14,7 +14,7 @@ from smear.configs.offline import ensure_offline, use_cpu_threads
 from smear.data.taxonomy import GROUPS
 
 from .config import DetectorConfig
-from .model import DetectorModelInfo, find_detector
+from .model import DetectorModelInfo, find_detector, load_yolo
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,6 @@ class Detector:
     def __init__(self, weights: str | Path | None = None, cfg: DetectorConfig | None = None, device: str | None = None,
                  threads: int | None = None):
         ensure_offline()
-        from ultralytics import YOLO
-
         self.info: DetectorModelInfo = find_detector(weights)
         card_cfg = self.info.card.get("config", {})
         base = cfg or DetectorConfig()
@@ -191,7 +189,7 @@ class Detector:
         self.imgsz = int(card_cfg.get("imgsz", base.imgsz)) if cfg is None else base.imgsz
         self.device = device or base.device
         use_cpu_threads(base.threads if threads is None else threads)  # held through ultralytics' device pick
-        self.model = YOLO(str(self.info.weights), task="detect")
+        self.model = load_yolo(self.info.weights)
         names = self.model.names
         self._class_map = {}
         for idx, name in (names.items() if isinstance(names, dict) else enumerate(names)):
