@@ -106,6 +106,8 @@ def analyze(
     overrides: List[str] = typer.Option([], "--set", help="config override key=value (repeatable)"),
     fields: bool = typer.Option(True, "--fields/--no-fields", help="with --output, copy each input field into "
                                 "OUT/fields/ (smear review cuts its cell crops from them, never from outside OUT)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous run in --output (its results, "
+                                   "overlays and field copies are removed first; a folder with a review is refused)"),
 ) -> None:
     """Find, classify and count cells; differential and flags per image and per slide.
 
@@ -133,6 +135,8 @@ def analyze(
     from smear.configs.paths import check_device
 
     check_device(cfg.device)
+    if output:
+        prepare_output(output, overwrite)
     analyzer = Analyzer(cfg)
     writer = ResultWriter(output, run_info=analyzer.provenance(), fields=fields) if output else None
     # Each result is written and dropped as it comes (memory flat over any batch); only its table
@@ -241,6 +245,33 @@ def benchmark(
 
     summary = run_benchmark(data, split, output, cfg=_load(PipelineConfig, config, overrides))
     typer.echo(summary)
+
+
+#: What 'smear analyze --output' writes: an earlier run's files that --overwrite removes (nothing else is touched)
+RUN_OUTPUTS = ("results.jsonl", "summary.csv", "slides.json", "slides.csv", "run.json", "report.html", "overlays",
+               "fields")
+
+
+def prepare_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds a previous run, unless ``overwrite``; then clear that run's files so no
+    stale overlay or field copy stays beside the new ones. A folder with a review (review.sqlite) is never cleared."""
+    import shutil
+
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        _fail(f"{output}: exists and is not a folder")
+    previous = [name for name in RUN_OUTPUTS if (output / name).exists()]
+    if not previous:
+        return
+    if not overwrite:
+        _fail(f"{output}: holds a previous run ({', '.join(previous)}); pass --overwrite to replace it, or choose "
+              "another --output")
+    if (output / "review.sqlite").exists() or (output / "reviewed").exists():
+        _fail(f"{output}: holds a review of the previous run (review.sqlite, reviewed/); move it away before "
+              "re-analysing into this folder")
+    for name in previous:
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

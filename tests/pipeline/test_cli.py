@@ -154,6 +154,28 @@ def test_analyze_missing_inputs_fail_before_any_model_loads_and_write_nothing(tm
                                 f"{tmp_path / 'nor_this.png'}: no such file")
 
 
+def test_an_output_folder_with_a_previous_run_needs_overwrite_which_clears_it(tmp_path, monkeypatch):
+    import smear.pipeline.analyze as analyze
+    from smear.pipeline.cli import prepare_output
+
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    (out / "overlays" / "00007_stale.png").write_bytes(b"x")
+    (out / "results.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(analyze.Analyzer, "__init__", lambda *a, **k: pytest.fail("models loaded"))
+    f = _write_field(tmp_path / "f.png", 1)
+    r = invoke("analyze", f, "--output", out)
+    assert r.exit_code == 1 and "holds a previous run (results.jsonl, overlays)" in r.stderr
+    assert (out / "overlays" / "00007_stale.png").exists()  # nothing touched
+    prepare_output(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only smear's own files went
+    (out / "results.jsonl").write_text("{}\n")
+    (out / "review.sqlite").write_bytes(b"")
+    r = invoke("analyze", f, "--output", out, "--overwrite")
+    assert r.exit_code == 1 and "holds a review" in r.stderr and (out / "results.jsonl").exists()
+
+
 def test_analyze_on_a_device_this_machine_lacks_is_one_line(tmp_path, monkeypatch):
     import torch
 
