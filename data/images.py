@@ -93,7 +93,19 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files under ``folder``, sorted; symlinked folders are followed (a slide folder may be a link), each real
+    folder once, so a symlink loop ends instead of recursing."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        out.extend(Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES
+                   and (Path(dirpath) / f).is_file())
+    return sorted(out)
 
 
 def cell_mask(bgr: np.ndarray, background_percentile: float = 50.0, clip_percentile: float = 100.0) -> np.ndarray:

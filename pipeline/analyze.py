@@ -426,13 +426,18 @@ def mean_rbc_diameter_um(cells: Iterable[Cell], cfg: PipelineConfig) -> float | 
 
 
 def slide_names(paths: Sequence[Path], roots: Sequence[str | Path], slide: str | None) -> list[str]:
-    """Slide of each image: ``--slide NAME`` for all, else the first sub-folder under the given folder, else 'all'."""
+    """Slide of each image: ``--slide NAME`` for all, else the first sub-folder under the given folder, else 'all'.
+
+    Names come from the folders as the user named them: paths are made absolute without following symlinks, so a
+    folder of symlinked images (or a symlinked slide folder) keeps its own name."""
+    import os
+
     if slide:
         return [slide] * len(paths)
-    dirs = [Path(r).resolve() for r in roots if Path(r).is_dir()]
+    dirs = [Path(os.path.abspath(r)) for r in roots if Path(r).is_dir()]
     out = []
     for p in paths:
-        rp = Path(p).resolve()
+        rp = Path(os.path.abspath(p))
         name = "all"
         for d in dirs:
             try:

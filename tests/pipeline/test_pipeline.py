@@ -298,6 +298,25 @@ def test_slide_names_one_slide_per_subfolder(tmp_path):
     assert slide_names(paths, [str(root)], "S9") == ["S9"] * len(paths)
 
 
+def test_slide_names_follow_the_folders_the_user_named_through_symlinks(tmp_path):
+    from smear.data.images import expand_inputs
+
+    store = tmp_path / "store"
+    real = [_write_field(store / f"img{i}.png", i) for i in range(2)]
+    slide = tmp_path / "slides" / "patient7"
+    slide.mkdir(parents=True)
+    for f in real:
+        (slide / f.name).symlink_to(f)  # a folder of symlinked images
+    (tmp_path / "slides" / "patient8").symlink_to(store, target_is_directory=True)  # a symlinked slide folder
+    paths = expand_inputs([tmp_path / "slides"])
+    names = slide_names(paths, [str(tmp_path / "slides")], None)
+    assert sorted(zip((p.parent.name for p in paths), names)) == [("patient7", "patient7")] * 2 + \
+        [("patient8", "patient8")] * 2
+    assert slide_names(expand_inputs([slide]), [str(slide)], None) == ["patient7", "patient7"]
+    (slide / "loop").symlink_to(slide, target_is_directory=True)  # a symlink loop ends: each real folder once
+    assert len(expand_inputs([tmp_path / "slides"])) == 4
+
+
 def test_analyze_slides_end_to_end(analyzer, tmp_path):
     root = tmp_path / "slides"
     _write_field(root / "A" / "1.png", 1)
