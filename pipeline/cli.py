@@ -153,7 +153,7 @@ def analyze(
             table.append(table_row(result, name_width))
 
     batch = analyzer.analyze_batch(files, slide_names(files, paths, slide), on_result=on_result,
-                                   progress=sys.stderr.isatty())
+                                   progress=sys.stderr.isatty() and logging.getLogger().getEffectiveLevel() <= logging.INFO)
     if writer:
         writer.close(slides=batch.slides)
     if not as_json:
