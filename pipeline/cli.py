@@ -152,8 +152,8 @@ def analyze(
         else:
             table.append(table_row(result, name_width))
 
-    batch = analyzer.analyze_batch(files, slide_names(files, paths, slide), on_result=on_result,
-                                   progress=sys.stderr.isatty() and logging.getLogger().getEffectiveLevel() <= logging.INFO)
+    show_bar = sys.stderr.isatty() and logging.getLogger().getEffectiveLevel() <= logging.INFO  # not with -q
+    batch = analyzer.analyze_batch(files, slide_names(files, paths, slide), on_result=on_result, progress=show_bar)
     if writer:
         writer.close(slides=batch.slides)
     if not as_json:
