@@ -34,7 +34,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     # ANYDEPTH|ANYCOLOR keeps 16-bit data and still applies EXIF orientation (UNCHANGED would not).
     img = cv2.imread(str(p), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     if img is None:
-        raise ImageReadError(f"{p}: cannot decode as an image (supported: {', '.join(IMAGE_SUFFIXES)})")
+        cut = [w.split(": ", 1)[1].split(" (")[0] for w in file_warnings(p) if "truncated" in w]
+        raise ImageReadError(f"{p}: {cut[0]}, cannot be decoded" if cut else
+                             f"{p}: cannot decode as an image (supported: {', '.join(IMAGE_SUFFIXES)})")
     if img.dtype == np.uint16:
         img = (img / 257.0 + 0.5).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
@@ -49,6 +51,36 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if img.shape[2] == 1:
         return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def file_warnings(path: str | os.PathLike) -> list[str]:
+    """What a record should say about a file that decoded but not whole: a JPEG or PNG cut short (the decoder fills
+    the missing rows), a multi-page TIFF (only the first page is analysed)."""
+    p = Path(path)
+    out: list[str] = []
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError:
+        return out
+    if head[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in tail:
+        out.append(f"{p}: truncated JPEG (no end-of-image marker): the rows after the cut are filled in by the "
+                   "decoder, so cells there are missing or false")
+    elif head == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        out.append(f"{p}: truncated PNG (no IEND chunk): the rows after the cut are missing or filled in")
+    elif head[:4] in (b"II*\x00", b"MM\x00*"):
+        try:
+            import cv2
+
+            pages = cv2.imcount(str(p))
+        except Exception:  # noqa: BLE001  an OpenCV without imcount: say nothing rather than guess
+            pages = 1
+        if pages > 1:
+            out.append(f"{p}: TIFF with {pages} pages: only the first page was analysed")
+    return out
 
 
 def read_bgr(path: str | os.PathLike) -> np.ndarray:

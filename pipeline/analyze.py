@@ -239,7 +239,7 @@ class Analyzer:
 
         Unreadable files give a result with ``error`` set and ``image_rgb`` None.
         """
-        from smear.data.images import read_image
+        from smear.data.images import file_warnings, read_image
 
         bar = progress_bar(len(paths), "analyze", progress)
         try:
@@ -258,6 +258,7 @@ class Analyzer:
                 if loaded:
                     done = self.analyze_arrays([a for _, a in loaded], [str(chunk[i]) for i, _ in loaded])
                     for (i, _), r in zip(loaded, done):
+                        r.warnings = file_warnings(chunk[i]) + r.warnings  # decoded, but not whole
                         chunk_results[i] = r
                 images = dict(loaded)
                 for i, r in enumerate(chunk_results):

@@ -158,3 +158,26 @@ def test_expand_glob_matching_folders_expands_them(tmp_path):
     empty = tmp_path / "empty" / "sub"
     empty.mkdir(parents=True)
     assert expand_inputs([str(tmp_path / "empty" / "*")]) == [tmp_path / "empty" / "*"]  # reported, not dropped
+
+
+def test_cut_short_and_multi_page_files_are_named(tmp_path):
+    import cv2
+    import numpy as np
+
+    from smear.data.images import ImageReadError, file_warnings, read_image
+
+    img = (np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "whole.jpg"), img)
+    cv2.imwrite(str(tmp_path / "whole.png"), img)
+    for name in ("jpg", "png"):
+        data = (tmp_path / f"whole.{name}").read_bytes()
+        (tmp_path / f"cut.{name}").write_bytes(data[: len(data) // 3])
+    assert file_warnings(tmp_path / "whole.jpg") == [] and file_warnings(tmp_path / "whole.png") == []
+    assert read_image(tmp_path / "cut.jpg").shape == (120, 160, 3)  # the decoded part is used, with a warning
+    (w,) = file_warnings(tmp_path / "cut.jpg")
+    assert w.startswith(f"{tmp_path / 'cut.jpg'}: truncated JPEG")
+    with pytest.raises(ImageReadError, match="truncated PNG"):
+        read_image(tmp_path / "cut.png")
+    cv2.imwritemulti(str(tmp_path / "pages.tif"), [img, img, img])
+    assert file_warnings(tmp_path / "pages.tif") == [f"{tmp_path / 'pages.tif'}: TIFF with 3 pages: only the first "
+                                                    "page was analysed"]

@@ -281,6 +281,15 @@ def test_format_table(run):
     assert "ERROR" in table[2] and "a.png" in table[1]
 
 
+def test_a_cut_short_jpeg_is_analysed_with_a_warning_in_its_record(analyzer, tmp_path):
+    f = _write_field(tmp_path / "whole.jpg", 1)
+    data = f.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    whole, cut = analyzer.analyze_images([f, tmp_path / "cut.jpg"])
+    assert whole.warnings == [] and cut.error is None
+    assert any("truncated JPEG" in w for w in cut.warnings)
+
+
 def test_slide_names_one_slide_per_subfolder(tmp_path):
     root = tmp_path / "slides"
     files = [_write_field(root / "patient1" / "f1.png", 1), _write_field(root / "patient1" / "deep" / "f2.png", 2),
