@@ -31,6 +31,8 @@ from .train import augmented_crop, set_valued_loss
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+#: The shipped single-stage classifier adapt starts from when no --base is given (the BCCD cascade cannot be adapted)
+ADAPT_BASE = "multilab-mnv2-128"
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,11 @@ def read_cells_dir(cells_dir: Path, classes: list[str]) -> dict[str, list[Path]]
 
 
 def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: AdaptConfig | None = None) -> Path:
-    """Fine-tune ``base`` (default: the shipped classifier) on ``cells_dir`` and write the model folder ``output``."""
+    """Fine-tune ``base`` (default: the shipped multi-lab classifier, ``ADAPT_BASE``) on ``cells_dir`` and write the
+    model folder ``output``."""
     cfg = cfg or AdaptConfig()
     torch.set_num_threads(cfg.threads)
-    model = load_classifier(base, with_refiner=False)
+    model = load_classifier(base or ADAPT_BASE, with_refiner=False)
     if model.card.get("refiner") or model.card.get("subtyper"):
         raise SmearError(f"{model.folder}: a cascade (refiner/subtyper); adapt a single-stage model such as the "
                          "multi-lab classifier")

@@ -205,7 +205,8 @@ def write_model_card(folder: Path, card: dict) -> None:
 
 
 def resolve_model_folder(weights: str | Path | None, default: str, what: str, how: str) -> Path:
-    """The model folder for ``weights`` (a folder or its weights.pt), else the shipped ``default``.
+    """The model folder for ``weights`` (a folder or its weights.pt, or the name of a shipped folder such as
+    ``multilab-mnv2-128``), else the shipped ``default``.
 
     Raises:
         ModelNotFoundError: no weights.pt and card.json there; says where it looked and ``how`` to make one.
@@ -213,6 +214,8 @@ def resolve_model_folder(weights: str | Path | None, default: str, what: str, ho
     if weights:
         p = Path(weights)
         folder = p.parent if p.suffix in (".pt", ".pth") else p
+        if not folder.exists() and len(p.parts) == 1 and (shipped_models_dir() / p.name).is_dir():
+            folder = shipped_models_dir() / p.name
     else:
         folder = shipped_models_dir() / default
     if (folder / "weights.pt").is_file() and (folder / "card.json").is_file():

@@ -377,7 +377,8 @@ def classifier_adapt(
     cells_dir: Path = typer.Argument(..., help="CELLS_DIR/<class>/* cell images of your lab (class folder names as "
                                      "smear names them, any case: neutrophil, lymphocyte, ig, erythroblast, ...)"),
     output: Path = typer.Option(..., "--output", help="model folder to write (weights.pt, card.json, card.md)"),
-    base: Optional[str] = typer.Option(None, "--base", help="model folder to start from (default: the shipped one)"),
+    base: Optional[str] = typer.Option(None, "--base", help="model folder to start from (default: the shipped "
+                                       "multi-lab classifier, multilab-mnv2-128)"),
     steps: int = typer.Option(150, "--steps", help="optimisation steps of 32 cells"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
 ) -> None:

@@ -36,6 +36,21 @@ def test_shipped_models_are_package_data():
         assert f.is_file()
 
 
+def test_the_multi_lab_classifier_is_selectable_by_name_and_names_the_new_classes(tmp_path):
+    from smear.classifier.model import load_classifier
+    from smear.pipeline.analyze import Analyzer
+    from smear.pipeline.config import PipelineConfig
+
+    model = load_classifier("multilab-mnv2-128")
+    assert {"ImmatureGranulocyte", "Erythroblast"} <= set(model.classes) and model.refiner is model.subtyper is None
+    card = model.card
+    assert "CC BY 4.0" in card["data_sources"]["pbc"] and card["test_by_lab"]["results"]
+    r = Analyzer(PipelineConfig(classifier_weights="multilab-mnv2-128", morphology_weights="none")).analyze_images(
+        [SAMPLES / "BloodImage_00007.jpg"])[0]
+    wbc = max((c for c in r.cells if c.group == "WBC"), key=lambda c: c.score)
+    assert wbc.label == "Neutrophil" and "Erythroblast" in r.counts
+
+
 @pytest.mark.parametrize("name,subtype", [("BloodImage_00007.jpg", "Neutrophil"), ("BloodImage_00041.jpg", "Eosinophil"),
                                           ("BloodImage_00021.jpg", "Lymphocyte")])
 def test_sample_fields_are_read_like_a_technologist_would(analyzer, name, subtype):
