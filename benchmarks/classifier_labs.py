@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     want = {"all": ("train", "val", "test"), "val+test": ("val", "test"), "train+val": ("train", "val")}.get(
         args.split, (args.split,))
     variant = args.variant or model_name(args.weights)
+    # one stamp for the whole run, taken before any row is written (the rows themselves dirty the checkout)
+    start = run_stamp(variant, seed=args.seed, device="cpu")
     all_rows, summaries = [], {}
     for s in args.sources:
         scored_rows = [r for r in rows if r.source == s and r.split in want]
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
                                AdaptConfig(steps=args.adapt_steps, seed=args.seed))
                 runs.append((f"{variant}+adapt{k}", load_classifier(folder), len(chosen)))
         for name, m, n_cells in runs:
-            stamp = run_stamp(name, seed=args.seed, device="cpu")
+            stamp = {**start, "variant": name}
             out = score(m, scored_rows)
             for r in out:
                 r["adapt_cells"] = n_cells or 0
