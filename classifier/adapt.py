@@ -134,6 +134,10 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
             "adapt": {"cells_dir": str(Path(cells_dir).resolve()), "cells_per_class": {c: len(v) for c, v in
                                                                                     files.items()},
                       "unreadable": failed, "config": dataclasses.asdict(cfg),
+                      "limitation": ("Measured 2026-12-01 (benchmarks/classifier_labs.py --adapt): adapted on WBC "
+                                     "folders alone, the model calls most RBC and platelet crops WBCs (3-group "
+                                     "accuracy 0.95 -> 0.08-0.53); give rbc/ and platelets/ folders too")
+                      if not {"RBC", "Platelets"} <= set(files) else "",
                       "minutes": round((time.time() - t0) / 60, 2)},
             "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_description("cpu")}
     save_model_folder(Path(output), net, card)

@@ -398,6 +398,11 @@ def classifier_adapt(
     typer.echo(f"adapted on {sum(used.values())} cells: " + ", ".join(f"{c} {n}" for c, n in used.items()))
     for bad in card["adapt"]["unreadable"]:
         typer.echo(f"skipped: {bad}", err=True)
+    missing = [c for c in ("RBC", "Platelets") if c not in used]
+    if missing:
+        typer.echo(f"warning: no {' or '.join(missing)} folder: measured on other labs, a model adapted on WBCs alone "
+                   "names many RBCs and platelets as WBCs; add rbc/ and platelets/ folders of your cells (50 each) "
+                   "before using it in 'smear analyze'", err=True)
     typer.echo(f"model folder: {folder}")
 
 
