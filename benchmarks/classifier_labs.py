@@ -159,8 +159,8 @@ def main(argv=None) -> int:
 
         folder = Path(model.folder)
         card = ModelCard.read(folder)
-        card.set(args.write_card, {"command": "python " + " ".join(sys.argv), "date": stamp["date"][:10],
-                                   "commit": stamp["commit"], "machine": stamp["machine"], "results": summaries})
+        card.set(args.write_card, {"command": "python " + " ".join(sys.argv), "date": start["date"][:10],
+                                   "commit": start["commit"], "machine": start["machine"], "results": summaries})
         card.write(folder)
         print(f"card updated: {folder / 'card.json'} ({args.write_card})")
     return 0

@@ -10,6 +10,7 @@ Forgetting). The result is an ordinary model folder whose card names the base mo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import random
@@ -21,7 +22,7 @@ import torch
 
 from smear.configs.errors import SmearError
 from smear.configs.paths import git_commit, machine_description
-from smear.data.images import read_image
+from smear.data.images import IMAGE_SUFFIXES, read_image
 from smear.data.taxonomy import _canonical_label
 
 from .model import ClassifierModel, load_classifier, save_model_folder
@@ -30,7 +31,6 @@ from .train import augmented_crop, set_valued_loss
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 #: The shipped single-stage classifier adapt starts from when no --base is given (the BCCD cascade cannot be adapted)
 ADAPT_BASE = "multilab-mnv2-128"
 
@@ -89,10 +89,9 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
     if not images:
         raise SmearError(f"{cells_dir}: no readable cell image ({len(failed)} failed)")
     t0 = time.time()
-    base_net = model.net.eval()
-    with torch.inference_mode():
-        base_probs = predict_crops(model, [crop_from_cell_image(model, im) for im in images])
-    net = _copy_net(model)
+    model.net.eval()
+    base_probs = predict_crops(model, [crop_from_cell_image(model, im) for im in images])  # runs in inference mode
+    net = copy.deepcopy(model.net)
     net.freeze_backbone(cfg.unfreeze_fraction)
     net.train()
     net.set_frozen_bn_eval()
@@ -123,7 +122,6 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
         loss.backward()
         opt.step()
     net.eval()
-    del base_net
     card = {**{k: v for k, v in model.card.items() if k in ("kind", "task", "classes", "config")},
             "title": f"Classifier adapted from {model.folder.name}",
             "summary": (f"{model.folder.name} fine-tuned by 'smear classifier adapt' on {len(images)} cells of "
@@ -144,17 +142,12 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
     return Path(output)
 
 
-def _copy_net(model: ClassifierModel):
-    import copy
-
-    return copy.deepcopy(model.net)
-
-
 def _crop_config(model: ClassifierModel):
     """The augmentation settings of the base model's training (its card's config), with no margin: a lab's cell
     images are already cropped around the cell, as ``smear classify`` reads them."""
+    from smear.configs.loader import build_known_config
+
     from .config import ClassifierConfig
 
-    known = {f.name for f in dataclasses.fields(ClassifierConfig)}
-    cfg = ClassifierConfig(**{k: v for k, v in (model.card.get("config") or {}).items() if k in known})
+    cfg = build_known_config(ClassifierConfig, model.card.get("config") or {}, source=f"{model.folder}/card.json")
     return dataclasses.replace(cfg, crop_margin=0.0, margin_jitter=min(cfg.margin_jitter, 0.05))

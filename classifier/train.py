@@ -399,7 +399,7 @@ def model_classes(cfg: ClassifierConfig, rows: Sequence[CropRow] | None = None) 
 def read_training_rows(cfg: ClassifierConfig) -> list[CropRow]:
     """The rows of every manifest of ``cfg`` whose label is one of the task's classes (for ``cells``, group-only
     ``WBC`` rows too: they train the group through :func:`set_valued_loss`), less ``exclude_sources``."""
-    classes = SUBTYPES if cfg.classes == "subtypes" else CELL_CLASSES + ("WBC",)
+    classes = model_classes(cfg) + (() if cfg.classes == "subtypes" else ("WBC",))
     excluded = {s.strip().lower() for s in cfg.exclude_sources.split(",") if s.strip()}
     rows = [r for m in cfg.manifest.split(",") if m.strip() for r in read_manifest(resolve_path(m.strip()), classes)]
     return [r for r in rows if r.source not in excluded]

@@ -130,6 +130,13 @@ def build_config(cls: type[T], values: Mapping[str, Any] | None = None, *, sourc
     return cls(**kwargs)
 
 
+def build_known_config(cls: type[T], values: Mapping[str, Any], *, source: str = "stored settings") -> T:
+    """:func:`build_config` from settings stored by another version (a model card, a run's ``run.json``): keys this
+    version does not know are left out, the others are checked as usual."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return build_config(cls, {k: v for k, v in values.items() if k.replace("-", "_") in known}, source=source)
+
+
 def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
     """Parse ``key=value`` strings (CLI) into a dict; values are parsed as YAML scalars."""
     out: dict[str, Any] = {}

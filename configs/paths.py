@@ -86,12 +86,9 @@ def check_device(device: str | None) -> None:
     have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         have.append("mps")
-    if d.startswith("cuda"):
-        index = d.split(":", 1)[1] if ":" in d else "0"
-        if not index.isdigit() or f"cuda:{index}" not in have:
-            raise SmearError(f"device {device!r} is not available here; available: {', '.join(have)}")
-    elif d == "mps":
-        if "mps" not in have:
+    if d.startswith("cuda") or d == "mps":
+        wanted = "cuda:0" if d == "cuda" else d
+        if wanted not in have:
             raise SmearError(f"device {device!r} is not available here; available: {', '.join(have)}")
     else:
         raise SmearError(f"device {device!r} is not a torch device smear knows (cpu, cuda, cuda:N, mps); "

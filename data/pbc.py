@@ -146,10 +146,13 @@ def build_pbc_manifest(root: Path, out: Path, propose: ProposeBoxes, val_fractio
                      **({} if box is None else dict(zip(("x1", "y1", "x2", "y2"), (round(float(v), 1) for v in box))))})
         if (k + 1) % 500 == 0:
             log.info("%d / %d PBC images boxed", k + 1, len(images))
+    sides: dict[str, list[float]] = {}  # each class's boxed sides, for the images where no box was found
+    for q in rows:
+        if "x1" in q:
+            sides.setdefault(q["label"], []).append(q["x2"] - q["x1"])
     for k, (w, h) in missing:
         r = rows[k]
-        sides = [float(q["x2"]) - float(q["x1"]) for q in rows if q["label"] == r["label"] and "x1" in q]
-        side = float(np.median(sides)) if sides else 0.5 * min(w, h)
+        side = float(np.median(sides[r["label"]])) if r["label"] in sides else 0.5 * min(w, h)
         r.update(box_from="median", x1=round(w / 2 - side / 2, 1), y1=round(h / 2 - side / 2, 1),
                  x2=round(w / 2 + side / 2, 1), y2=round(h / 2 + side / 2, 1))
     rows += field_rows(fields, val_fraction, test_fraction)

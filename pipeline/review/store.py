@@ -226,15 +226,14 @@ class ReviewStore:
 
     def settings(self):
         """The analysis run's pipeline settings (``run.json``), else the defaults."""
-        from smear.configs.loader import build_config
+        from smear.configs.loader import build_known_config
 
         from ..config import PipelineConfig
 
         run = self.out / "run.json"
         values = json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
-        known = {f.name for f in dataclass_fields(PipelineConfig)}
         try:
-            return build_config(PipelineConfig, {k: v for k, v in values.items() if k in known})
+            return build_known_config(PipelineConfig, values, source=str(run))
         except SmearError:
             return PipelineConfig()
 
