@@ -83,6 +83,20 @@ def file_warnings(path: str | os.PathLike) -> list[str]:
     return out
 
 
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks; None when it cannot be read."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def read_bgr(path: str | os.PathLike) -> np.ndarray:
     """:func:`read_image` in OpenCV's channel order (BGR), for code that hands images to cv2."""
     import cv2

@@ -233,34 +233,46 @@ class Analyzer:
                 warnings=[det.warning] if det.warning else [])))
         return out
 
-    def iter_images(self, paths: Sequence[str | Path],
-                    progress: bool = False) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
+    def iter_images(self, paths: Sequence[str | Path], progress: bool = False,
+                    previous: Callable[[str, str | None], ImageResult | None] | None = None,
+                    ) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
         """``(result, image_rgb)`` per file in input order, as soon as each is done; nothing is kept.
 
-        Unreadable files give a result with ``error`` set and ``image_rgb`` None.
+        Unreadable files give a result with ``error`` set and ``image_rgb`` None. Each record carries the
+        SHA-256 of its file; ``previous(image, sha256)``, when given, may return an earlier record of the same
+        file, which is yielded (with the decoded image, for the overlays) instead of analysing it again.
         """
-        from smear.data.images import file_warnings, read_image
+        from smear.data.images import file_sha256, file_warnings, read_image
 
         bar = progress_bar(len(paths), "analyze", progress)
         try:
             for start in range(0, len(paths), self.cfg.batch):
                 chunk = paths[start:start + self.cfg.batch]
                 loaded: list[tuple[int, np.ndarray]] = []
+                images: dict[int, np.ndarray] = {}
                 chunk_results: list[ImageResult] = []
                 for i, p in enumerate(chunk):
+                    digest = file_sha256(p)
+                    kept = previous(str(p), digest) if previous else None
                     try:
-                        loaded.append((i, read_image(p)))
-                        chunk_results.append(ImageResult(image=str(p)))
+                        image = read_image(p)
                     except SmearError as e:
-                        chunk_results.append(ImageResult(image=str(p), error=str(e)))
+                        chunk_results.append(kept or ImageResult(image=str(p), error=str(e), sha256=digest))
+                        continue
                     except Exception as e:  # noqa: BLE001  one bad file never stops the batch
-                        chunk_results.append(ImageResult(image=str(p), error=f"{p}: {type(e).__name__}: {e}"))
+                        chunk_results.append(kept or ImageResult(image=str(p), error=f"{p}: {type(e).__name__}: {e}",
+                                                                 sha256=digest))
+                        continue
+                    images[i] = image
+                    chunk_results.append(kept or ImageResult(image=str(p), sha256=digest))
+                    if kept is None:
+                        loaded.append((i, image))
                 if loaded:
                     done = self.analyze_arrays([a for _, a in loaded], [str(chunk[i]) for i, _ in loaded])
                     for (i, _), r in zip(loaded, done):
                         r.warnings = file_warnings(chunk[i]) + r.warnings  # decoded, but not whole
+                        r.sha256 = chunk_results[i].sha256
                         chunk_results[i] = r
-                images = dict(loaded)
                 for i, r in enumerate(chunk_results):
                     yield r, images.get(i)
                     if bar:
@@ -287,12 +299,14 @@ class Analyzer:
 
     def analyze_batch(self, paths: Sequence[str | Path], slides_of: Sequence[str],
                       on_result: Callable[[ImageResult, np.ndarray | None], None] | None = None,
-                      progress: bool = False) -> BatchResult:
+                      progress: bool = False,
+                      previous: Callable[[str, str | None], ImageResult | None] | None = None) -> BatchResult:
         """Analyse a batch of any size in flat memory: slides from running totals, no result kept.
 
         Each result gets its slide name from ``slides_of`` (one per path) and goes to
         ``on_result(result, image_rgb)`` (write it there: it is dropped afterwards). The slides'
-        ``images`` hold one record per field without cells (name and error).
+        ``images`` hold one record per field without cells (name and error). ``previous``: as in
+        :meth:`iter_images` (``smear analyze --resume``).
 
         Example:
             >>> batch = analyzer.analyze_batch(paths, ["S1"] * len(paths), on_result=writer.add)
@@ -303,7 +317,7 @@ class Analyzer:
                              "give one slide name per path")
         totals: dict[str, SlideTotals] = {}
         failed: list[ImageResult] = []
-        for (result, image), slide in zip(self.iter_images(paths, progress), slides_of):
+        for (result, image), slide in zip(self.iter_images(paths, progress, previous), slides_of):
             result.slide = slide
             if on_result:
                 on_result(result, image)

@@ -108,6 +108,8 @@ def analyze(
                                 "OUT/fields/ (smear review cuts its cell crops from them, never from outside OUT)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous run in --output (its results, "
                                    "overlays and field copies are removed first; a folder with a review is refused)"),
+    resume: bool = typer.Option(False, "--resume", help="finish an interrupted run in --output: fields whose "
+                                "record is there and whose file is unchanged (SHA-256) are not analysed again"),
 ) -> None:
     """Find, classify and count cells; differential and flags per image and per slide.
 
@@ -135,9 +137,17 @@ def analyze(
     from smear.configs.paths import check_device
 
     check_device(cfg.device)
+    if resume and (overwrite or not output):
+        _fail("--resume needs --output (the folder of the interrupted run) and cannot go with --overwrite")
+    previous = None
     if output:
-        prepare_output(output, overwrite)
+        prepare_output(output, overwrite or resume, keep_records=resume)
     analyzer = Analyzer(cfg)
+    if resume:
+        from .resume import PreviousRecords
+
+        previous = PreviousRecords(output)
+        logging.getLogger(__name__).info("resuming: %d record(s) of the previous run in %s", len(previous), output)
     writer = ResultWriter(output, run_info=analyzer.provenance(), fields=fields) if output else None
     # Each result is written and dropped as it comes (memory flat over any batch); only its table
     # line is kept, to print the table after the progress bar as before.
@@ -153,9 +163,13 @@ def analyze(
             table.append(table_row(result, name_width))
 
     show_bar = sys.stderr.isatty() and logging.getLogger().getEffectiveLevel() <= logging.INFO  # not with -q
-    batch = analyzer.analyze_batch(files, slide_names(files, paths, slide), on_result=on_result, progress=show_bar)
+    batch = analyzer.analyze_batch(files, slide_names(files, paths, slide), on_result=on_result, progress=show_bar,
+                                   previous=previous.lookup if previous else None)
     if writer:
         writer.close(slides=batch.slides)
+    if previous:
+        previous.finish()
+        typer.echo(f"resumed: {previous.used} of {batch.n_images} field(s) kept from the interrupted run", err=True)
     if not as_json:
         typer.echo("\n".join(table))
         for s in batch.slides:
@@ -248,13 +262,15 @@ def benchmark(
 
 
 #: What 'smear analyze --output' writes: an earlier run's files that --overwrite removes (nothing else is touched)
-RUN_OUTPUTS = ("results.jsonl", "summary.csv", "slides.json", "slides.csv", "run.json", "report.html", "overlays",
+RUN_OUTPUTS = ("results.jsonl", "results.previous.jsonl", "summary.csv", "slides.json", "slides.csv", "run.json", "report.html", "overlays",
                "fields")
 
 
-def prepare_output(output: Path, overwrite: bool) -> None:
+def prepare_output(output: Path, overwrite: bool, keep_records: bool = False) -> None:
     """Refuse an output folder that holds a previous run, unless ``overwrite``; then clear that run's files so no
-    stale overlay or field copy stays beside the new ones. A folder with a review (review.sqlite) is never cleared."""
+    stale overlay or field copy stays beside the new ones. A folder with a review (review.sqlite) is never cleared.
+    ``keep_records`` (``--resume``) leaves results.jsonl (and the aside file of an interrupted resume) for
+    :class:`~smear.pipeline.resume.PreviousRecords`."""
     import shutil
 
     output = Path(output)
@@ -264,12 +280,14 @@ def prepare_output(output: Path, overwrite: bool) -> None:
     if not previous:
         return
     if not overwrite:
-        _fail(f"{output}: holds a previous run ({', '.join(previous)}); pass --overwrite to replace it, or choose "
+        _fail(f"{output}: holds a previous run ({', '.join(previous)}); pass --overwrite to replace it, --resume to finish it, or choose "
               "another --output")
     if (output / "review.sqlite").exists() or (output / "reviewed").exists():
         _fail(f"{output}: holds a review of the previous run (review.sqlite, reviewed/); move it away before "
               "re-analysing into this folder")
     for name in previous:
+        if keep_records and name in ("results.jsonl", "results.previous.jsonl"):
+            continue
         path = output / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 

@@ -126,10 +126,11 @@ class ImageResult:
     rbc_diameter_px: float | None = None  # median RBC box side that scale=auto measured, in this image's pixels
     rbc_coverage: float | None = None  # share of red-cell pixels inside RBC boxes (smear.pipeline.quality)
     warnings: list[str] = field(default_factory=list)
+    sha256: str | None = None  # of the file's bytes: 'smear analyze --resume' keeps a record only for the same file
 
     def to_dict(self) -> dict[str, Any]:
         d = {
-            "image": self.image, "width": self.width, "height": self.height,
+            "image": self.image, "sha256": self.sha256, "width": self.width, "height": self.height,
             "cells": [c.to_dict() for c in self.cells], "counts": self.counts, "ratios": self.ratios,
             "differential": self.differential, "flags": [f.to_dict() for f in self.flags], "error": self.error,
             "slide": self.slide, "scale": self.scale, "rbc_diameter_px": self.rbc_diameter_px,
@@ -138,6 +139,15 @@ class ImageResult:
         if self.morphology is not None:
             d["morphology"] = self.morphology
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImageResult":
+        """The record ``to_dict`` wrote (a line of results.jsonl), back: ``from_dict(r.to_dict()).to_dict()`` is
+        ``r.to_dict()``."""
+        d = dict(d)
+        d["cells"] = [Cell(**c) for c in d.get("cells") or []]
+        d["flags"] = [Flag(**f) for f in d.get("flags") or []]
+        return cls(**d)
 
     def summary_row(self) -> dict[str, Any]:
         """One flat row for summary.csv."""
