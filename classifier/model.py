@@ -259,7 +259,13 @@ def load_network(folder: Path, card: dict, device: str = "cpu") -> CellClassifie
     cfg = card["config"]
     net = CellClassifier(cfg["backbone"], len(card["classes"]), cfg["head_hidden"], cfg["dropout"], pretrained="none")
     state = _load_state(folder / "weights.pt")
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    try:
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as e:  # the card names another architecture (or classes) than the weights hold
+        first = str(e).splitlines()[1].strip()[:120] if len(str(e).splitlines()) > 1 else str(e)[:120]
+        raise SmearError(f"{folder / 'weights.pt'}: does not fit the architecture its card.json describes "
+                         f"(backbone {cfg['backbone']}, {len(card['classes'])} classes): {first}...; the card and "
+                         "weights must come from the same 'smear classifier train' run") from None
     # channels_last: 1.4-1.8x faster depthwise convolutions on CPU (measured on 2 cores).
     return net.eval().to(device).to(memory_format=torch.channels_last)
 

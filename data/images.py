@@ -27,6 +27,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise ImageReadError(f"{p}: file not found")
+    if p.is_dir():
+        raise ImageReadError(f"{p}: a folder with no images in it (looked for {', '.join(IMAGE_SUFFIXES)})")
     if not p.is_file():
         raise ImageReadError(f"{p}: not a file")
     if p.stat().st_size == 0:
@@ -118,14 +120,15 @@ def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files, folders (recursively, images only, sorted) and globs -> a list of paths in input order.
 
-    A path that matches nothing is kept, so it is reported as an error in its place.
+    A path that matches nothing, and a folder without images, is kept, so it is reported as an error in its place.
     """
     out: list[Path] = []
     for item in inputs:
         s = str(item)
         p = Path(s)
         if p.is_dir():
-            out.extend(_images_under(p))
+            found = _images_under(p)
+            out.extend(found) if found else out.append(p)
         elif any(ch in s for ch in "*?[") and not p.exists():
             # A pattern may match folders ('slides/*'): they expand like folder inputs. Nothing found: keep
             # the pattern, so it is reported in its place instead of vanishing.

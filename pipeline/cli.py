@@ -132,7 +132,8 @@ def analyze(
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
     if not any(f.is_file() for f in files):  # before any model loads or any output is written
-        _fail("nothing to analyse: " + "; ".join(f"{f}: no such file" for f in files[:3])
+        _fail("nothing to analyse: " + "; ".join(f"{f}: " + ("a folder with no images" if f.is_dir() else "no such file")
+                                                 for f in files[:3])
               + (f"; and {len(files) - 3} more" if len(files) > 3 else ""))
     from smear.configs.paths import check_device
 

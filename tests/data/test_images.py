@@ -114,7 +114,7 @@ def test_missing_file_and_folder(tmp_path):
     with pytest.raises(ImageReadError, match="file not found") as e:
         read_image(tmp_path / "nope.png")
     assert "nope.png" in str(e.value)
-    with pytest.raises(ImageReadError, match="not a file"):
+    with pytest.raises(ImageReadError, match="a folder with no images"):
         read_image(tmp_path)
     assert issubclass(ImageReadError, SmearError)
 
