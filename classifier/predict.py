@@ -96,12 +96,15 @@ def rescore_cascade(model: ClassifierModel, probs: np.ndarray, crop_of, batch: i
     sub = model.subtyper
     if sub is None or not len(probs):
         return probs
-    cols = [model.classes.index(c) for c in sub.classes]
+    # a subtype stage may also know other classes (an adapted whole-cell model): only its shares among the subtypes
+    own = [j for j, c in enumerate(sub.classes) if c in SUBTYPES]
+    cols = [model.classes.index(sub.classes[j]) for j in own]
     wbc_cols = [k for k, c in enumerate(model.classes) if c in SUBTYPES]
     wbc = probs[:, wbc_cols].sum(1)
     idx = np.flatnonzero(wbc >= model.subtype_min_prob)
     if len(idx):
-        p_sub = predict_crops(sub, [crop_of(k, sub) for k in idx], batch)
+        p_sub = predict_crops(sub, [crop_of(k, sub) for k in idx], batch)[:, own]
+        p_sub = p_sub / np.clip(p_sub.sum(1, keepdims=True), 1e-12, None)
         probs[np.ix_(idx, wbc_cols)] = 0.0
         probs[np.ix_(idx, cols)] = wbc[idx, None] * p_sub
     return probs

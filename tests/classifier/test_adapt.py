@@ -102,11 +102,42 @@ def test_adapt_writes_a_model_folder_that_classify_loads(tmp_path, tiny_classifi
     model = load_classifier(out)
     assert model.classes == json.loads((tiny_classifier / "card.json").read_text())["classes"]
     base = load_classifier(tiny_classifier)
-    changed = [n for (n, a), b in zip(model.net.state_dict().items(), base.net.state_dict().values())
+    # WBC folders only: the base network keeps the group decision, the adapted one is the subtype stage
+    assert card["subtyper"]["weights"] == "subtypes" and model.subtyper is not None
+    assert all(torch.equal(a, b) for a, b in zip(model.net.state_dict().values(), base.net.state_dict().values()))
+    changed = [n for (n, a), b in zip(model.subtyper.net.state_dict().items(), base.net.state_dict().values())
                if a.is_floating_point() and not torch.equal(a, b)]
     assert changed and all(not n.startswith("features.0.") for n in changed)  # head and deep stages only
     recs = classify_files(model, sorted((cells / "lymphocyte").glob("*.png")))
     assert all(r.get("label") in model.classes for r in recs if "error" not in r)
+
+
+def test_a_subtype_stage_that_knows_other_classes_only_shares_out_the_wbc_probability(tiny_classifier):
+    """The group probabilities stay the first stage's; the WBC mass is split in the subtype stage's ratios among
+    the subtypes alone."""
+    from smear.classifier.model import load_classifier
+    from smear.classifier.predict import rescore_cascade
+    from smear.data.taxonomy import SUBTYPES
+
+    model = load_classifier(tiny_classifier)
+    sub = load_classifier(tiny_classifier)  # knows RBC and platelets too
+    model.subtyper, model.subtype_min_prob = sub, 0.5
+    classes = model.classes
+    probs = np.zeros((2, len(classes)), np.float32)
+    probs[0, classes.index("RBC")] = 0.3
+    probs[0, classes.index("Neutrophil")] = 0.7
+    probs[1, classes.index("RBC")] = 0.9
+    probs[1, classes.index("Lymphocyte")] = 0.1
+    crops = [np.full((32, 32, 3), v, np.uint8) for v in (90, 200)]
+    before = probs.copy()
+    rescore_cascade(model, probs, lambda k, m: crops[k])
+    wbc = [classes.index(c) for c in SUBTYPES if c in classes]
+    assert probs[0, wbc].sum() == pytest.approx(0.7, abs=1e-5) and probs[0, classes.index("RBC")] == 0.3
+    from smear.classifier.predict import predict_crops
+
+    p = predict_crops(sub, [crops[0]])[0][[sub.classes.index(classes[j]) for j in wbc]]
+    assert probs[0, wbc] == pytest.approx(0.7 * p / p.sum(), abs=1e-5)
+    assert (probs[1] == before[1]).all()  # WBC probability below min_prob: untouched
 
 
 def test_adapt_refuses_unknown_class_folders_and_empty_input(tmp_path, tiny_classifier):
