@@ -30,8 +30,29 @@ from _results import append_rows, model_name, results_csv, run_stamp  # noqa: E4
 GROUPS = ("RBC", "WBC", "Platelets")
 
 
-def map50_per_source(weights, data_yaml: Path, split: str, sources: list[str], out: Path) -> dict[str, dict]:
-    """mAP50 (and per-group AP50) per source, from ultralytics' validator on a per-source file list."""
+def _normalised_copies(listed: list[str], root: Path, out: Path, stain) -> list[str]:
+    """The fields as the detector sees them with its stain reference: PNG copies beside a link to the labels."""
+    import cv2
+
+    from smear.data.images import read_image
+
+    (out / "labels").unlink(missing_ok=True)
+    (out / "labels").symlink_to((root / "labels").resolve(), target_is_directory=True)
+    copies = []
+    for path in listed:
+        p = Path(path)
+        target = out / "images" / p.parent.name / f"{p.stem}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image, _ = stain.normalise(read_image(p))
+        cv2.imwrite(str(target), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        copies.append(str(target))
+    return copies
+
+
+def map50_per_source(weights, data_yaml: Path, split: str, sources: list[str], out: Path,
+                     stain=None) -> dict[str, dict]:
+    """mAP50 (and per-group AP50) per source, from ultralytics' validator on a per-source file list; with a
+    ``stain`` reference the validator sees the fields as ``Detector.predict`` does (normalised copies)."""
     import csv
 
     import yaml
@@ -50,6 +71,8 @@ def map50_per_source(weights, data_yaml: Path, split: str, sources: list[str], o
         listed = [str(root / "images" / r["split"] / f"{r['image']}.jpg") for r in rows if r["source"] == s]
         if not listed:
             continue
+        if stain is not None:
+            listed = _normalised_copies(listed, root, out / "stain-normalised", stain)
         (out / f"{s}.txt").write_text("\n".join(listed) + "\n")
         y = out / f"{s}.yaml"
         y.write_text(yaml.safe_dump({"path": str(root), "train": str(out / f"{s}.txt"), "val": str(out / f"{s}.txt"),
@@ -72,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sources", nargs="+", default=["bccd", "pbc", "raabin"])
     ap.add_argument("--scale", default="auto", help="'auto', or a resize factor for every field")
     ap.add_argument("--no-map", action="store_true", help="counts only (skip the mAP50 pass)")
+    ap.add_argument("--no-stain-norm", action="store_true",
+                    help="detect every field as it is, even when the card carries a stain reference")
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("detector_sources"))
     ap.add_argument("--write-card", action="store_true",
@@ -85,7 +110,7 @@ def main(argv=None) -> int:
     from smear.detector.predict import Detector
     from smear.pipeline.config import PipelineConfig
 
-    det = Detector(args.weights)
+    det = Detector(args.weights, stain_norm=not args.no_stain_norm)
     thresholds = PipelineConfig().thresholds(det.info.card)
     scale = args.scale if args.scale == "auto" else float(args.scale)
     stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")
@@ -95,6 +120,7 @@ def main(argv=None) -> int:
     for f in fields:
         found = det.predict([read_image(f.image)], conf=thresholds, scale=scale)[0]
         row = {"split": f.split, "source": f.source, "image": f.image.name, "scale": round(found.scale, 4),
+               "stain_mapped_to": found.stain_mapped_to or "",
                "rbc_diameter_px": found.rbc_diameter_px or "", "thresholds": ";".join(f"{g}={t:g}" for g, t in
                                                                                      thresholds.items())}
         for gi, g in enumerate(GROUPS):
@@ -102,7 +128,7 @@ def main(argv=None) -> int:
             row[f"pred_{g}"] = int((found.classes == gi).sum())
         rows.append(row)
     aps = {} if args.no_map else map50_per_source(args.weights, resolve_path(args.data), args.split, args.sources,
-                                                  resolve_path("runs/detector_sources") / stamp["variant"])
+                                                  resolve_path("runs/detector_sources") / stamp["variant"], det.stain)
     for s in args.sources:
         of = [r for r in rows if r["source"] == s]
         if not of:
@@ -110,6 +136,8 @@ def main(argv=None) -> int:
         for r in of:
             r.update({k: v for k, v in aps.get(s, {}).items()})
         line = [f"{s:<7} {len(of):>4} fields"]
+        if det.stain is not None:
+            line.append(f"{sum(bool(r['stain_mapped_to']) for r in of)} stain-mapped")
         summary[s] = {"fields": len(of), **aps.get(s, {})}
         if s in aps:
             line.append(f"mAP50 {aps[s]['mAP50']:.3f}")

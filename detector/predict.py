@@ -33,7 +33,8 @@ class Detections:
     """Boxes of one image in original pixels: ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``classes`` (N,) index into GROUPS.
 
     ``scale`` is the resize factor the image was detected at; ``rbc_diameter_px`` the median RBC box side (in the
-    image's own pixels) that ``scale="auto"`` measured, and ``warning`` what went wrong with that, if anything.
+    image's own pixels) that ``scale="auto"`` measured, and ``warning`` what went wrong with that, if anything;
+    ``stain_mapped_to`` the training lab whose colours the field was given before detection (None: as it was).
     """
 
     boxes: np.ndarray
@@ -42,6 +43,7 @@ class Detections:
     scale: float = 1.0
     rbc_diameter_px: float | None = None
     warning: str | None = None
+    stain_mapped_to: str | None = None  # the training lab whose colours the field was mapped onto (stain_norm)
 
     @staticmethod
     def empty() -> "Detections":
@@ -180,9 +182,13 @@ class Detector:
     """
 
     def __init__(self, weights: str | Path | None = None, cfg: DetectorConfig | None = None, device: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, stain_norm: bool = True):
+        from .stain import StainReference
+
         ensure_offline()
         self.info: DetectorModelInfo = find_detector(weights)
+        # the card's stain reference (smear.detector.stain), applied to every field first; stain_norm=False: off
+        self.stain = StainReference.from_card(self.info.card) if stain_norm else None
         card_cfg = self.info.card.get("config", {})
         base = cfg or DetectorConfig()
         self.cfg = base
@@ -219,14 +225,28 @@ class Detector:
         ``"auto"`` measures each image's RBC size and brings it to the training scale (:meth:`predict_auto_scale`).
 
         ``conf`` is one minimum score, or one per group (``{"RBC": 0.4, "Platelets": 0.55, ...}``: the model
-        runs at the lowest, then each box must reach its own group's).
+        runs at the lowest, then each box must reach its own group's). Fields are stain-normalised first when
+        the card carries a reference (``self.stain``).
         """
+        mapped: list[str | None] = [None] * len(images_rgb)
+        if self.stain is not None:
+            pairs = [self.stain.normalise(im) for im in images_rgb]
+            images_rgb, mapped = [im for im, _ in pairs], [lab for _, lab in pairs]
         if isinstance(conf, Mapping):
             thresholds = {g: float(conf.get(g, self.cfg.conf)) for g in GROUPS}
-            return [keep_above(d, thresholds)
-                    for d in self.predict(images_rgb, min(thresholds.values()), iou=iou, scale=scale)]
+            found = [keep_above(d, thresholds)
+                     for d in self._predict(images_rgb, min(thresholds.values()), iou=iou, scale=scale)]
+        else:
+            found = self._predict(images_rgb, conf, iou, scale)
+        for det, lab in zip(found, mapped):
+            det.stain_mapped_to = lab
+        return found
+
+    def _predict(self, images_rgb: Sequence[np.ndarray], conf: float | None, iou: float | None,
+                 scale: float | str) -> list[Detections]:
+        """:meth:`predict` on fields already normalised, at one minimum score."""
         if scale == "auto":
-            return self.predict_auto_scale(images_rgb, conf, iou)
+            return self._predict_auto_scale(images_rgb, conf, iou)
         import cv2
 
         conf = self.cfg.conf if conf is None else conf
@@ -275,6 +295,12 @@ class Detector:
 
     def predict_auto_scale(self, images_rgb: Sequence[np.ndarray], conf: float | None = None,
                            iou: float | None = None) -> list[Detections]:
+        """Detect each image at the scale where its RBCs match the training fields' RBC size
+        (``predict(..., scale="auto")``; see :meth:`_predict_auto_scale`)."""
+        return self.predict(images_rgb, conf, iou, scale="auto")
+
+    def _predict_auto_scale(self, images_rgb: Sequence[np.ndarray], conf: float | None = None,
+                            iou: float | None = None) -> list[Detections]:
         """Detect each image at the scale where its RBCs match the training fields' RBC size.
 
         Each image is first detected as it is (a large one shrunk to one tile, so the pass stays cheap);
@@ -291,14 +317,14 @@ class Detector:
             h, w = img.shape[:2]
             first[i] = min(1.0, self.cfg.tile_px / max(h, w)) if max(h, w) > 1.5 * self.cfg.tile_px else 1.0
         native = [i for i, k in first.items() if k == 1.0]
-        found = dict(zip(native, self.predict([images_rgb[i] for i in native], conf, iou))) if native else {}
+        found = dict(zip(native, self._predict([images_rgb[i] for i in native], conf, iou, 1.0))) if native else {}
         for i, img in enumerate(images_rgb):
             size = (img.shape[1], img.shape[0])
-            first_pass = found[i] if i in found else self.predict([img], conf, iou, scale=first[i])[0]
+            first_pass = found[i] if i in found else self._predict([img], conf, iou, scale=first[i])[0]
             measured = median_rbc_side(first_pass, size)
             probes = [k for k in AUTO_SCALE_PROBES if k != first[i]]
             while measured is None and probes:  # too few RBCs: try cells of another size
-                measured = median_rbc_side(self.predict([img], conf, iou, scale=probes.pop(0) * first[i])[0], size)
+                measured = median_rbc_side(self._predict([img], conf, iou, scale=probes.pop(0) * first[i])[0], size)
             if measured is None:
                 first_pass.warning = (f"no scale between x{min(AUTO_SCALE_PROBES) * first[i]:g} and "
                                       f"x{max(AUTO_SCALE_PROBES) * first[i]:g} found RBCs to measure; detected as it "
@@ -309,7 +335,7 @@ class Detector:
             if first[i] == 1.0 and abs(np.log(k)) <= np.log(AUTO_SCALE_TOLERANCE):
                 det, k = first_pass, 1.0
             else:
-                det = self.predict([img], conf, iou, scale=k)[0]
+                det = self._predict([img], conf, iou, scale=k)[0]
             det.scale, det.rbc_diameter_px = float(k), round(measured, 1)
             out[i] = det
         return out  # type: ignore[return-value]

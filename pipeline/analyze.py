@@ -65,7 +65,8 @@ class Analyzer:
 
         self.cfg = cfg or PipelineConfig()
         # the thread count is process-wide: the detector sets it for the classifier too
-        self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device, threads=self.cfg.threads)
+        self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device, threads=self.cfg.threads,
+                                 stain_norm=self.cfg.stain_norm)
         self.detector.cfg = dataclasses.replace(self.detector.cfg, conf=self.cfg.conf, iou=self.cfg.iou)
         self.cfg = self.cfg.for_detector(self.detector.info.card)  # class_conf 'detector': the card's thresholds
         self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device)
@@ -230,7 +231,7 @@ class Analyzer:
             out.append(self._finish(ImageResult(
                 image=name, width=int(img.shape[1]), height=int(img.shape[0]), cells=cells,
                 scale=round(det.scale, 4), rbc_diameter_px=det.rbc_diameter_px, rbc_coverage=cov,
-                warnings=[det.warning] if det.warning else [])))
+                stain_mapped_to=det.stain_mapped_to, warnings=[det.warning] if det.warning else [])))
         return out
 
     def iter_images(self, paths: Sequence[str | Path], progress: bool = False,

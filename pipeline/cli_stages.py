@@ -288,6 +288,45 @@ def detector_thresholds(
         typer.echo(f"card updated: {folder / 'card.json'}")
 
 
+@detector_app.command("stain-reference")
+def detector_stain_reference(
+    model: Path = typer.Argument(..., help="detector model folder whose card gets the reference"),
+    data: Path = typer.Option(Path("runs/prepared/complete/yolo/data.yaml"), "--data",
+                              help="the set the model trained on (its fields.csv names each field's lab and split)"),
+    shared: Path = typer.Option(Path("../shared/data"), "--shared", help="the shared data folder (original fields)"),
+    every: int = typer.Option(2, "--every", min=1, help="use every n-th training field of each lab"),
+    tolerance: float = typer.Option(4.0, "--tolerance", help="fields within this many SDs of a lab's colours are "
+                                    "detected as they are"),
+) -> None:
+    """Store the training labs' colours in a detector's card: fields unlike all of them are stain-normalised.
+
+    Example: smear detector stain-reference runs/detector/loso-no-raabin-wise --data runs/prepared/complete-no-raabin/yolo/data.yaml
+    """
+    import csv
+
+    from smear.configs.modelcard import ModelCard
+    from smear.configs.paths import resolve_path
+    from smear.data.complete import list_fields
+    from smear.detector.stain import reference_from_fields
+
+    listing = resolve_path(data).parent / "fields.csv"
+    if not listing.is_file():
+        _fail(f"{listing}: not found; the set the model trained on (smear data complete --out ...) lists its fields there")
+    with open(listing, newline="") as f:
+        train = {r["image"]: r["source"] for r in csv.DictReader(f) if r["split"] == "train"}
+    originals = {f"{f.source}_{f.image.stem}": f.image for f in list_fields(resolve_path(shared))}
+    missing = [name for name in train if name not in originals]
+    if missing:
+        _fail(f"{listing}: {len(missing)} training field(s) not found under {shared} (e.g. {missing[0]})")
+    ref = reference_from_fields([(lab, str(originals[name])) for name, lab in train.items()], every, tolerance)
+    card = ModelCard.read(model)
+    card.set("stain_norm", {**ref.to_card(), "from": f"training fields of {data} (every {every})"})
+    card.write(model)
+    for lab in ref.labs:
+        typer.echo(f"{lab.name}: {lab.fields} fields, L*a*b* mean {lab.mean[:3]} SD {lab.mean[3:]}")
+    typer.echo(f"card updated: {Path(model) / 'card.json'}")
+
+
 @detector_app.command("interpolate")
 def detector_interpolate(
     base: Path = typer.Argument(..., help="the model the fine-tune started from (.pt or model folder)"),
@@ -398,11 +437,9 @@ def classifier_adapt(
     typer.echo(f"adapted on {sum(used.values())} cells: " + ", ".join(f"{c} {n}" for c, n in used.items()))
     for bad in card["adapt"]["unreadable"]:
         typer.echo(f"skipped: {bad}", err=True)
-    missing = [c for c in ("RBC", "Platelets") if c not in used]
-    if missing:
-        typer.echo(f"warning: no {' or '.join(missing)} folder: measured on other labs, a model adapted on WBCs alone "
-                   "names many RBCs and platelets as WBCs; add rbc/ and platelets/ folders of your cells (50 each) "
-                   "before using it in 'smear analyze'", err=True)
+    if card.get("subtyper"):
+        typer.echo("WBC folders only: the base model still decides RBC / WBC / platelet; the adapted network names "
+                   "the subtype of likely WBCs")
     typer.echo(f"model folder: {folder}")
 
 

@@ -46,6 +46,9 @@ class PipelineConfig:
                           range=(0, 256))
     scale: str = param("auto", "'auto': measure each image's RBC size and resize it to the detector's training "
                                "scale (tiling what becomes large); or one resize factor for every image, 0.05-20")
+    stain_norm: bool = param(True, "map each field's colours onto the detector's training fields' (Reinhard, "
+                                   "L*a*b*) before detection, when the detector's card carries that reference; the "
+                                   "classifier always sees the field as it is")
     pixel_size_um: float = param(0.0, "micrometres per pixel of the inputs; 0 if unknown (sizes then in px)", range=(0.0, 100.0))
     group_override_prob: float = param(0.9, "classifier group probability that overrides the detector's group", range=(0.5, 1.0))
     review_prob: float = param(0.5, "classifier probability for another group that marks a cell for review", range=(0.0, 1.0))

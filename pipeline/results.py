@@ -125,6 +125,7 @@ class ImageResult:
     scale: float | None = None  # resize factor the detector ran at (scale=auto: chosen from the RBC size)
     rbc_diameter_px: float | None = None  # median RBC box side that scale=auto measured, in this image's pixels
     rbc_coverage: float | None = None  # share of red-cell pixels inside RBC boxes (smear.pipeline.quality)
+    stain_mapped_to: str | None = None  # colours unlike every training lab's: mapped onto this lab's for detection
     warnings: list[str] = field(default_factory=list)
     sha256: str | None = None  # of the file's bytes: 'smear analyze --resume' keeps a record only for the same file
 
@@ -134,7 +135,8 @@ class ImageResult:
             "cells": [c.to_dict() for c in self.cells], "counts": self.counts, "ratios": self.ratios,
             "differential": self.differential, "flags": [f.to_dict() for f in self.flags], "error": self.error,
             "slide": self.slide, "scale": self.scale, "rbc_diameter_px": self.rbc_diameter_px,
-            "rbc_coverage": self.rbc_coverage, "warnings": list(self.warnings),
+            "rbc_coverage": self.rbc_coverage, "stain_mapped_to": self.stain_mapped_to,
+            "warnings": list(self.warnings),
         }
         if self.morphology is not None:
             d["morphology"] = self.morphology
@@ -162,6 +164,7 @@ class ImageResult:
         row["n_review"] = sum(c.review for c in self.cells)
         row["scale"] = "" if self.scale is None else self.scale
         row["rbc_coverage"] = "" if self.rbc_coverage is None else self.rbc_coverage
+        row["stain_mapped_to"] = self.stain_mapped_to or ""
         row["warnings"] = "; ".join(self.warnings)
         row["flags"] = "; ".join(f"{f.name} ({f.severity})" for f in self.flags)
         return row
