@@ -316,9 +316,19 @@ class Analyzer:
         if len(slides_of) != len(paths):
             raise SmearError(f"analyze_batch got {len(paths)} paths but {len(slides_of)} slide names; "
                              "give one slide name per path")
+        return self.collect_batch(self.iter_images(paths, progress, previous), slides_of, on_result)
+
+    def collect_batch(self, results: Iterable[tuple[ImageResult, np.ndarray | None]], slides_of: Sequence[str],
+                      on_result: Callable[[ImageResult, np.ndarray | None], None] | None = None) -> BatchResult:
+        """What :meth:`analyze_batch` makes of ``(result, image_rgb)`` pairs in input order, one per name in
+        ``slides_of``: each result named with its slide and given to ``on_result``, slides from running totals.
+
+        Shared by both engines: ``smear analyze --engine ray`` (:mod:`smear.pipeline.engine_ray`) feeds it the
+        records its actors made.
+        """
         totals: dict[str, SlideTotals] = {}
         failed: list[ImageResult] = []
-        for (result, image), slide in zip(self.iter_images(paths, progress, previous), slides_of):
+        for (result, image), slide in zip(results, slides_of):
             result.slide = slide
             if on_result:
                 on_result(result, image)
@@ -327,7 +337,7 @@ class Analyzer:
             totals[slide].add(result)
             if result.error:
                 failed.append(result)
-        return BatchResult(slides=[self.slide_result(t) for t in totals.values()], n_images=len(paths),
+        return BatchResult(slides=[self.slide_result(t) for t in totals.values()], n_images=len(slides_of),
                            failed=failed)
 
     def aggregate_slide(self, name: str, results: list[ImageResult]) -> SlideResult:

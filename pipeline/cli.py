@@ -110,6 +110,10 @@ def analyze(
                                    "overlays and field copies are removed first; a folder with a review is refused)"),
     resume: bool = typer.Option(False, "--resume", help="finish an interrupted run in --output: fields whose "
                                 "record is there and whose file is unchanged (SHA-256) are not analysed again"),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a pool of Ray actors, the "
+                               "same outputs; needs pip install 'smear[ray]')"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --engine ray, a running Ray "
+                                              "cluster (HOST:PORT; default: a local cluster for this run)"),
 ) -> None:
     """Find, classify and count cells; differential and flags per image and per slide.
 
@@ -118,6 +122,8 @@ def analyze(
       smear analyze field.jpg
 
       smear analyze slides/ --output out/ --capture-mode random --set platelet_factor_per_field=15000
+
+      smear analyze slides/ --output out/ --engine ray --ray-address ray-head:6379
     """
     from smear.data.images import expand_inputs
 
@@ -128,6 +134,10 @@ def analyze(
     cfg = _load(PipelineConfig, config, overrides, {"conf": conf, "device": device, "batch": batch,
                                                    "capture_mode": capture_mode, "pixel_size_um": pixel_size_um,
                                                    "scale": scale})
+    if engine not in ("local", "ray"):
+        _fail(f"--engine {engine!r}: choose local or ray")
+    if ray_address and engine != "ray":
+        _fail("--ray-address goes with --engine ray")
     files = expand_inputs(paths)
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
@@ -140,15 +150,33 @@ def analyze(
     check_device(cfg.device)
     if resume and (overwrite or not output):
         _fail("--resume needs --output (the folder of the interrupted run) and cannot go with --overwrite")
+    if engine == "ray":
+        from .engine_ray import require_ray
+
+        try:
+            require_ray()
+        except SmearError as e:
+            _fail(str(e))
     previous = None
     if output:
         prepare_output(output, overwrite or resume, keep_records=resume)
-    analyzer = Analyzer(cfg)
     if resume:
         from .resume import PreviousRecords
 
         previous = PreviousRecords(output)
         logging.getLogger(__name__).info("resuming: %d record(s) of the previous run in %s", len(previous), output)
+    ray_engine = None
+    if engine == "ray":
+        from .engine_ray import RayEngine
+
+        ray_engine = RayEngine(cfg, address=ray_address)
+        ray_engine.start(files, previous)  # the actors load their models while this process loads its own
+    try:
+        analyzer = Analyzer(cfg)  # here for run.json and the slides' aggregates with --engine ray
+    except BaseException:
+        if ray_engine:
+            ray_engine.close()
+        raise
     writer = ResultWriter(output, run_info=analyzer.provenance(), fields=fields) if output else None
     # Each result is written and dropped as it comes (memory flat over any batch); only its table
     # line is kept, to print the table after the progress bar as before.
@@ -164,8 +192,13 @@ def analyze(
             table.append(table_row(result, name_width))
 
     show_bar = sys.stderr.isatty() and logging.getLogger().getEffectiveLevel() <= logging.INFO  # not with -q
-    batch = analyzer.analyze_batch(files, slide_names(files, paths, slide), on_result=on_result, progress=show_bar,
-                                   previous=previous.lookup if previous else None)
+    if ray_engine:
+        with ray_engine:
+            batch = analyzer.collect_batch(ray_engine.iter_images(show_bar), slide_names(files, paths, slide),
+                                           on_result=on_result)
+    else:
+        batch = analyzer.analyze_batch(files, slide_names(files, paths, slide), on_result=on_result,
+                                       progress=show_bar, previous=previous.lookup if previous else None)
     if writer:
         writer.close(slides=batch.slides)
     if previous:

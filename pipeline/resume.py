@@ -62,6 +62,12 @@ class PreviousRecords:
     def __len__(self) -> int:
         return len(self._index)
 
+    def matches(self, image: str, sha256: str | None) -> bool:
+        """Whether :meth:`lookup` would return a record (nothing read, nothing counted): ``--engine ray`` sends
+        only the other fields to its actors, and looks the kept ones up when their turn comes."""
+        hit = self._index.get(image)
+        return hit is not None and sha256 is not None and hit[1] == sha256 and self._file is not None
+
     def lookup(self, image: str, sha256: str | None) -> ImageResult | None:
         """The earlier record of ``image`` when the file's hash is the one it was analysed with, else None."""
         hit = self._index.get(image)

@@ -1,0 +1,255 @@
+"""``smear analyze --engine ray``: fields analysed by a pool of Ray actors, outputs written by the driver.
+
+A Ray Data pipeline: the inputs become rows of one detector batch each (``cfg.batch`` paths in input order, as
+:meth:`Analyzer.iter_images` groups them, so each field is detected and classified in the same company as by the local
+engine and its record is byte for byte the same); ``map_batches`` on a fixed pool of actors, each holding one loaded
+:class:`~smear.pipeline.analyze.Analyzer`, turns a row into its fields' records (JSON, with their input index). The
+driver takes the records back in input order, re-reads each field for its overlay and hands ``(result, image)`` to
+:meth:`Analyzer.collect_batch`, as the local engine does: one writer, the same output folder.
+
+The actors read the fields by path (``ray.data.read_binary_files`` would stop the whole dataset at the first missing
+file, where smear writes an error record and goes on): on a cluster of several machines every node must see the inputs
+at the same path (a shared file system), and the driver must see them too.
+
+Example:
+    >>> engine = RayEngine(cfg, address="ray-head:6379")
+    >>> engine.start(paths)
+    >>> batch = Analyzer(cfg).collect_batch(engine.iter_images(), slides_of, on_result=writer.add)
+    >>> engine.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from smear.configs.errors import SmearError
+
+from .config import PipelineConfig
+from .progress import progress_bar
+from .resume import PreviousRecords
+from .results import ImageResult
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'smear[ray]'"
+_DONE = object()  # the consumer thread's last item
+
+
+def require_ray() -> None:
+    """Raise a one-line :class:`SmearError` naming the install command when Ray Data cannot be imported."""
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise SmearError(f"--engine ray needs Ray Data, which is not installed ({e}); install it with: "
+                         f"{INSTALL_HINT}") from None
+
+
+class FieldAnalyzer:
+    """A Ray Data actor: one :class:`Analyzer` loaded once, then one detector batch of fields per call."""
+
+    def __init__(self, cfg: PipelineConfig, cwd: str | None = None):
+        from smear.configs.offline import ensure_offline
+
+        ensure_offline()
+        if cwd and os.path.isdir(cwd):  # relative input paths mean what they meant to the driver
+            os.chdir(cwd)
+        from .analyze import Analyzer
+
+        self.analyzer = Analyzer(cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        indices: list[int] = []
+        records: list[str] = []
+        for fields in batch["fields"]:
+            pairs = json.loads(fields)  # [[input index, path], ...]: one detector batch, as the local engine's
+            for (index, _), (result, _) in zip(pairs, self.analyzer.iter_images([p for _, p in pairs])):
+                indices.append(index)
+                records.append(json.dumps(result.to_dict()))
+        return {"index": np.array(indices, dtype=np.int64), "record": np.array(records, dtype=object)}
+
+
+def pool_size(cluster_cpus: int, threads_per_actor: int) -> int:
+    """Actors for a cluster of ``cluster_cpus``: one per ``threads_per_actor`` CPUs, at least one."""
+    return max(1, cluster_cpus // max(1, threads_per_actor))
+
+
+class RayEngine:
+    """Analyse fields on a Ray cluster: a local one sized to this machine, or the one at ``address``.
+
+    Args:
+        cfg: the pipeline config, as for :class:`Analyzer`; ``threads`` is each actor's torch thread count (0: one
+            per core of this machine, as the local engine would use).
+        address: a running cluster (``ray start --head`` prints it); None starts a local cluster for this run.
+        actors: actors in the pool (default: the cluster's CPUs divided by the threads per actor).
+    """
+
+    def __init__(self, cfg: PipelineConfig, address: str | None = None, actors: int | None = None):
+        require_ray()
+        self.cfg = cfg
+        self.address = address
+        self.actors = actors
+        self._started_ray = False
+        self._paths: list[str] = []
+        self._digests: list[str | None] = []
+        self._previous: PreviousRecords | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=256)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ the cluster
+
+    def _connect(self) -> None:
+        import ray
+
+        if ray.is_initialized():  # a cluster this process already joined (tests, notebooks): use it, leave it
+            return
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # nothing leaves the machine
+        # Ray's own notices (token auth, disabled progress bars, each execution's timing) only with smear -v.
+        level = logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+        common = {"log_to_driver": False, "logging_level": level, "include_dashboard": False}
+        if self.address:
+            ray.init(address=self.address, **common)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **common)
+        self._started_ray = True
+
+    def close(self) -> None:
+        """Stop the consumer thread and leave (or stop, when this engine started it) the cluster."""
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():  # unblock a thread waiting to put into a full queue
+                try:
+                    self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            self._thread = None
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> "RayEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the work
+
+    def start(self, paths: Sequence[str | Path], previous: PreviousRecords | None = None) -> None:
+        """Start analysing ``paths`` in the background (the caller may load its own models meanwhile).
+
+        With ``previous`` (``--resume``), a field whose earlier record matches its file's SHA-256 is not sent.
+        """
+        from smear.data.images import file_sha256
+
+        self._paths = [str(p) for p in paths]
+        self._previous = previous
+        self._digests = [file_sha256(p) for p in self._paths] if previous else []
+        batch = self.cfg.batch
+        chunks: list[str] = []
+        for start in range(0, len(self._paths), batch):  # the local engine's detector batches, kept fields left out
+            todo = [[i, self._paths[i]] for i in range(start, min(start + batch, len(self._paths)))
+                    if not (previous and previous.matches(self._paths[i], self._digests[i]))]
+            if todo:
+                chunks.append(json.dumps(todo))
+        if not chunks:
+            self._queue.put(_DONE)
+            return
+        self._connect()
+        dataset = self._dataset(chunks)
+        self._thread = threading.Thread(target=self._consume, args=(dataset,), name="smear-ray-results", daemon=True)
+        self._thread.start()
+
+    def _dataset(self, chunks: list[str]):
+        import ray
+        import ray.data
+
+        logging.getLogger("ray.data").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # smear draws its own bar over the fields
+        ctx.print_on_execution_start = False
+        ctx.enable_auto_log_stats = False
+        cluster_cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        # The local engine's thread count (0: one per core of this machine): torch's sums depend on it, and with it
+        # the records are the local engine's to the last digit.
+        threads = self.cfg.threads or os.cpu_count() or 1
+        size = min(self.actors or pool_size(cluster_cpus, threads), len(chunks))
+        cpus_per_actor = min(float(threads), cluster_cpus / size)
+        actor_cfg = dataclasses.replace(self.cfg, threads=threads)
+        log.info("ray engine: %d actor(s), %d torch thread(s) each, on %d cluster CPU(s); %d detector batch(es)",
+                 size, threads, cluster_cpus, len(chunks))
+        # On a cluster of several machines a lost actor is made again and its batches retried (Ray Data's default);
+        # on this machine an actor that died (out of memory, most likely) would die again: the run stops, and
+        # --resume finishes it.
+        restarts = {} if self.address else {"max_restarts": 0}
+        items = [{"fields": c} for c in chunks]
+        with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray 2.60)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                FieldAnalyzer, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size),
+                num_cpus=cpus_per_actor, fn_constructor_kwargs={"cfg": actor_cfg, "cwd": os.getcwd()}, **restarts)
+
+    def _consume(self, dataset) -> None:
+        try:
+            for row in dataset.iter_rows():
+                if self._stop.is_set():
+                    return
+                self._queue.put((int(row["index"]), row["record"]))
+            self._queue.put(_DONE)
+        except BaseException as e:  # noqa: BLE001  raised again in the caller's thread
+            self._queue.put(e)
+
+    def iter_images(self, progress: bool = False) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
+        """``(result, image_rgb)`` per path given to :meth:`start`, in input order, as soon as its turn comes.
+
+        Records of kept fields (``--resume``) come from the earlier run; every other record is an actor's, the field
+        read again here for the overlays (None for a failed field, as from :meth:`Analyzer.iter_images`).
+        """
+        from smear.data.images import read_image
+
+        pending: dict[int, str] = {}  # records that came before their turn
+        finished = False
+        bar = progress_bar(len(self._paths), "analyze", progress)
+        try:
+            for index, path in enumerate(self._paths):
+                result = None
+                if self._previous is not None:
+                    result = self._previous.lookup(path, self._digests[index])
+                while result is None and index not in pending:
+                    if finished:
+                        raise SmearError(f"the Ray actors returned no record for {path}; run again (--resume keeps "
+                                         "the fields already written)")
+                    item = self._queue.get()
+                    if item is _DONE:
+                        finished = True
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        pending[item[0]] = item[1]
+                if result is None:
+                    result = ImageResult.from_dict(json.loads(pending.pop(index)))
+                image = None
+                if not result.error:
+                    try:
+                        image = read_image(path)
+                    except Exception as e:  # noqa: BLE001  changed since the actor read it: the record still counts
+                        log.warning("%s: could not be read again for its overlay: %s", path, e)
+                yield result, image
+                if bar:
+                    bar.update(1)
+        finally:
+            if bar:
+                bar.close()
