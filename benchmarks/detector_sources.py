@@ -36,6 +36,7 @@ def _normalised_copies(listed: list[str], root: Path, out: Path, stain) -> list[
 
     from smear.data.images import read_image
 
+    out.mkdir(parents=True, exist_ok=True)
     (out / "labels").unlink(missing_ok=True)
     (out / "labels").symlink_to((root / "labels").resolve(), target_is_directory=True)
     copies = []
