@@ -7,7 +7,7 @@ are the same as the local engine's. Passes alternate the order (local, ray, then
 gets busier or quieter over the run does not favour one engine. Prints images/s per pass and the ray / local time
 ratio, and appends one row per pass to benchmarks/results/engine_ray.csv (benchmarks/_results.py).
 
-    python benchmarks/engine_ray.py [--copies 4] [--repeats 1] [--ray-address HOST:PORT]
+    python benchmarks/engine_ray.py [--copies 4] [--repeats 1] [--first ray] [--ray-address HOST:PORT]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/bccd")
     ap.add_argument("--copies", type=int, default=4, help="slide folders, each holding every test field")
     ap.add_argument("--repeats", type=int, default=1, help="pairs of passes (order alternated)")
+    ap.add_argument("--first", choices=("local", "ray"), default="local", help="the engine of the first pass")
     ap.add_argument("--ray-address", default=None, help="a running cluster (default: a local one per pass)")
     ap.add_argument("--out", type=Path, default=results_csv("engine_ray"), help="table the rows are appended to")
     ap.add_argument("--variant", default=None, help="name of this run in the table (default: local-cluster or "
@@ -52,7 +53,7 @@ def main() -> None:
         n_fields = len(ids) * args.copies
         rows = []
         for repeat in range(args.repeats):
-            order = ("local", "ray") if repeat % 2 == 0 else ("ray", "local")
+            order = ("local", "ray") if (repeat % 2 == 0) == (args.first == "local") else ("ray", "local")
             for engine in order:
                 out = work / f"out-{engine}"
                 shutil.rmtree(out, ignore_errors=True)
