@@ -138,7 +138,7 @@ def test_analyze_bad_option_value(tmp_path, analyze_args):
 def test_analyze_nothing_found(tmp_path, analyze_args):
     (tmp_path / "empty").mkdir()
     r = invoke("analyze", tmp_path / "empty", *analyze_args)
-    assert r.exit_code == 1 and "no images found" in r.stderr
+    assert r.exit_code == 1 and "a folder with no images" in r.stderr
 
 
 def test_analyze_missing_inputs_fail_before_any_model_loads_and_write_nothing(tmp_path, monkeypatch):
