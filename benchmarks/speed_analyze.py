@@ -7,7 +7,8 @@ Prints, for the BCCD test images (72):
   head, random weights: speed does not depend on the weights), and how many times slower it is.
 Appends one row per timed pass to benchmarks/results/speed_analyze.csv (benchmarks/_results.py:
 date, commit, machine, device, variant, seed, then the run's columns); --variant names the run
-(default: what differs from the plain run -- gpu, onnx, threadsN -- or ``default``).
+(default: what differs from the plain run -- gpu, onnx, threadsN, torch -- or ``default``; the plain run is
+the default runtime, onnx, since issue 23: rows before it ran torch).
 
     python benchmarks/speed_analyze.py [--images N] [--threads 2]
     python benchmarks/speed_analyze.py --detector-weights runs/export/bccd-chula-yolov8n-cpu-onnx \
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--detector-weights", default="", help="detector .pt, .onnx or model folder (default: shipped)")
     ap.add_argument("--no-study", action="store_true", help="skip the slow ResNet50 comparison")
     ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:0")
+    ap.add_argument("--runtime", default="onnx", choices=("onnx", "torch"), help="PipelineConfig.runtime")
     ap.add_argument("--no-pad", action="store_true", help="for comparison: classify each batch at its own size "
                     "(no padding to a few shapes on a GPU)")
     ap.add_argument("--out", type=Path, default=results_csv("speed_analyze"), help="table the rows are appended to")
@@ -63,12 +65,12 @@ def main() -> None:
 
         classify.padded_size = lambda n, batch: n
     analyzer = Analyzer(PipelineConfig(threads=args.threads, detector_weights=args.detector_weights,
-                                       device=args.device))
-    yolo = analyzer.detector.model
+                                       device=args.device, runtime=args.runtime))
     imgsz = analyzer.detector.imgsz
-    onnx = analyzer.detector.info.weights.suffix == ".onnx"
+    onnx = bool(args.detector_weights) and analyzer.detector.runtime == "onnx"  # an exported folder given by name
     named = ["gpu" if args.device != "cpu" else "", "onnx" if onnx else "",
-             f"threads{args.threads}" if args.device == "cpu" and args.threads != 2 else ""]
+             f"threads{args.threads}" if args.device == "cpu" and args.threads != 2 else "",
+             "torch" if args.runtime == "torch" and args.device == "cpu" else ""]
     stamp = run_stamp(args.variant or "-".join(n for n in named if n) or "default", device=args.device)
     import cv2
 
@@ -79,9 +81,8 @@ def main() -> None:
         n = 0
         for k in range(0, len(paths), analyzer.cfg.batch):
             ims = [cv2.imread(str(p)) for p in paths[k:k + analyzer.cfg.batch]]
-            for r in yolo.predict(ims, imgsz=imgsz, conf=min(analyzer.cfg.thresholds().values()),
-                                  iou=analyzer.cfg.iou, verbose=False, device=args.device):
-                n += len(r.boxes)
+            for d in analyzer.detector._run(ims, min(analyzer.cfg.thresholds().values()), analyzer.cfg.iou):
+                n += len(d)
         return n
 
     resnet = CellClassifier("resnet50", 7, 128, 0.5, "none").eval()
@@ -125,7 +126,7 @@ def main() -> None:
           f"{len(new_paths)} new fields {new:.2f} s")
     print(f"images: {n}, threads: {args.threads}, classifier: {analyzer.classifier.card['config']['backbone']} "
           f"@ {analyzer.classifier.crop_size_px} px, detector {analyzer.detector.info.weights} imgsz {imgsz}")
-    print(f"detector alone (ultralytics predict): {best['detector_alone']:.2f} s  ({n / best['detector_alone']:.2f} img/s)")
+    print(f"detector alone ({analyzer.detector.runtime}):       {best['detector_alone']:.2f} s  ({n / best['detector_alone']:.2f} img/s)")
     print(f"smear analyze, end to end:           {best['smear_analyze']:.2f} s  ({n / best['smear_analyze']:.2f} img/s)"
           f"  -> {best['smear_analyze'] / best['detector_alone']:.2f}x the detector alone (target <= 1.3x, >= 4 img/s)")
     if "study_resnet50_224" in best:

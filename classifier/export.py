@@ -1,16 +1,32 @@
 """Package a trained classifier folder (any task) as a shipped model: its files, and its card with the
-sections added after training (summary, comparison, cascade links), rendered as ``card.md``."""
+sections added after training (summary, comparison, cascade links), rendered as ``card.md``; and export its
+network to ONNX, into the folder itself, for the pipeline's onnx runtime.
+
+``weights.onnx`` takes normalised crops (N, 3, H, W) with a dynamic batch axis and gives logits, as
+``weights.pt``'s network does; the card records which file is which runtime's (``runtimes``) and the
+SHA-256 of the ``weights.pt`` it came from (``onnx_export``), so a folder retrained since runs on torch
+until it is exported again. A cascade's refiner and subtype stage are exported with it.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
-from .model import write_model_card
+from smear.configs.errors import SmearError
+from smear.configs.runtime import ONNX_FILE, TORCH_FILE, export_record
+
+from .model import load_network, resolve_model_folder, write_model_card
+
+log = logging.getLogger(__name__)
 
 # Everything a model folder may hold besides weights.pt and the card (split.json: rbc-morphology).
-MODEL_FILES = ("weights.pt", "history.json", "curves.png", "split.json", "confusion_matrix_test.png")
+MODEL_FILES = ("weights.pt", "weights.onnx", "history.json", "curves.png", "split.json", "confusion_matrix_test.png")
+# The opset this torch's TorchScript-based exporter writes and ONNX Runtime >= 1.17 runs.
+OPSET = 17
 
 
 def package_model(model_folder: str | Path, dest: str | Path, extra: dict | None = None) -> Path:
@@ -30,3 +46,65 @@ def package_model(model_folder: str | Path, dest: str | Path, extra: dict | None
             shutil.copyfile(model_folder / name, dest / name)
     write_model_card(dest, card)
     return dest
+
+
+def _member_folders(folder: Path, card: dict) -> list[Path]:
+    """The folder, then the cascade members its card names (refiner, subtype stage), each once."""
+    out = [folder]
+    for role in ("refiner", "subtyper"):
+        if isinstance(card.get(role), dict) and card[role].get("weights"):
+            member = (folder / card[role]["weights"]).resolve()
+            if member not in out:
+                out.append(member)
+    return out
+
+
+def export_folder(folder: Path) -> Path:
+    """Write ``folder/weights.onnx`` from its ``weights.pt`` and record it in its card; returns the file."""
+    import torch
+
+    card = json.loads((folder / "card.json").read_text())
+    net = load_network(folder, card).to(memory_format=torch.contiguous_format)
+    size = int(card["config"]["crop_size_px"])
+    target = folder / ONNX_FILE
+    partial = folder / (ONNX_FILE + ".partial")
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript-based exporter (ultralytics' too) needs no onnxscript; its deprecation notes are noise here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(net, (torch.zeros(2, 3, size, size),), str(partial), input_names=["crops"],
+                              output_names=["logits"], dynamic_axes={"crops": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=OPSET, dynamo=False)
+    except Exception as e:  # noqa: BLE001  a missing exporter package is the usual cause
+        partial.unlink(missing_ok=True)
+        raise SmearError(f"{folder / TORCH_FILE}: export to ONNX failed ({type(e).__name__}: {e}); "
+                         "pip install 'smear[onnx]'") from e
+    partial.replace(target)
+    card["runtimes"] = {"torch": TORCH_FILE, "onnx": ONNX_FILE}
+    card["onnx_export"] = export_record(folder, folder / TORCH_FILE, opset=OPSET, dynamic_axes=["batch"],
+                                        input="crops (N, 3, H, W), ImageNet-normalised RGB", output="logits",
+                                        torch=torch.__version__.split("+")[0])
+    write_model_card(folder, card)
+    return target
+
+
+def export_classifier(weights: str | Path | None = None, task: str = "cells") -> list[Path]:
+    """Export a classifier or morphology folder (default: the shipped cell classifier) and its cascade members.
+
+    Returns the ``weights.onnx`` files written.
+
+    Example:
+        >>> export_classifier("classifier/models/bccd-mobilenetv2-48")   # and its refiner and subtype stage
+    """
+    from .model import DEFAULT_MODELS
+
+    folder = resolve_model_folder(weights, DEFAULT_MODELS[task], "classifier model",
+                                  f"'smear classifier train task={task}'")
+    card = json.loads((folder / "card.json").read_text())
+    written = []
+    for member in _member_folders(folder, card):
+        if not (member / TORCH_FILE).is_file():
+            raise SmearError(f"{member}: a cascade member named by {folder / 'card.json'} has no {TORCH_FILE}")
+        written.append(export_folder(member))
+        log.info("wrote %s", written[-1])
+    return written

@@ -8,11 +8,15 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from smear.configs.errors import ModelNotFoundError, SmearError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +168,30 @@ class CellClassifier(nn.Module):
                 m.eval()
 
 
+class OnnxNetwork:
+    """A model folder's ``weights.onnx`` under ONNX Runtime (CPU): normalised crops (N, 3, H, W) -> logits."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        from smear.configs.offline import use_cpu_threads
+        from smear.configs.runtime import onnx_session
+
+        self.path = path
+        self.session = onnx_session(path, threads if threads > 0 else use_cpu_threads(0))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: crops})[0]
+
+
 @dataclass
 class ClassifierModel:
-    """A loaded classifier folder: the network and everything inference needs."""
+    """A loaded classifier folder: the network and everything inference needs.
 
-    net: CellClassifier
+    ``net`` is the PyTorch network, or with the onnx runtime an :class:`OnnxNetwork` (``runtime`` says
+    which); ``onnx_fallback`` says why the onnx runtime was asked for and torch runs.
+    """
+
+    net: CellClassifier | OnnxNetwork
     classes: list[str]
     crop_size_px: int
     crop_margin: float
@@ -183,6 +206,16 @@ class ClassifierModel:
     # whose WBC probability reaches ``subtype_min_prob`` (see predict.rescore_cascade).
     subtyper: "ClassifierModel | None" = None
     subtype_min_prob: float = 0.5
+    onnx_fallback: str | None = None
+
+    @property
+    def runtime(self) -> str:
+        return "onnx" if isinstance(self.net, OnnxNetwork) else "torch"
+
+    def onnx_fallbacks(self) -> list[str]:
+        """Why each model of the cascade that should run on onnx runs on torch (empty: none)."""
+        parts = (self, self.refiner, self.subtyper)
+        return list(dict.fromkeys(m.onnx_fallback for m in parts if m is not None and m.onnx_fallback))
 
 
 def shipped_models_dir() -> Path:
@@ -270,24 +303,43 @@ def load_network(folder: Path, card: dict, device: str = "cpu") -> CellClassifie
     return net.eval().to(device).to(memory_format=torch.channels_last)
 
 
-def load_classifier(weights: str | Path | None = None, device: str = "cpu", with_refiner: bool = True) -> ClassifierModel:
+def load_runtime_network(folder: Path, card: dict, device: str = "cpu", runtime: str = "torch",
+                         threads: int = 0) -> tuple[CellClassifier | OnnxNetwork, str | None]:
+    """The folder's network in ``runtime``: ``weights.onnx`` under ONNX Runtime for ``onnx`` when it is
+    current (:func:`smear.configs.runtime.onnx_weights`), else the PyTorch network; and why onnx was not
+    possible (None when it was, or was not asked for)."""
+    if runtime == "onnx":
+        from smear.configs.runtime import onnx_weights
+
+        onnx, why = onnx_weights(folder, card, f"smear classifier export --weights {folder}")
+        if onnx is not None:
+            return OnnxNetwork(onnx, threads), None
+        log.debug("%s: runs on torch: %s", folder, why)
+        return load_network(folder, card, device), why
+    return load_network(folder, card, device), None
+
+
+def load_classifier(weights: str | Path | None = None, device: str = "cpu", with_refiner: bool = True,
+                    runtime: str = "torch", threads: int = 0) -> ClassifierModel:
     """Load a classifier folder (``weights.pt`` + ``card.json``); no network, no ImageNet weights needed.
 
     A card with ``"refiner": {"weights": <folder relative to this one>, "groups": [...], "min_prob": p}``
     makes a cascade: the refiner re-scores the crops of those groups. ``"subtyper": {"weights": ...,
     "min_prob": p}`` adds a WBC-subtype model that names the subtype of likely WBCs
-    (``with_refiner=False`` loads this model alone).
+    (``with_refiner=False`` loads this model alone). ``runtime="onnx"`` runs each member's ``weights.onnx``
+    under ONNX Runtime on ``threads`` threads (0: one per core) where it has a current one, else its torch network
+    (:meth:`ClassifierModel.onnx_fallbacks` says why).
     """
     folder = resolve_classifier_folder(weights)
     card = read_card(folder, "classifier")
     cfg = card["config"]
-    net = load_network(folder, card, device)
+    net, fallback = load_runtime_network(folder, card, device, runtime, threads)
     model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),
-                            crop_margin=float(cfg["crop_margin"]), card=card, folder=folder)
+                            crop_margin=float(cfg["crop_margin"]), card=card, folder=folder, onnx_fallback=fallback)
     sub = card.get("subtyper")
     if sub and with_refiner:
         sub_folder = (folder / sub["weights"]).resolve()
-        subtyper = load_classifier(sub_folder, device=device, with_refiner=False)
+        subtyper = load_classifier(sub_folder, device=device, with_refiner=False, runtime=runtime, threads=threads)
         missing = [c for c in subtyper.classes if c not in model.classes]
         if missing:
             raise SmearError(f"{sub_folder}: subtype classes {missing} are not classes of {folder}")
@@ -296,7 +348,7 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu", with
     ref = card.get("refiner")
     if ref and with_refiner:
         ref_folder = (folder / ref["weights"]).resolve()
-        refiner = load_classifier(ref_folder, device=device, with_refiner=False)
+        refiner = load_classifier(ref_folder, device=device, with_refiner=False, runtime=runtime, threads=threads)
         if refiner.classes != model.classes:
             raise SmearError(f"{ref_folder}: refiner classes {refiner.classes} differ from {model.classes}")
         model.refiner = refiner

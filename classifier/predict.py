@@ -20,11 +20,16 @@ _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32) * 255
 _STD = np.array(IMAGENET_STD, dtype=np.float32) * 255
 
 
-def to_tensor(crops: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
-    """RGB uint8 crops (N, H, W, 3) -> normalised float tensor (N, 3, H, W)."""
+def to_array(crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """RGB uint8 crops (N, H, W, 3) -> normalised float32 array (N, 3, H, W), C-contiguous."""
     arr = np.asarray(crops, dtype=np.float32)
     arr = (arr - _MEAN) / _STD
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+
+
+def to_tensor(crops: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """RGB uint8 crops (N, H, W, 3) -> normalised float tensor (N, 3, H, W)."""
+    return torch.from_numpy(to_array(crops))
 
 
 @torch.inference_mode()
@@ -33,9 +38,13 @@ def predict_crops(model: ClassifierModel, crops: Sequence[np.ndarray], batch: in
     """Class probabilities (N, n_classes) for RGB crops already at ``model.crop_size_px``.
 
     ``pad`` (default: on any device but the CPU) pads each batch with blank crops to
-    :func:`padded_size`; the probabilities are the same either way."""
+    :func:`padded_size`; the probabilities are the same either way. A model on the onnx runtime
+    runs each batch as it is (ONNX Runtime on the CPU)."""
     if len(crops) == 0:
         return np.zeros((0, len(model.classes)), dtype=np.float32)
+    if model.runtime == "onnx":
+        logits = [torch.from_numpy(model.net(to_array(crops[i: i + batch]))) for i in range(0, len(crops), batch)]
+        return torch.softmax(torch.cat(logits).float(), dim=1).numpy()
     device = next(model.net.parameters()).device
     out = []
     for i in range(0, len(crops), batch):
@@ -242,7 +251,8 @@ class MorphologyModel:
     def info(self) -> dict:
         """Weights, classes, crop geometry and the test metrics of the card."""
         test = self.card.get("test_metrics") or {}
-        return {"weights": str(self.folder), "classes": self.classes, "backbone": self.config.get("backbone"),
+        return {"weights": str(self.folder), "runtime": self.model.runtime, "classes": self.classes,
+                "backbone": self.config.get("backbone"),
                 "crop_size_px": self.config.get("crop_size_px"), "cut_side_px": self.config.get("cut_side_px"),
                 "cell_diameter_px": self.config.get("cell_diameter_px"), "date": self.card.get("date"),
                 "commit": self.card.get("commit"),
@@ -250,18 +260,21 @@ class MorphologyModel:
                 if test else None}
 
 
-def load_morphology_model(weights: str | Path | None = None, device: str = "cpu") -> MorphologyModel:
+def load_morphology_model(weights: str | Path | None = None, device: str = "cpu", runtime: str = "torch",
+                          threads: int = 0) -> MorphologyModel:
     """Load a morphology folder (``weights.pt`` + ``card.json``); ``None`` means the shipped one.
+    ``runtime="onnx"``: its ``weights.onnx`` under ONNX Runtime when current (as :func:`load_classifier`).
 
     Raises:
         ModelNotFoundError: no folder there (the message says where it looked and how to make one).
         SmearError: the folder is not a morphology model.
     """
-    from .model import load_network, read_card, resolve_morphology_folder
+    from .model import load_runtime_network, read_card, resolve_morphology_folder
 
     folder = resolve_morphology_folder(weights)
     card = read_card(folder, "morphology")
     cfg = card["config"]
-    model = ClassifierModel(net=load_network(folder, card, device), classes=list(card["classes"]),
-                            crop_size_px=int(cfg["crop_size_px"]), crop_margin=0.0, card=card, folder=folder)
+    net, fallback = load_runtime_network(folder, card, device, runtime, threads)
+    model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),
+                            crop_margin=0.0, card=card, folder=folder, onnx_fallback=fallback)
     return MorphologyModel(model=model, config=cfg, card=card, folder=folder)

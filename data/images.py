@@ -87,16 +87,12 @@ def file_warnings(path: str | os.PathLike) -> list[str]:
 
 def file_sha256(path: str | os.PathLike) -> str | None:
     """SHA-256 of a file's bytes (hex), read in 1 MiB blocks; None when it cannot be read."""
-    import hashlib
+    from smear.configs.runtime import file_sha256 as sha256
 
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return sha256(path)
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def read_bgr(path: str | os.PathLike) -> np.ndarray:

@@ -22,6 +22,13 @@ class DetectorModelInfo:
 
     weights: Path
     card: dict = field(default_factory=dict)
+    # runtime onnx asked for but not possible here (no weights.onnx, no onnxruntime, a stale export): why
+    onnx_fallback: str | None = None
+
+    @property
+    def runtime(self) -> str:
+        """``onnx`` for an ONNX file (run by ONNX Runtime), else ``torch``."""
+        return "onnx" if self.weights.suffix == ".onnx" else "torch"
 
     @property
     def imgsz(self) -> int:
@@ -31,15 +38,20 @@ class DetectorModelInfo:
 WEIGHT_SUFFIXES = (".pt", ".onnx", ".torchscript")
 
 
-def find_detector(weights: str | Path | None = None) -> DetectorModelInfo:
+def find_detector(weights: str | Path | None = None, runtime: str = "torch") -> DetectorModelInfo:
     """Resolve ``weights`` (a .pt or .onnx file, or a model folder), else the shipped default.
 
     A folder holds ``weights.pt`` (or ultralytics' ``weights/best.pt``), or ``weights.onnx`` /
-    ``weights.torchscript`` as written by 'smear detector export', with its ``card.json``.
+    ``weights.torchscript`` as written by 'smear detector export', with its ``card.json``. With
+    ``runtime="onnx"`` a folder's ``weights.onnx`` is chosen when its card says it was exported from the
+    folder's ``weights.pt`` (:func:`smear.configs.runtime.onnx_weights`); otherwise the .pt, and
+    ``onnx_fallback`` says why. A file given by name is that file, whatever the runtime.
 
     Raises:
         ModelNotFoundError: listing where it looked and how to make the file.
     """
+    from smear.configs.runtime import onnx_weights
+
     looked: list[Path] = []
     candidates = [Path(weights)] if weights else [shipped_models_dir() / DEFAULT_MODEL]
     for c in candidates:
@@ -52,7 +64,11 @@ def find_detector(weights: str | Path | None = None) -> DetectorModelInfo:
                 for name in ("card.json",):
                     if (folder / name).is_file():
                         card = json.loads((folder / name).read_text())
-                return DetectorModelInfo(weights=p, card=card)
+                info = DetectorModelInfo(weights=p, card=card)
+                if runtime == "onnx" and c.is_dir() and p.suffix != ".onnx":
+                    onnx, why = onnx_weights(folder, card, f"smear detector export --weights {folder} --in-place")
+                    info = DetectorModelInfo(weights=onnx or p, card=card, onnx_fallback=why)
+                return info
     raise ModelNotFoundError(
         f"detector weights not found (looked in {', '.join(map(str, looked))}); train one with "
         f"'smear data prepare' then 'smear detector train', or pass --weights PATH")

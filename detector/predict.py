@@ -173,6 +173,50 @@ def merge_tiles(parts: list[tuple[Detections, tuple[int, int, int, int]]], size:
     return Detections(boxes[keep], scores[keep], classes[keep])
 
 
+class OnnxYolo:
+    """An ultralytics YOLO detector exported to ONNX ('smear detector export'), run by ONNX Runtime through
+    ultralytics' own steps around the network (letterbox, NMS, boxes back to image pixels), so it finds the
+    boxes ultralytics' predict finds, without ultralytics' ONNX backend (which would install the onnx package
+    at run time when it is missing, and chooses its own threads).
+    """
+
+    def __init__(self, weights: str | Path, threads: int):
+        import ast
+
+        from smear.configs.runtime import onnx_session
+
+        self.weights = Path(weights)
+        self.session = onnx_session(self.weights, threads)
+        meta = self.session.get_modelmeta().custom_metadata_map  # ultralytics' export writes names and stride
+        names = ast.literal_eval(meta["names"]) if "names" in meta else {}
+        self.names = dict(enumerate(names)) if isinstance(names, list) else names
+        self.stride = int(meta.get("stride", 32))
+        shape = self.session.get_inputs()[0].shape
+        self.fixed_size = list(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else None
+
+    def predict(self, images_bgr: Sequence[np.ndarray], imgsz: int, conf: float, iou: float,
+                max_det: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(xyxy, scores, class indices)`` per BGR image, as ultralytics' predict gives them."""
+        import torch
+        from ultralytics.data.augment import LetterBox
+        from ultralytics.utils import nms, ops
+        from ultralytics.utils.checks import check_imgsz
+
+        size = self.fixed_size or check_imgsz(imgsz, stride=self.stride, min_dim=2)
+        same_shapes = len({im.shape for im in images_bgr}) == 1  # as ultralytics: one batch shape, else squares
+        letterbox = LetterBox(size, auto=same_shapes and self.fixed_size is None, stride=self.stride)
+        batch = np.stack([letterbox(image=im) for im in images_bgr])
+        x = np.ascontiguousarray(batch[..., ::-1].transpose(0, 3, 1, 2)).astype(np.float32) / 255  # RGB, 0-1
+        raw = self.session.run(None, {self.session.get_inputs()[0].name: x})[0]
+        found = nms.non_max_suppression(torch.from_numpy(raw), conf, iou, None, False, max_det=max_det)
+        out = []
+        for pred, im in zip(found, images_bgr):
+            pred[:, :4] = ops.scale_boxes(x.shape[2:], pred[:, :4], im.shape)
+            p = pred.numpy()
+            out.append((p[:, :4].astype(np.float32), p[:, 4].astype(np.float32), p[:, 5].astype(np.int64)))
+        return out
+
+
 class Detector:
     """A loaded detector. ``predict`` takes RGB uint8 arrays and returns :class:`Detections`.
 
@@ -182,11 +226,13 @@ class Detector:
     """
 
     def __init__(self, weights: str | Path | None = None, cfg: DetectorConfig | None = None, device: str | None = None,
-                 threads: int | None = None, stain_norm: bool = True):
+                 threads: int | None = None, stain_norm: bool = True, runtime: str = "torch"):
         from .stain import StainReference
 
         ensure_offline()
-        self.info: DetectorModelInfo = find_detector(weights)
+        # runtime "onnx": the folder's weights.onnx under ONNX Runtime when it has a current one (info.onnx_fallback
+        # says why not); an .onnx file always runs there
+        self.info: DetectorModelInfo = find_detector(weights, runtime=runtime)
         # the card's stain reference (smear.detector.stain), applied to every field first; stain_norm=False: off
         self.stain = StainReference.from_card(self.info.card) if stain_norm else None
         card_cfg = self.info.card.get("config", {})
@@ -194,8 +240,9 @@ class Detector:
         self.cfg = base
         self.imgsz = int(card_cfg.get("imgsz", base.imgsz)) if cfg is None else base.imgsz
         self.device = device or base.device
-        use_cpu_threads(base.threads if threads is None else threads)  # held through ultralytics' device pick
-        self.model = load_yolo(self.info.weights)
+        self.threads = use_cpu_threads(base.threads if threads is None else threads)  # held through ultralytics' pick
+        onnx = self.runtime == "onnx"
+        self.model = OnnxYolo(self.info.weights, self.threads) if onnx else load_yolo(self.info.weights)
         names = self.model.names
         self._class_map = {}
         for idx, name in (names.items() if isinstance(names, dict) else enumerate(names)):
@@ -206,7 +253,16 @@ class Detector:
                 raise ValueError(f"{self.info.weights}: detector class '{name}' is not one of {GROUPS}")
             self._class_map[int(idx)] = GROUPS.index(canon)
 
+    @property
+    def runtime(self) -> str:
+        """``onnx`` (ONNX Runtime on the CPU) or ``torch`` (ultralytics on ``self.device``)."""
+        return self.info.runtime
+
     def _run(self, images_bgr: list[np.ndarray], conf: float, iou: float) -> list[Detections]:
+        if isinstance(self.model, OnnxYolo):
+            return [Detections(b, s, np.array([self._class_map[int(c)] for c in k], dtype=np.int64))
+                    if len(s) else Detections.empty()
+                    for b, s, k in self.model.predict(images_bgr, self.imgsz, conf, iou, self.cfg.max_det)]
         results = self.model.predict(images_bgr, imgsz=self.imgsz, conf=conf, iou=iou, device=self.device,
                                      max_det=self.cfg.max_det, verbose=False)
         out = []

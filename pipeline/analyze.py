@@ -64,23 +64,33 @@ class Analyzer:
         from smear.detector.predict import Detector
 
         self.cfg = cfg or PipelineConfig()
+        # ONNX Runtime runs on the CPU; another device keeps every stage on torch
+        runtime = self.cfg.runtime if self.cfg.device == "cpu" else "torch"
         # the thread count is process-wide: the detector sets it for the classifier too
         self.detector = Detector(self.cfg.detector_weights or None, device=self.cfg.device, threads=self.cfg.threads,
-                                 stain_norm=self.cfg.stain_norm)
+                                 stain_norm=self.cfg.stain_norm, runtime=runtime)
         self.detector.cfg = dataclasses.replace(self.detector.cfg, conf=self.cfg.conf, iou=self.cfg.iou)
         self.cfg = self.cfg.for_detector(self.detector.info.card)  # class_conf 'detector': the card's thresholds
-        self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device)
+        self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device,
+                                          runtime=runtime, threads=self.detector.threads)
         self._group_index = {g: [i for i, c in enumerate(self.classifier.classes) if group_of(c) == g] for g in GROUPS}
         self.morphology = None
         if self.cfg.morphology_weights != "none":
             try:
                 from smear.classifier.predict import load_morphology_model
 
-                self.morphology = load_morphology_model(self.cfg.morphology_weights or None, device=self.cfg.device)
+                self.morphology = load_morphology_model(self.cfg.morphology_weights or None, device=self.cfg.device,
+                                                        runtime=runtime, threads=self.detector.threads)
             except (ImportError, SmearError) as e:
                 if self.cfg.morphology_weights:
                     raise
                 log.debug("no RBC morphology model: %s", e)
+        fallbacks = [self.detector.info.onnx_fallback, *self.classifier.onnx_fallbacks(),
+                     self.morphology.model.onnx_fallback if self.morphology is not None else None]
+        fallbacks = list(dict.fromkeys(f for f in fallbacks if f))
+        if fallbacks:  # one warning for the whole set of models, never an error: torch gives the same cells
+            log.warning("runtime onnx: %s; %s on torch (the same cells, slower)", "; ".join(fallbacks),
+                        "these run" if len(fallbacks) > 1 else "it runs")
         # A given scale wins; else a given pixel size decides it; else each image's RBC size does.
         self.scale: float | str = self.cfg.scale_factor() or "auto"
         if self.scale == "auto" and self.cfg.pixel_size_um > 0 and self.detector.train_pixel_size_um:
@@ -91,20 +101,23 @@ class Analyzer:
         det_card = self.detector.info.card
         cls_card = self.classifier.card
         out = {
-            "detector": {"weights": str(self.detector.info.weights), "imgsz": self.detector.imgsz,
+            "detector": {"weights": str(self.detector.info.weights), "runtime": self.detector.runtime,
+                         "imgsz": self.detector.imgsz,
                          "classes": list(GROUPS), "model": det_card.get("config", {}).get("model"),
                          "date": det_card.get("date"), "commit": det_card.get("commit"),
                          "operating_thresholds": self.cfg.thresholds(),
                          "test_metrics": det_card.get("test_metrics"),
                          "test_metrics_audited": det_card.get("test_metrics_audited")},
-            "classifier": {"weights": str(self.classifier.folder), "backbone": cls_card["config"]["backbone"],
+            "classifier": {"weights": str(self.classifier.folder), "runtime": self.classifier.runtime,
+                           "backbone": cls_card["config"]["backbone"],
                            "crop_size_px": self.classifier.crop_size_px, "crop_margin": self.classifier.crop_margin,
                            "classes": self.classifier.classes, "date": cls_card.get("date"),
                            "commit": cls_card.get("commit"), "test_metrics": cls_card.get("test_metrics")},
         }
         for role, part in (("refiner", self.classifier.refiner), ("subtyper", self.classifier.subtyper)):
             if part is not None:  # the cascade's other members: which crops they see and at what size
-                out["classifier"][role] = {"weights": str(part.folder), "backbone": part.card["config"]["backbone"],
+                out["classifier"][role] = {"weights": str(part.folder), "runtime": part.runtime,
+                                           "backbone": part.card["config"]["backbone"],
                                            "crop_size_px": part.crop_size_px, "classes": part.classes,
                                            "cv_metrics": part.card.get("cv_metrics")}
         if self.morphology is not None:

@@ -348,14 +348,22 @@ def detector_export(
     weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),
     format: str = typer.Option("onnx", "--format", help="onnx or torchscript"),
     out: Optional[Path] = typer.Option(None, "--out", help="model folder to write (default: runs/export/NAME-FORMAT)"),
+    in_place: bool = typer.Option(False, "--in-place", help="write weights.onnx into the model folder itself, beside "
+                                  "weights.pt, and record it in its card: the default runtime (onnx) then runs it"),
 ) -> None:
     """Export the detector as a model folder (weights + card); run it with --set detector_weights=FOLDER.
 
-    ONNX needs pip install 'smear[onnx]' (onnx to export, onnxruntime to run); nothing is downloaded.
+    Exporting needs pip install 'smear[onnx]' (the onnx package); nothing is downloaded.
+
+    Examples:
+
+      smear detector export --weights detector/models/my-model --in-place
+
+      smear detector export --format torchscript --out runs/export/my-model-ts
     """
     from smear.detector.export import export_detector
 
-    typer.echo(f"written: {export_detector(weights, format, out)}")
+    typer.echo(f"written: {export_detector(weights, format, out, in_place=in_place)}")
 
 
 # ------------------------------------------------------------------ classifier
@@ -441,6 +449,25 @@ def classifier_adapt(
         typer.echo("WBC folders only: the base model still decides RBC / WBC / platelet; the adapted network names "
                    "the subtype of likely WBCs")
     typer.echo(f"model folder: {folder}")
+
+
+@classifier_app.command("export")
+def classifier_export(
+    weights: Optional[Path] = typer.Option(None, "--weights", help="classifier or morphology model folder (default: "
+                                           "the task's shipped one)"),
+    task: str = typer.Option("cells", "--task", help="the shipped folder exported without --weights: cells, "
+                             "wbc-subtypes or rbc-morphology"),
+) -> None:
+    """Write weights.onnx into a model folder (and its cascade's refiner and subtype stage) and record it in the
+    card: 'smear analyze' then runs it under ONNX Runtime (runtime: onnx, the default). Needs the onnx package
+    (pip install 'smear[onnx]'); run it again after retraining a folder.
+
+    Example: smear classifier export --weights models/my-lab
+    """
+    from smear.classifier.export import export_classifier
+
+    for f in export_classifier(weights, task):
+        typer.echo(f"written: {f}")
 
 
 @classifier_app.command("evaluate")

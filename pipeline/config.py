@@ -41,9 +41,13 @@ class PipelineConfig:
                                           "typical RBC's diameter lies inside (0.5: the field holding its centre "
                                           "counts it); 0 counts every fragment", range=(0.0, 1.0))
     device: str = param("cpu", "torch device: cpu, cuda, cuda:0, mps")
+    runtime: str = param("onnx", "'onnx': each model folder's weights.onnx under ONNX Runtime on the CPU (faster per "
+                                 "core; a folder without one, or without onnxruntime, runs on torch with a warning); "
+                                 "'torch': weights.pt under PyTorch; a device other than cpu runs torch",
+                         choices=("onnx", "torch"))
     batch: int = param(8, "images per detector batch", range=(1, 1024))
-    threads: int = param(0, "torch CPU threads; 0: one per core (ultralytics alone would use cores - 1)",
-                          range=(0, 256))
+    threads: int = param(0, "CPU threads of torch and ONNX Runtime; 0: one per core (ultralytics alone would use "
+                            "cores - 1)", range=(0, 256))
     scale: str = param("auto", "'auto': measure each image's RBC size and resize it to the detector's training "
                                "scale (tiling what becomes large); or one resize factor for every image, 0.05-20")
     stain_norm: bool = param(True, "map each field's colours onto the detector's training fields' (Reinhard, "

@@ -63,6 +63,23 @@ def test_sample_fields_are_read_like_a_technologist_would(analyzer, name, subtyp
     assert all(0 <= c.box[0] < c.box[2] <= r.width + 1 and 0 <= c.box[1] < c.box[3] <= r.height + 1 for c in r.cells)
 
 
+def test_both_runtimes_count_the_sample_fields_alike(analyzer):
+    """The default runtime (onnx: every shipped folder's weights.onnx) gives torch's counts, field by field."""
+    from smear.pipeline.analyze import Analyzer
+    from smear.pipeline.config import PipelineConfig
+
+    parts = (analyzer.detector, analyzer.classifier, analyzer.classifier.refiner, analyzer.classifier.subtyper,
+             analyzer.morphology.model)
+    assert [m.runtime for m in parts] == ["onnx"] * 5  # shipped with current ONNX weights: no fallback
+    torch = Analyzer(PipelineConfig(runtime="torch"))
+    assert torch.detector.runtime == torch.classifier.runtime == "torch"
+    fields = sorted(SAMPLES.glob("*.jpg"))
+    for a, b in zip(analyzer.analyze_images(fields), torch.analyze_images(fields)):
+        assert a.counts == b.counts, a.image
+        assert [c.label for c in a.cells] == [c.label for c in b.cells]
+        assert np.abs(np.array([c.box for c in a.cells]) - np.array([c.box for c in b.cells])).max() <= 0.1
+
+
 def test_info_json_lists_both_models():
     from typer.testing import CliRunner
 
@@ -90,6 +107,7 @@ def test_readme_command_runs_as_a_subprocess(tmp_path):
     out = subprocess.run(cmd + ["analyze", str(SAMPLES / "BloodImage_00007.jpg"), "--output", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert "runtime onnx" not in out.stderr  # the shipped folders run on the default runtime, no fallback
     assert "BloodImage_00007.jpg" in out.stdout
     for name in ("results.jsonl", "summary.csv", "report.html"):
         assert (tmp_path / name).is_file()
