@@ -59,8 +59,9 @@ def _member_folders(folder: Path, card: dict) -> list[Path]:
     return out
 
 
-def export_folder(folder: Path) -> Path:
-    """Write ``folder/weights.onnx`` from its ``weights.pt`` and record it in its card; returns the file."""
+def export_folder(folder: Path, commit: str | None = None) -> Path:
+    """Write ``folder/weights.onnx`` from its ``weights.pt`` and record it in its card (``commit``: the code's,
+    taken before the export changed any card; default now); returns the file."""
     import torch
 
     card = json.loads((folder / "card.json").read_text())
@@ -81,7 +82,7 @@ def export_folder(folder: Path) -> Path:
                          "pip install 'smear[onnx]'") from e
     partial.replace(target)
     card["runtimes"] = {"torch": TORCH_FILE, "onnx": ONNX_FILE}
-    card["onnx_export"] = export_record(folder, folder / TORCH_FILE, opset=OPSET, dynamic_axes=["batch"],
+    card["onnx_export"] = export_record(folder / TORCH_FILE, commit, opset=OPSET, dynamic_axes=["batch"],
                                         input="crops (N, 3, H, W), ImageNet-normalised RGB", output="logits",
                                         torch=torch.__version__.split("+")[0])
     write_model_card(folder, card)
@@ -100,11 +101,16 @@ def export_classifier(weights: str | Path | None = None, task: str = "cells") ->
 
     folder = resolve_model_folder(weights, DEFAULT_MODELS[task], "classifier model",
                                   f"'smear classifier train task={task}'")
+    from smear.configs.paths import git_commit
+
     card = json.loads((folder / "card.json").read_text())
-    written = []
-    for member in _member_folders(folder, card):
+    members = _member_folders(folder, card)
+    for member in members:
         if not (member / TORCH_FILE).is_file():
             raise SmearError(f"{member}: a cascade member named by {folder / 'card.json'} has no {TORCH_FILE}")
-        written.append(export_folder(member))
+    commit = git_commit()  # before the first card is rewritten, which would make the checkout look dirty
+    written = []
+    for member in members:
+        written.append(export_folder(member, commit))
         log.info("wrote %s", written[-1])
     return written

@@ -38,14 +38,15 @@ def onnxruntime_missing() -> str | None:
     return None
 
 
-def export_record(folder: Path, source: Path, **extra: Any) -> dict:
-    """The card's record of an ONNX export from ``source`` (a ``weights.pt``) into ``folder``."""
+def export_record(source: Path, commit: str | None = None, **extra: Any) -> dict:
+    """The card's record of an ONNX export from ``source`` (a ``weights.pt``); ``commit`` taken before any
+    card of the export was written (default: now)."""
     import datetime
 
     from .paths import git_commit
 
     return {"from": source.name, "from_sha256": file_sha256(source), "date": datetime.date.today().isoformat(),
-            "commit": git_commit(), **extra}
+            "commit": commit or git_commit(), **extra}
 
 
 def onnx_weights(folder: Path, card: Mapping[str, Any], export_how: str) -> tuple[Path | None, str | None]:

@@ -69,7 +69,7 @@ def export_detector(weights: str | Path | None = None, format: str = "onnx", out
         import torch
 
         card["runtimes"] = {"torch": "weights.pt", "onnx": target.name}
-        card["onnx_export"] = export_record(folder, info.weights, imgsz=info.imgsz, dynamic_axes=True,
+        card["onnx_export"] = export_record(info.weights, imgsz=info.imgsz, dynamic_axes=True,
                                             torch=torch.__version__.split("+")[0])
     else:
         card["runtimes"] = {"onnx" if format == "onnx" else "torchscript": target.name}
