@@ -89,13 +89,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="PipelineConfig.threads (0: one per core)")
     ap.add_argument("--int8", action="store_true", help="also the int8 (dynamic quantisation) classifier cascade")
     ap.add_argument("--out", type=Path, default=results_csv("runtime_speed"))
+    ap.add_argument("--variant", default=None, help="name of this run in the table (default: threadsN, or "
+                    "'default' for threads 0)")
     args = ap.parse_args()
 
     from smear.configs.paths import resolve_path
 
     root = resolve_path(args.data)
     ids = (root / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]
-    stamp = run_stamp("runtime")
+    stamp = run_stamp(args.variant or (f"threads{args.threads}" if args.threads else "default"))
     with tempfile.TemporaryDirectory(prefix="runtime_speed_") as tmp:
         tmp = Path(tmp)
         inputs = tmp / "fields"

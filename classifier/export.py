@@ -71,7 +71,7 @@ def export_folder(folder: Path, commit: str | None = None) -> Path:
     partial = folder / (ONNX_FILE + ".partial")
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            # the TorchScript-based exporter (ultralytics' too) needs no onnxscript; its deprecation notes are noise here
+            # the TorchScript-based exporter (ultralytics' too) needs no onnxscript; its deprecation notes are noise
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(net, (torch.zeros(2, 3, size, size),), str(partial), input_names=["crops"],
                               output_names=["logits"], dynamic_axes={"crops": {0: "batch"}, "logits": {0: "batch"}},

@@ -311,9 +311,15 @@ def load_runtime_network(folder: Path, card: dict, device: str = "cpu", runtime:
     if runtime == "onnx":
         from smear.configs.runtime import onnx_weights
 
-        onnx, why = onnx_weights(folder, card, f"smear classifier export --weights {folder}")
+        how = f"smear classifier export --weights {folder}"
+        onnx, why = onnx_weights(folder, card, how)
         if onnx is not None:
-            return OnnxNetwork(onnx, threads), None
+            try:
+                return OnnxNetwork(onnx, threads), None
+            except Exception as e:  # noqa: BLE001  a truncated or corrupt file: its weights.pt still runs
+                from smear.configs.runtime import unreadable
+
+                why = unreadable(onnx, e, how)
         log.debug("%s: runs on torch: %s", folder, why)
         return load_network(folder, card, device), why
     return load_network(folder, card, device), None

@@ -71,6 +71,13 @@ def onnx_weights(folder: Path, card: Mapping[str, Any], export_how: str) -> tupl
     return onnx, None
 
 
+def unreadable(path: Path, error: Exception, export_how: str) -> str:
+    """Why a ``weights.onnx`` ONNX Runtime cannot load (truncated, corrupt) runs on torch: one line."""
+    first = (str(error).strip().splitlines() or [""])[0][:120]
+    return (f"{path} cannot be read by ONNX Runtime ({type(error).__name__}: {first}); export it again with "
+            f"'{export_how}'")
+
+
 def onnx_session(path: str | Path, threads: int):
     """An ONNX Runtime CPU session on ``threads`` intra-op threads that logs nothing below errors.
 

@@ -241,8 +241,7 @@ class Detector:
         self.imgsz = int(card_cfg.get("imgsz", base.imgsz)) if cfg is None else base.imgsz
         self.device = device or base.device
         self.threads = use_cpu_threads(base.threads if threads is None else threads)  # held through ultralytics' pick
-        onnx = self.runtime == "onnx"
-        self.model = OnnxYolo(self.info.weights, self.threads) if onnx else load_yolo(self.info.weights)
+        self.model = self._load_onnx() if self.runtime == "onnx" else load_yolo(self.info.weights)
         names = self.model.names
         self._class_map = {}
         for idx, name in (names.items() if isinstance(names, dict) else enumerate(names)):
@@ -257,6 +256,21 @@ class Detector:
     def runtime(self) -> str:
         """``onnx`` (ONNX Runtime on the CPU) or ``torch`` (ultralytics on ``self.device``)."""
         return self.info.runtime
+
+    def _load_onnx(self):
+        """The ONNX model; when ONNX Runtime cannot read the file and the folder holds a weights.pt, that one."""
+        from smear.configs.errors import SmearError
+        from smear.configs.runtime import unreadable
+
+        onnx = self.info.weights
+        try:
+            return OnnxYolo(onnx, self.threads)
+        except Exception as e:  # noqa: BLE001  a truncated or corrupt file: one line, and the .pt if there is one
+            why = unreadable(onnx, e, f"smear detector export --weights {onnx.parent} --in-place")
+            if not (onnx.parent / "weights.pt").is_file():
+                raise SmearError(why) from None
+            self.info = DetectorModelInfo(onnx.parent / "weights.pt", self.info.card, onnx_fallback=why)
+            return load_yolo(self.info.weights)
 
     def _run(self, images_bgr: list[np.ndarray], conf: float, iou: float) -> list[Detections]:
         if isinstance(self.model, OnnxYolo):

@@ -72,6 +72,10 @@ def test_a_member_without_weights_onnx_runs_on_torch_and_says_how_to_export(casc
     (why,) = model.onnx_fallbacks()
     assert "no weights.onnx" in why and "smear classifier export" in why
 
+    (cascade.parent / "subtypes" / "weights.onnx").write_bytes(b"not an onnx graph")  # corrupt
+    model = load_classifier(cascade, runtime="onnx")
+    assert model.subtyper.runtime == "torch" and "cannot be read by ONNX Runtime" in model.subtyper.onnx_fallback
+
 
 def test_the_morphology_model_runs_on_onnx_too(tmp_path):
     from smear.classifier.config import ClassifierConfig

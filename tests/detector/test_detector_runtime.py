@@ -75,6 +75,13 @@ def test_a_folder_without_a_current_onnx_file_runs_on_torch_and_says_why(exporte
     det = Detector(retrained, runtime="onnx")
     assert det.runtime == "torch" and "not exported from this folder's weights.pt" in det.info.onnx_fallback
 
+    cut = tmp_path / "cut"
+    shutil.copytree(exported_detector, cut)
+    data = (cut / "weights.onnx").read_bytes()
+    (cut / "weights.onnx").write_bytes(data[: len(data) // 2])  # truncated
+    det = Detector(cut, runtime="onnx")
+    assert det.runtime == "torch" and "cannot be read by ONNX Runtime" in det.info.onnx_fallback
+
 
 def test_without_onnxruntime_the_pipeline_warns_once_and_runs_on_torch(tiny_detector, tiny_classifier, monkeypatch,
                                                                        caplog, field_image):
