@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--adapt", nargs="*", type=int, default=[], help="also adapt on k cells per class (one run per k)")
     ap.add_argument("--adapt-from", default="train", help="split the adapt cells are drawn from (never scored)")
     ap.add_argument("--adapt-steps", type=int, default=150)
+    ap.add_argument("--adapt-groups", action="store_true",
+                    help="adapt on k RBCs and k platelets of the lab too (one adapted model for every call, as when "
+                         "'smear review --export' gives rbc/ and platelets/ folders); default: WBC classes only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("classifier_labs"))
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
             continue
         runs = [(variant, model, None)]
         pool = [r for r in rows if r.source == s and r.split == args.adapt_from and r.label in model.classes
-                and nucleated(r.label)]
+                and (nucleated(r.label) or (args.adapt_groups and r.label in ("RBC", "Platelets")))]
         for k in args.adapt:
             rng = random.Random(args.seed)
             chosen = [r for c in CELL_CLASSES for r in rng.sample([q for q in pool if q.label == c],
@@ -138,7 +141,8 @@ def main(argv=None) -> int:
                 write_cells(chosen, model, Path(tmp) / "cells")
                 folder = adapt(Path(tmp) / "cells", Path(tmp) / "model", args.weights,
                                AdaptConfig(steps=args.adapt_steps, seed=args.seed))
-                runs.append((f"{variant}+adapt{k}", load_classifier(folder), len(chosen)))
+                runs.append((f"{variant}+adapt{k}" + ("+groups" if args.adapt_groups else ""), load_classifier(folder),
+                             len(chosen)))
         for name, m, n_cells in runs:
             stamp = {**start, "variant": name}
             out = score(m, scored_rows)
