@@ -34,7 +34,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if p.stat().st_size == 0:
         raise ImageReadError(f"{p}: empty file")
     # ANYDEPTH|ANYCOLOR keeps 16-bit data and still applies EXIF orientation (UNCHANGED would not).
-    img = cv2.imread(str(p), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    try:
+        img = cv2.imread(str(p), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error as e:  # OpenCV refuses a header that claims more pixels than its limit (a decompression bomb)
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
+            size = image_size(p)
+            claimed = f"{size[0]:,} x {size[1]:,} pixels" if size else "more pixels than the limit"
+            raise ImageReadError(f"{p}: image too large ({claimed}; OpenCV reads at most "
+                                 f"{int(os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS', 1 << 30)):,}); refused "
+                                 "unread") from None
+        raise ImageReadError(f"{p}: cannot decode ({str(e).strip().splitlines()[-1]})") from None
     if img is None:
         cut = [w.split(": ", 1)[1].split(" (")[0] for w in file_warnings(p) if "truncated" in w]
         raise ImageReadError(f"{p}: {cut[0]}, cannot be decoded" if cut else
