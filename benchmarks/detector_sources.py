@@ -96,8 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sources", nargs="+", default=["bccd", "pbc", "raabin"])
     ap.add_argument("--scale", default="auto", help="'auto', or a resize factor for every field")
     ap.add_argument("--no-map", action="store_true", help="counts only (skip the mAP50 pass)")
-    ap.add_argument("--no-stain-norm", action="store_true",
-                    help="detect every field as it is, even when the card carries a stain reference")
+    ap.add_argument("--stain-norm", action="store_true",
+                    help="map fields unlike the card's training labs onto the nearest lab's colours first "
+                         "(as --set stain_norm=true does in smear analyze)")
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("detector_sources"))
     ap.add_argument("--write-card", action="store_true",
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     from smear.detector.predict import Detector
     from smear.pipeline.config import PipelineConfig
 
-    det = Detector(args.weights, stain_norm=not args.no_stain_norm)
+    det = Detector(args.weights, stain_norm=args.stain_norm)
     thresholds = PipelineConfig().thresholds(det.info.card)
     scale = args.scale if args.scale == "auto" else float(args.scale)
     stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")

@@ -226,14 +226,14 @@ class Detector:
     """
 
     def __init__(self, weights: str | Path | None = None, cfg: DetectorConfig | None = None, device: str | None = None,
-                 threads: int | None = None, stain_norm: bool = True, runtime: str = "torch"):
+                 threads: int | None = None, stain_norm: bool = False, runtime: str = "torch"):
         from .stain import StainReference
 
         ensure_offline()
         # runtime "onnx": the folder's weights.onnx under ONNX Runtime when it has a current one (info.onnx_fallback
         # says why not); an .onnx file always runs there
         self.info: DetectorModelInfo = find_detector(weights, runtime=runtime)
-        # the card's stain reference (smear.detector.stain), applied to every field first; stain_norm=False: off
+        # stain_norm: fields unlike the card's training labs' colours are mapped onto the nearest (smear.detector.stain)
         self.stain = StainReference.from_card(self.info.card) if stain_norm else None
         card_cfg = self.info.card.get("config", {})
         base = cfg or DetectorConfig()

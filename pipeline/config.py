@@ -50,9 +50,11 @@ class PipelineConfig:
                             "cores - 1)", range=(0, 256))
     scale: str = param("auto", "'auto': measure each image's RBC size and resize it to the detector's training "
                                "scale (tiling what becomes large); or one resize factor for every image, 0.05-20")
-    stain_norm: bool = param(True, "map each field's colours onto the detector's training fields' (Reinhard, "
-                                   "L*a*b*) before detection, when the detector's card carries that reference; the "
-                                   "classifier always sees the field as it is")
+    stain_norm: bool = param(False, "map a field whose colours are unlike every lab the detector trained on (its "
+                                    "card's stain reference) onto the nearest lab's colours before detection "
+                                    "(Reinhard, L*a*b*); the classifier always sees the field as it is. Off by "
+                                    "default: measured 2026-12-01 it helped on one unseen lab and not the other "
+                                    "(docs/models.md)")
     pixel_size_um: float = param(0.0, "micrometres per pixel of the inputs; 0 if unknown (sizes then in px)", range=(0.0, 100.0))
     group_override_prob: float = param(0.9, "classifier group probability that overrides the detector's group", range=(0.5, 1.0))
     review_prob: float = param(0.5, "classifier probability for another group that marks a cell for review", range=(0.0, 1.0))
