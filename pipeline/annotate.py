@@ -270,8 +270,8 @@ def annotate_folder(directory: Path, output: Path | None = None, format: str = "
     _check_options(directory, format, labels, conf, overwrite, force)
     out = Path(output) if output is not None else directory / "annotations"
     out_resolved = out.resolve()
-    images = [p for p in expand_inputs([directory])
-              if out_resolved not in p.resolve().parents]  # never annotate what lies in the output folder
+    images = [p for p in expand_inputs([directory])  # an empty folder comes back as itself: not an image
+              if p.is_file() and out_resolved not in p.resolve().parents]  # never annotate the output folder
     if not images:
         raise SmearError(f"{directory}: no images found (looked recursively for {', '.join(IMAGE_SUFFIXES)})")
 
