@@ -123,7 +123,7 @@ def build_config(cls: type[T], values: Mapping[str, Any] | None = None, *, sourc
         if norm not in fields:
             near = difflib.get_close_matches(norm, list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(f"{source}: unknown {cls.__name__} key '{key}'{hint} Valid keys: {', '.join(fields)}")
+            raise ConfigError(f"{source}: unknown {cls.__name__} key {key!r}{hint} Valid keys: {', '.join(fields)}")
         kwargs[norm] = _coerce(f"{cls.__name__}.{norm}", raw, hints[norm])
     for name, f in fields.items():
         _validate(cls.__name__, f, kwargs.get(name, f.default))

@@ -37,7 +37,7 @@ def test_config_values_give_a_config_or_one_line_config_error(cls, data):
     except ConfigError as e:
         message = str(e)
         assert "\n" not in message and message
-        assert any(str(k) in message for k in values)
+        assert any(str(k) in message or repr(k) in message for k in values)  # the key, quoted when it must be
         return
     assert set(values) <= set(keys)
     assert build_config(cls, config_to_dict(cfg)) == cfg  # what it holds loads back to itself
