@@ -16,7 +16,10 @@ from smear.detector.config import DetectorConfig
 from smear.detector.predict import Detections, merge_tiles, tile_origins
 from smear.pipeline.config import PipelineConfig
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI runs the same examples every time (a failure is reproducible, never a flake); set
+# derandomize=False locally to explore new ones
+FAST = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # ------------------------------------------------------------------ config loader
 
@@ -90,7 +93,7 @@ def _seen_by(tile_xyxy, boxes, classes):
     return Detections(clipped[visible], np.full(int(visible.sum()), 0.9, np.float32), classes[visible])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(field_with_cells())
 def test_each_cell_is_counted_once_whatever_the_tile_grid(case):
     (w, h), tile, overlap, boxes, classes = case
@@ -115,7 +118,7 @@ def _records(n: int):
                         warnings=["ü, \"quoted\"\nnewline"] * (i % 2)) for i in range(n)]
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(n=st.integers(1, 12), cut=st.floats(0, 1))
 def test_results_file_cut_anywhere_holds_only_whole_records(tmp_path_factory, n, cut):
     """A run killed at any byte of results.jsonl: every whole line is a valid record, --resume keeps exactly those."""
