@@ -307,6 +307,8 @@ def prepare_output(output: Path, overwrite: bool, keep_records: bool = False) ->
     :class:`~smear.pipeline.resume.PreviousRecords`."""
     import shutil
 
+    from .resume import PREVIOUS, RESULTS
+
     output = Path(output)
     if output.exists() and not output.is_dir():
         _fail(f"{output}: exists and is not a folder")
@@ -320,7 +322,7 @@ def prepare_output(output: Path, overwrite: bool, keep_records: bool = False) ->
         _fail(f"{output}: holds a review of the previous run (review.sqlite, reviewed/); move it away before "
               "re-analysing into this folder")
     for name in previous:
-        if keep_records and name in ("results.jsonl", "results.previous.jsonl"):
+        if keep_records and name in (RESULTS, PREVIOUS):
             continue
         path = output / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -41,17 +41,17 @@ class PreviousRecords:
     def __init__(self, out: Path):
         self.out = Path(out)
         self.path = self.out / PREVIOUS
-        latest: dict[str, bytes] = {}
+        latest: dict[str, tuple[str | None, bytes]] = {}
         for source in (self.path, self.out / RESULTS):  # a later line for the same image wins
-            for image, _, raw in _records(source):
-                latest[image] = raw
+            for image, sha256, raw in _records(source):
+                latest[image] = (sha256, raw)
         self._index: dict[str, tuple[int, str | None]] = {}
         if latest:
             with atomic_open(self.path) as f:
                 offset = 0
-                for image, raw in latest.items():
+                for image, (sha256, raw) in latest.items():
                     f.write(raw)
-                    self._index[image] = (offset, json.loads(raw).get("sha256"))
+                    self._index[image] = (offset, sha256)
                     offset += len(raw)
         elif self.path.exists():
             self.path.unlink()
@@ -70,10 +70,9 @@ class PreviousRecords:
 
     def lookup(self, image: str, sha256: str | None) -> ImageResult | None:
         """The earlier record of ``image`` when the file's hash is the one it was analysed with, else None."""
-        hit = self._index.get(image)
-        if hit is None or sha256 is None or hit[1] != sha256 or self._file is None:
+        if not self.matches(image, sha256):
             return None
-        self._file.seek(hit[0])
+        self._file.seek(self._index[image][0])
         self.used += 1
         return ImageResult.from_dict(json.loads(self._file.readline()))
 
