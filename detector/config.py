@@ -44,6 +44,10 @@ class DetectorConfig:
     hsv_h: float = param(0.015, "stain hue jitter (fraction)", range=(0.0, 1.0))
     hsv_s: float = param(0.5, "stain saturation jitter (fraction)", range=(0.0, 1.0))
     hsv_v: float = param(0.3, "brightness jitter (fraction)", range=(0.0, 1.0))
+    stain_jitter: float = param(0.0, "HED stain jitter in training: each stain's density scaled by 1 +/- and shifted "
+                                     "by +/- this (Tellez et al. 2019: 0.05 light, 0.2 strong); 0 = off",
+                                range=(0.0, 1.0))
+    blur: float = param(0.0, "probability of a defocus blur in training (Gaussian, SD 0.5-2 px)", range=(0.0, 1.0))
     mosaic: float = param(1.0, "probability of mosaic augmentation", range=(0.0, 1.0))
     mixup: float = param(0.0, "probability of mixup augmentation", range=(0.0, 1.0))
     close_mosaic: int = param(5, "final epochs trained without mosaic", range=(0, 1000))

@@ -45,7 +45,7 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
             raise SmearError(f"{last}: no checkpoint to resume; start without --resume")
         model = YOLO(str(last))
         t0 = time.time()
-        model.train(resume=True)
+        model.train(resume=True, **_trainer(cfg))
     else:
         if run_dir.exists():
             raise SmearError(f"{run_dir}: run folder exists; pass --resume, or another name=... ")
@@ -62,7 +62,7 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
         t0 = time.time()
         model.train(data=str(data), project=str(run_dir.parent), name=run_dir.name, exist_ok=True,
                     pretrained=model_src.endswith(".pt"), amp=False, plots=True, verbose=True, val=True,
-                    save_period=-1, **{k: getattr(cfg, k) for k in _TRAIN_KEYS})
+                    save_period=-1, **_trainer(cfg), **{k: getattr(cfg, k) for k in _TRAIN_KEYS})
     minutes = (time.time() - t0) / 60
     best = run_dir / "weights" / "best.pt"
     card = {
@@ -73,6 +73,15 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
     }
     (run_dir / "card.json").write_text(json.dumps(card, indent=2))
     return run_dir
+
+
+def _trainer(cfg: DetectorConfig) -> dict:
+    """ultralytics' ``trainer`` argument: a trainer with stain jitter and blur when the config asks for them."""
+    if cfg.stain_jitter <= 0 and cfg.blur <= 0:
+        return {}
+    from .augment import augmenting_trainer
+
+    return {"trainer": augmenting_trainer(cfg.stain_jitter, cfg.blur)}
 
 
 def describe_split(data_yaml: Path) -> dict:
