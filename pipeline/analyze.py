@@ -50,7 +50,110 @@ log = logging.getLogger(__name__)
 CLASSIFIER_BATCH = 32
 
 
-class Analyzer:
+class SlideAggregator:
+    """Records -> slides: running totals, then each slide's counts, differential, estimates and flags, with its RBC
+    morphology. Needs no model: the settings (with the detector card's thresholds) and the morphology model's cell
+    size. An :class:`Analyzer` is one; ``smear analyze --engine ray`` makes one from what its actors describe
+    (:meth:`Analyzer.describe`), so its driver loads no model.
+
+    Args:
+        cfg: the pipeline settings as the Analyzer resolved them (``Analyzer.cfg``).
+        morphology_diameter_px: the morphology model's RBC diameter in its training fields; None when no morphology
+            model is loaded (no morphology outputs).
+    """
+
+    def __init__(self, cfg: PipelineConfig, morphology_diameter_px: float | None = None):
+        self.cfg = cfg
+        self.morphology_diameter_px = morphology_diameter_px
+
+    def _morphology_domain(self, cells: list[Cell]) -> dict:
+        return self._morphology_domain_px(rbc_diameters_px(cells))
+
+    def _morphology_domain_px(self, diameters_px: Sequence[float]) -> dict:
+        """Whether fields look like the morphology model's training fields, from their RBC diameters.
+
+        The morphology model learnt one lab's fields (Chula RBC-12, 1000x, ~35-39 px RBCs). Fields
+        whose median RBC is far from that size come from another imaging set-up (BCCD's RBCs are
+        ~100 px and its stain differs; measured: only 13% of BCCD RBCs are called normal), so no
+        morphology call is made there (it would mislead, and costs time); a pixel size overrides.
+        """
+        median = float(np.median(diameters_px)) if len(diameters_px) else None
+        ref = self.morphology_diameter_px or 0.0
+        ratio = median / ref if median and ref else None
+        in_domain = self.cfg.pixel_size_um > 0 or (ratio is not None and 0.6 <= ratio <= 1.67)
+        return {"median_rbc_diameter_px": round(median, 1) if median else None, "model_rbc_diameter_px": ref or None,
+                "in_domain": in_domain}
+
+    def _morphology_outputs(self, cells: list[Cell], counts: dict[str, int], n_fields: int) -> tuple[dict, list]:
+        from .flags import summarize_morphology
+
+        return self._morphology_outputs_from(summarize_morphology(cells), rbc_diameters_px(cells), counts, n_fields)
+
+    def _morphology_outputs_from(self, summary: dict, diameters_px: Sequence[float], counts: dict[str, int],
+                                 n_fields: int) -> tuple[dict, list]:
+        """Morphology shares and flags; out of the model's domain, one flag that says why there are none."""
+        from .flags import morphology_flags
+
+        domain = self._morphology_domain_px(diameters_px)
+        summary["domain"] = domain
+        if domain["in_domain"] or domain["median_rbc_diameter_px"] is None:
+            return summary, morphology_flags(summary, counts, n_fields)
+        ref = domain["model_rbc_diameter_px"]
+        return summary, [Flag(
+            "rbc_morphology", "insufficient evidence", "morphology calls need fields like the model's training fields",
+            f"median RBC diameter {0.6 * ref:.0f}-{1.67 * ref:.0f} px (or a pixel size)",
+            f"{domain['median_rbc_diameter_px']:.0f} px", {"fields": n_fields, "rbc": counts.get("RBC", 0)},
+            "These fields differ from the morphology model's training images (another magnification or lab), "
+            "so no RBC morphology call is made. Give --pixel-size-um if the scale is known, or retrain on your "
+            "own labelled cells.")]
+
+    def collect_batch(self, results: Iterable[tuple[ImageResult, np.ndarray | None]], slides_of: Sequence[str],
+                      on_result: Callable[[ImageResult, np.ndarray | None], None] | None = None) -> BatchResult:
+        """What :meth:`analyze_batch` makes of ``(result, image_rgb)`` pairs in input order, one per name in
+        ``slides_of``: each result named with its slide and given to ``on_result``, slides from running totals.
+
+        Shared by both engines: ``smear analyze --engine ray`` (:mod:`smear.pipeline.engine_ray`) feeds it the
+        records its actors made.
+        """
+        totals: dict[str, SlideTotals] = {}
+        failed: list[ImageResult] = []
+        for (result, image), slide in zip(results, slides_of):
+            result.slide = slide
+            if on_result:
+                on_result(result, image)
+            if slide not in totals:
+                totals[slide] = SlideTotals(slide, self.cfg.low_confidence_wbc)
+            totals[slide].add(result)
+            if result.error:
+                failed.append(result)
+        return BatchResult(slides=[self.slide_result(t) for t in totals.values()], n_images=len(slides_of),
+                           failed=failed)
+
+    def aggregate_slide(self, name: str, results: list[ImageResult]) -> SlideResult:
+        """Totals, differential with 95% CIs, estimates and flags over the fields of one slide."""
+        totals = SlideTotals(name, self.cfg.low_confidence_wbc)
+        for r in results:
+            totals.add(r)
+        return self.slide_result(totals, images=results)
+
+    def slide_result(self, totals: SlideTotals, images: list[ImageResult] | None = None) -> SlideResult:
+        """A slide's aggregate from its running totals (:func:`slide_from_totals`), with its RBC morphology.
+
+        ``images`` (default: one record per field without cells, from the totals) becomes
+        ``SlideResult.images``.
+        """
+        slide = slide_from_totals(totals, self.cfg, images)
+        if self.morphology_diameter_px is not None:
+            from .flags import summarize_morphology_counts
+
+            summary = summarize_morphology_counts(totals.morphology_labels)
+            slide.morphology, extra = self._morphology_outputs_from(summary, totals.rbc_diameters_px, slide.counts,
+                                                                    totals.n_fields)
+            slide.flags += extra
+        return slide
+
+
+class Analyzer(SlideAggregator):
     """Both stages loaded once; ``analyze_images`` runs them on batches of fields.
 
     Example:
@@ -85,6 +188,8 @@ class Analyzer:
                 if self.cfg.morphology_weights:
                     raise
                 log.debug("no RBC morphology model: %s", e)
+        self.morphology_diameter_px = (float(self.morphology.config.get("cell_diameter_px", 0) or 0)
+                                       if self.morphology is not None else None)
         fallbacks = [self.detector.info.onnx_fallback, *self.classifier.onnx_fallbacks(),
                      self.morphology.model.onnx_fallback if self.morphology is not None else None]
         fallbacks = list(dict.fromkeys(f for f in fallbacks if f))
@@ -145,6 +250,12 @@ class Analyzer:
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "thresholds": self.cfg.thresholds(), "config": config_to_dict(self.cfg), "models": strip(self.info())}
 
+    def describe(self) -> dict:
+        """What a :class:`SlideAggregator` and ``run.json`` need of this Analyzer, picklable: ``cfg`` (resolved),
+        ``morphology_diameter_px`` and ``run_info`` (:meth:`provenance`)."""
+        return {"cfg": self.cfg, "morphology_diameter_px": self.morphology_diameter_px,
+                "run_info": self.provenance()}
+
     def merge(self, boxes: np.ndarray, det_scores: np.ndarray, det_classes: np.ndarray, probs: np.ndarray) -> list[Cell]:
         """Per-cell calls from the two stages' opinions (see the module docstring)."""
         cfg = self.cfg
@@ -180,47 +291,6 @@ class Analyzer:
             result.morphology, extra = self._morphology_outputs(result.cells, counts, 1)
             result.flags += extra
         return result
-
-    def _morphology_domain(self, cells: list[Cell]) -> dict:
-        return self._morphology_domain_px(rbc_diameters_px(cells))
-
-    def _morphology_domain_px(self, diameters_px: Sequence[float]) -> dict:
-        """Whether fields look like the morphology model's training fields, from their RBC diameters.
-
-        The morphology model learnt one lab's fields (Chula RBC-12, 1000x, ~35-39 px RBCs). Fields
-        whose median RBC is far from that size come from another imaging set-up (BCCD's RBCs are
-        ~100 px and its stain differs; measured: only 13% of BCCD RBCs are called normal), so no
-        morphology call is made there (it would mislead, and costs time); a pixel size overrides.
-        """
-        median = float(np.median(diameters_px)) if len(diameters_px) else None
-        ref = float(self.morphology.config.get("cell_diameter_px", 0) or 0)
-        ratio = median / ref if median and ref else None
-        in_domain = self.cfg.pixel_size_um > 0 or (ratio is not None and 0.6 <= ratio <= 1.67)
-        return {"median_rbc_diameter_px": round(median, 1) if median else None, "model_rbc_diameter_px": ref or None,
-                "in_domain": in_domain}
-
-    def _morphology_outputs(self, cells: list[Cell], counts: dict[str, int], n_fields: int) -> tuple[dict, list]:
-        from .flags import summarize_morphology
-
-        return self._morphology_outputs_from(summarize_morphology(cells), rbc_diameters_px(cells), counts, n_fields)
-
-    def _morphology_outputs_from(self, summary: dict, diameters_px: Sequence[float], counts: dict[str, int],
-                                 n_fields: int) -> tuple[dict, list]:
-        """Morphology shares and flags; out of the model's domain, one flag that says why there are none."""
-        from .flags import morphology_flags
-
-        domain = self._morphology_domain_px(diameters_px)
-        summary["domain"] = domain
-        if domain["in_domain"] or domain["median_rbc_diameter_px"] is None:
-            return summary, morphology_flags(summary, counts, n_fields)
-        ref = domain["model_rbc_diameter_px"]
-        return summary, [Flag(
-            "rbc_morphology", "insufficient evidence", "morphology calls need fields like the model's training fields",
-            f"median RBC diameter {0.6 * ref:.0f}-{1.67 * ref:.0f} px (or a pixel size)",
-            f"{domain['median_rbc_diameter_px']:.0f} px", {"fields": n_fields, "rbc": counts.get("RBC", 0)},
-            "These fields differ from the morphology model's training images (another magnification or lab), "
-            "so no RBC morphology call is made. Give --pixel-size-um if the scale is known, or retrain on your "
-            "own labelled cells.")]
 
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
@@ -330,52 +400,6 @@ class Analyzer:
             raise SmearError(f"analyze_batch got {len(paths)} paths but {len(slides_of)} slide names; "
                              "give one slide name per path")
         return self.collect_batch(self.iter_images(paths, progress, previous), slides_of, on_result)
-
-    def collect_batch(self, results: Iterable[tuple[ImageResult, np.ndarray | None]], slides_of: Sequence[str],
-                      on_result: Callable[[ImageResult, np.ndarray | None], None] | None = None) -> BatchResult:
-        """What :meth:`analyze_batch` makes of ``(result, image_rgb)`` pairs in input order, one per name in
-        ``slides_of``: each result named with its slide and given to ``on_result``, slides from running totals.
-
-        Shared by both engines: ``smear analyze --engine ray`` (:mod:`smear.pipeline.engine_ray`) feeds it the
-        records its actors made.
-        """
-        totals: dict[str, SlideTotals] = {}
-        failed: list[ImageResult] = []
-        for (result, image), slide in zip(results, slides_of):
-            result.slide = slide
-            if on_result:
-                on_result(result, image)
-            if slide not in totals:
-                totals[slide] = SlideTotals(slide, self.cfg.low_confidence_wbc)
-            totals[slide].add(result)
-            if result.error:
-                failed.append(result)
-        return BatchResult(slides=[self.slide_result(t) for t in totals.values()], n_images=len(slides_of),
-                           failed=failed)
-
-    def aggregate_slide(self, name: str, results: list[ImageResult]) -> SlideResult:
-        """Totals, differential with 95% CIs, estimates and flags over the fields of one slide."""
-        totals = SlideTotals(name, self.cfg.low_confidence_wbc)
-        for r in results:
-            totals.add(r)
-        return self.slide_result(totals, images=results)
-
-    def slide_result(self, totals: SlideTotals, images: list[ImageResult] | None = None) -> SlideResult:
-        """A slide's aggregate from its running totals (:func:`slide_from_totals`), with its RBC morphology.
-
-        ``images`` (default: one record per field without cells, from the totals) becomes
-        ``SlideResult.images``.
-        """
-        slide = slide_from_totals(totals, self.cfg, images)
-        if self.morphology is not None:
-            from .flags import summarize_morphology_counts
-
-            summary = summarize_morphology_counts(totals.morphology_labels)
-            slide.morphology, extra = self._morphology_outputs_from(summary, totals.rbc_diameters_px, slide.counts,
-                                                                    totals.n_fields)
-            slide.flags += extra
-        return slide
-
 
 def slide_from_totals(totals: "SlideTotals", cfg: PipelineConfig, images: list[ImageResult] | None = None) -> SlideResult:
     """A slide's counts, ratios, differential, estimates and flags from its running totals (no model needed: the

@@ -127,7 +127,7 @@ def analyze(
     """
     from smear.data.images import expand_inputs
 
-    from .analyze import Analyzer, slide_names
+    from .analyze import Analyzer, SlideAggregator, slide_names
     from .config import PipelineConfig
     from .report import ResultWriter, table_header, table_name_width, table_row
 
@@ -169,15 +169,19 @@ def analyze(
     if engine == "ray":
         from .engine_ray import RayEngine
 
-        ray_engine = RayEngine(cfg, address=ray_address)
-        ray_engine.start(files, previous)  # the actors load their models while this process loads its own
+        ray_engine = RayEngine(cfg, address=ray_address, render=bool(output))
+        ray_engine.start(files, previous)
     try:
-        analyzer = Analyzer(cfg)  # here for run.json and the slides' aggregates with --engine ray
+        # With --engine ray this process loads no model: the actors' Analyzer says what the slides and run.json
+        # need (unless --resume kept every field, so that no actor ran).
+        about = ray_engine.describe() if ray_engine else None
+        analyzer = SlideAggregator(about["cfg"], about["morphology_diameter_px"]) if about else Analyzer(cfg)
+        run_info = about["run_info"] if about else analyzer.provenance()
     except BaseException:
         if ray_engine:
             ray_engine.close()
         raise
-    writer = ResultWriter(output, run_info=analyzer.provenance(), fields=fields) if output else None
+    writer = ResultWriter(output, run_info=run_info, fields=fields) if output else None
     # Each result is written and dropped as it comes (memory flat over any batch); only its table
     # line is kept, to print the table after the progress bar as before.
     name_width = table_name_width(str(f) for f in files)

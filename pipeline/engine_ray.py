@@ -3,18 +3,24 @@
 A Ray Data pipeline: the inputs become rows of one detector batch each (``cfg.batch`` paths in input order, as
 :meth:`Analyzer.iter_images` groups them, so each field is detected and classified in the same company as by the local
 engine and its record is byte for byte the same); ``map_batches`` on a fixed pool of actors, each holding one loaded
-:class:`~smear.pipeline.analyze.Analyzer`, turns a row into its fields' records (JSON, with their input index). The
-driver takes the records back in input order, re-reads each field for its overlay and hands ``(result, image)`` to
-:meth:`Analyzer.collect_batch`, as the local engine does: one writer, the same output folder.
+:class:`~smear.pipeline.analyze.Analyzer`, turns a row into its fields' records (JSON, with their input index) and,
+when there is an output folder, their pictures (:func:`~smear.pipeline.report.render_field`: overlay PNG, thumbnail,
+WBC crops), drawn where the field was decoded. An actor's first record also carries what its Analyzer resolved
+(:meth:`Analyzer.describe`: settings with the detector card's thresholds, the morphology model's cell size, run.json's
+provenance). So the driver loads no model and decodes no field: it takes the records back in input order and hands
+``(result, rendering)`` to :meth:`SlideAggregator.collect_batch`, as the local engine does: one writer, the same output
+folder.
 
 The actors read the fields by path (``ray.data.read_binary_files`` would stop the whole dataset at the first missing
 file, where smear writes an error record and goes on): on a cluster of several machines every node must see the inputs
 at the same path (a shared file system), and the driver must see them too.
 
 Example:
-    >>> engine = RayEngine(cfg, address="ray-head:6379")
+    >>> engine = RayEngine(cfg, address="ray-head:6379", render=True)
     >>> engine.start(paths)
-    >>> batch = Analyzer(cfg).collect_batch(engine.iter_images(), slides_of, on_result=writer.add)
+    >>> about = engine.describe()  # the actors' Analyzer: cfg, morphology_diameter_px, run_info
+    >>> aggregator = SlideAggregator(about["cfg"], about["morphology_diameter_px"])
+    >>> batch = aggregator.collect_batch(engine.iter_images(), slides_of, on_result=writer.add)
     >>> engine.close()
 """
 
@@ -24,6 +30,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import queue
 import threading
 import warnings
@@ -36,6 +43,7 @@ from smear.configs.errors import SmearError
 
 from .config import PipelineConfig
 from .progress import progress_bar
+from .report import FieldRendering
 from .resume import PreviousRecords
 from .results import ImageResult
 
@@ -56,9 +64,14 @@ def require_ray() -> None:
 
 
 class FieldAnalyzer:
-    """A Ray Data actor: one :class:`Analyzer` loaded once, then one detector batch of fields per call."""
+    """A Ray Data actor: one :class:`Analyzer` loaded once, then one detector batch of fields per call.
 
-    def __init__(self, cfg: PipelineConfig, cwd: str | None = None):
+    Each output row is one field: ``index`` (its input index), ``record`` (JSON), ``rendering`` (a pickled
+    :class:`~smear.pipeline.report.FieldRendering`, empty without ``render`` or for a failed field) and ``about``
+    (a pickled :meth:`Analyzer.describe` on the actor's first row, else empty).
+    """
+
+    def __init__(self, cfg: PipelineConfig, cwd: str | None = None, render: bool = False):
         from smear.configs.offline import ensure_offline
 
         ensure_offline()
@@ -67,16 +80,25 @@ class FieldAnalyzer:
         from .analyze import Analyzer
 
         self.analyzer = Analyzer(cfg)
+        self.render = render
+        self.about: bytes | None = pickle.dumps(self.analyzer.describe())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        indices: list[int] = []
-        records: list[str] = []
+        from .report import render_field
+
+        out: dict[str, list] = {"index": [], "record": [], "rendering": [], "about": []}
         for fields in batch["fields"]:
             pairs = json.loads(fields)  # [[input index, path], ...]: one detector batch, as the local engine's
-            for (index, _), (result, _) in zip(pairs, self.analyzer.iter_images([p for _, p in pairs])):
-                indices.append(index)
-                records.append(json.dumps(result.to_dict()))
-        return {"index": np.array(indices, dtype=np.int64), "record": np.array(records, dtype=object)}
+            for (index, _), (result, image) in zip(pairs, self.analyzer.iter_images([p for _, p in pairs])):
+                out["index"].append(index)
+                out["record"].append(json.dumps(result.to_dict()))
+                rendering = render_field(image, result) if self.render and image is not None and not result.error \
+                    else None
+                out["rendering"].append(pickle.dumps(rendering) if rendering is not None else b"")
+                out["about"].append(self.about or b"")
+                self.about = None
+        return {"index": np.array(out["index"], dtype=np.int64), "record": np.array(out["record"], dtype=object),
+                "rendering": np.array(out["rendering"], dtype=object), "about": np.array(out["about"], dtype=object)}
 
 
 def pool_size(cluster_cpus: int, threads_per_actor: int) -> int:
@@ -92,19 +114,26 @@ class RayEngine:
             per core of this machine, as the local engine would use).
         address: a running cluster (``ray start --head`` prints it); None starts a local cluster for this run.
         actors: actors in the pool (default: the cluster's CPUs divided by the threads per actor).
+        render: the actors also draw each field's pictures for an output folder (:meth:`iter_images` then gives a
+            :class:`~smear.pipeline.report.FieldRendering` in place of the image).
     """
 
-    def __init__(self, cfg: PipelineConfig, address: str | None = None, actors: int | None = None):
+    def __init__(self, cfg: PipelineConfig, address: str | None = None, actors: int | None = None,
+                 render: bool = False):
         require_ray()
         self.cfg = cfg
         self.address = address
         self.actors = actors
+        self.render = render
+        self._about: dict | None = None
+        self._described = threading.Event()
         self._started_ray = False
         self._paths: list[str] = []
         self._digests: list[str | None] = []
         self._previous: PreviousRecords | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=256)
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ the cluster
@@ -177,7 +206,8 @@ class RayEngine:
         import ray
         import ray.data
 
-        logging.getLogger("ray.data").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+        # Ray Data logs an actor's failure with its full stack trace; smear says it in one line (-v shows Ray's logs)
+        logging.getLogger("ray.data").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # smear draws its own bar over the fields
         ctx.print_on_execution_start = False
@@ -200,27 +230,45 @@ class RayEngine:
             warnings.simplefilter("ignore", DeprecationWarning)
             return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 FieldAnalyzer, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=size),
-                num_cpus=cpus_per_actor, fn_constructor_kwargs={"cfg": actor_cfg, "cwd": os.getcwd()}, **restarts)
+                num_cpus=cpus_per_actor, fn_constructor_kwargs={"cfg": actor_cfg, "cwd": os.getcwd(),
+                                                                "render": self.render}, **restarts)
 
     def _consume(self, dataset) -> None:
         try:
             for row in dataset.iter_rows():
                 if self._stop.is_set():
                     return
-                self._queue.put((int(row["index"]), row["record"]))
+                if row["about"] and self._about is None:
+                    self._about = pickle.loads(row["about"])
+                    self._described.set()
+                self._queue.put((int(row["index"]), row["record"], row["rendering"]))
             self._queue.put(_DONE)
         except BaseException as e:  # noqa: BLE001  raised again in the caller's thread
-            self._queue.put(e)
+            self._error = _cause(e)
+            self._queue.put(self._error)
+        finally:
+            self._described.set()
 
-    def iter_images(self, progress: bool = False) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
-        """``(result, image_rgb)`` per path given to :meth:`start`, in input order, as soon as its turn comes.
+    def describe(self) -> dict | None:
+        """What the actors' :class:`Analyzer` resolved (:meth:`Analyzer.describe`), once the first record is back;
+        None when no field was sent (every one kept by ``--resume``). An actor that could not load its models
+        raises its error here."""
+        if self._thread is None:
+            return None
+        self._described.wait()
+        if self._about is None and self._error is not None:
+            raise self._error
+        return self._about
 
-        Records of kept fields (``--resume``) come from the earlier run; every other record is an actor's, the field
-        read again here for the overlays (None for a failed field, as from :meth:`Analyzer.iter_images`).
+    def iter_images(self, progress: bool = False) -> Iterator[tuple[ImageResult, "np.ndarray | FieldRendering | None"]]:
+        """``(result, picture)`` per path given to :meth:`start`, in input order, as soon as its turn comes.
+
+        Records of kept fields (``--resume``) come from the earlier run, with their field read again here (for the
+        writer to draw); every other record is an actor's, with the pictures it drew (``render``), else None.
         """
         from smear.data.images import read_image
 
-        pending: dict[int, str] = {}  # records that came before their turn
+        pending: dict[int, tuple[str, bytes]] = {}  # records that came before their turn
         finished = False
         bar = progress_bar(len(self._paths), "analyze", progress)
         try:
@@ -238,18 +286,38 @@ class RayEngine:
                     elif isinstance(item, BaseException):
                         raise item
                     else:
-                        pending[item[0]] = item[1]
+                        pending[item[0]] = item[1:]
+                picture = None
                 if result is None:
-                    result = ImageResult.from_dict(json.loads(pending.pop(index)))
-                image = None
-                if not result.error:
+                    record, rendering = pending.pop(index)
+                    result = ImageResult.from_dict(json.loads(record))
+                    picture = pickle.loads(rendering) if rendering else None
+                elif not result.error and self.render:
                     try:
-                        image = read_image(path)
-                    except Exception as e:  # noqa: BLE001  changed since the actor read it: the record still counts
+                        picture = read_image(path)
+                    except Exception as e:  # noqa: BLE001  changed since the first run read it: the record counts
                         log.warning("%s: could not be read again for its overlay: %s", path, e)
-                yield result, image
+                yield result, picture
                 if bar:
                     bar.update(1)
         finally:
             if bar:
                 bar.close()
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The error an actor raised, out of Ray's wrappers (an actor that failed to start is an ``ActorDiedError``
+    holding a ``RayTaskError`` holding the error; each adds the remote traceback to its message): smear's own one-line
+    errors stay one line."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, SmearError) and type(e).__module__.startswith("smear"):
+            return e
+        inner = [getattr(e, "cause", None), e.__cause__, e.__context__, *e.args]
+        todo += [x for x in inner if isinstance(x, BaseException)]
+    return error

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
@@ -103,16 +104,28 @@ def field_name(result: ImageResult, index: int) -> str:
     return f"{index:05d}_{Path(result.image).name}"
 
 
-def write_overlay(path: Path, image_rgb: np.ndarray, result: ImageResult) -> np.ndarray | None:
-    """Draw and write the overlay PNG; returns the drawn image (BGR), or None when encoding failed."""
+@dataclass(frozen=True)
+class FieldRendering:
+    """A field's pictures for the output folder, made where its image is decoded (the writer itself, or an actor of
+    ``--engine ray``, so its driver never decodes a field): the overlay PNG's bytes (None when overlays are off or
+    encoding failed), the report's thumbnail of that overlay (base64 JPEG) and the field's WBC gallery crops."""
+
+    overlay_png: bytes | None
+    thumb: str | None
+    crops: list[dict]
+
+
+def render_field(image_rgb: np.ndarray, result: ImageResult, overlays: bool = True) -> FieldRendering:
+    """Draw and encode a field's overlay (when ``overlays``), its thumbnail and its WBC crops."""
     import cv2
 
-    overlay = draw_overlay(image_rgb, result)
-    ok, buf = cv2.imencode(".png", overlay)
-    if not ok:
-        return None
-    atomic_write_bytes(path, buf.tobytes())
-    return overlay
+    png = thumb = None
+    if overlays:
+        overlay = draw_overlay(image_rgb, result)
+        ok, buf = cv2.imencode(".png", overlay)
+        if ok:
+            png, thumb = buf.tobytes(), _thumb_b64(overlay)  # the PNG's exact pixels: no need to read it back
+    return FieldRendering(png, thumb, wbc_crops(image_rgb, result))
 
 
 class ResultWriter:
@@ -141,13 +154,19 @@ class ResultWriter:
         self.count = 0
         self.n_failed = 0
 
-    def add(self, result: ImageResult, image_rgb: np.ndarray | None = None) -> None:
+    def add(self, result: ImageResult, image: np.ndarray | FieldRendering | None = None) -> None:
+        """Write one record; ``image`` is its field (RGB), or that field already rendered (:func:`render_field`),
+        for the overlay, the report's thumbnail and the WBC gallery."""
         self._jsonl.write(json.dumps(result.to_dict()) + "\n")
         self._jsonl.flush()
         overlay_path = self.out / "overlays" / overlay_name(result, self.count)
-        overlay = None
-        if self.overlays and image_rgb is not None and not result.error:
-            overlay = write_overlay(overlay_path, image_rgb, result)
+        rendering = None
+        if not result.error and image is not None:
+            rendering = image if isinstance(image, FieldRendering) else render_field(image, result, self.overlays)
+        written = False
+        if self.overlays and rendering is not None and rendering.overlay_png is not None:
+            atomic_write_bytes(overlay_path, rendering.overlay_png)
+            written = True
         if self.fields and not result.error and Path(result.image).is_file():
             (self.out / "fields").mkdir(exist_ok=True)
             shutil.copyfile(result.image, self.out / "fields" / field_name(result, self.count))
@@ -157,13 +176,12 @@ class ResultWriter:
             self._summary_csv.writeheader()
         self._summary_csv.writerow(row)
         thumb = None
-        if not result.error:  # the overlay just drawn is the PNG's exact pixels: no need to read it back
-            thumb = _thumb_b64(overlay if overlay is not None else overlay_path)
-        link = f"overlays/{overlay_path.name}" if self.overlays and overlay is not None else None
+        if not result.error:
+            thumb = rendering.thumb if written else _thumb_b64(overlay_path)
+        link = f"overlays/{overlay_path.name}" if written else None
         self._report_cards.write(json.dumps(field_card(result, thumb, link)) + "\n")  # one card a line
-        if image_rgb is not None and not result.error:
-            for crop in wbc_crops(image_rgb, result):
-                self._wbc_crops.write(json.dumps({"slide": result.slide or "", **crop}) + "\n")
+        for crop in rendering.crops if rendering is not None else ():
+            self._wbc_crops.write(json.dumps({"slide": result.slide or "", **crop}) + "\n")
         self.n_failed += bool(result.error)
         self.count += 1
 

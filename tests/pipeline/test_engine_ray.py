@@ -59,6 +59,11 @@ def _assert_same_outputs(local: Path, ray: Path) -> None:
     for name in SAME_FILES:
         assert (local / name).read_bytes() == (ray / name).read_bytes(), name
     assert sorted(p.name for p in (local / "overlays").iterdir()) == sorted(p.name for p in (ray / "overlays").iterdir())
+    for p in (local / "overlays").iterdir():  # drawn by the actors, byte for byte the local engine's
+        assert p.read_bytes() == (ray / "overlays" / p.name).read_bytes(), p.name
+    runs = [json.loads((d / "run.json").read_text()) for d in (local, ray)]
+    assert [{k: v for k, v in r.items() if k != "date"} for r in runs][0] == \
+        [{k: v for k, v in r.items() if k != "date"} for r in runs][1]  # the actors' provenance: same models, settings
     assert sorted(p.name for p in (local / "fields").iterdir()) == sorted(p.name for p in (ray / "fields").iterdir())
     assert (ray / "report.html").is_file() and (ray / "run.json").is_file()
 
@@ -109,6 +114,24 @@ def test_ray_engine_with_the_shipped_models_on_the_samples(tmp_path, ray_cluster
         assert (outs["local"] / name).read_bytes() == (outs["ray"] / name).read_bytes(), name
     assert sorted(os.listdir(outs["local"] / "overlays")) == sorted(os.listdir(outs["ray"] / "overlays"))
     assert [s["slide"] for s in json.loads((outs["ray"] / "slides.json").read_text())] == ["S1", "S2"]
+
+
+@needs_ray
+def test_ray_engine_actor_that_cannot_load_its_models_is_one_line(tmp_path, analyze_args, ray_cluster):
+    """The driver loads no model: a model the actors cannot load is still smear's one-line error, nothing written."""
+    img, _ = draw_field(seed=1)
+    field = tmp_path / "f.png"
+    cv2.imwrite(str(field), img)
+    bad = tmp_path / "bad-classifier"
+    shutil.copytree(analyze_args[analyze_args.index("--set") + 3].split("=", 1)[1], bad)
+    (bad / "weights.pt").write_bytes(b"not weights")
+    args = [a if not a.startswith("classifier_weights=") else f"classifier_weights={bad}" for a in analyze_args]
+    r = invoke("analyze", field, *args, "--output", tmp_path / "out", "--engine", "ray")
+    # the actor's own SmearError, out of Ray's wrappers: main() prints it as one line
+    assert type(r.exception).__name__ == "SmearError", repr(r.exception)
+    assert "weights.pt" in str(r.exception) and "\n" not in str(r.exception)
+    assert "Traceback" not in r.stderr and "stack trace" not in r.stderr, r.stderr  # Ray's logs stay quiet
+    assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
 def test_engine_ray_without_ray_is_one_line_naming_the_extra(tmp_path, monkeypatch, analyze_args):

@@ -348,15 +348,11 @@ def test_analyze_slides_end_to_end(analyzer, tmp_path):
 
 def test_morphology_domain_gate_by_rbc_size():
     """RBCs far from the morphology model's training size get no morphology call and one explaining flag."""
-    from types import SimpleNamespace
-
-    from smear.pipeline.analyze import Analyzer
+    from smear.pipeline.analyze import SlideAggregator
     from smear.pipeline.config import PipelineConfig
     from smear.pipeline.results import Cell
 
-    a = Analyzer.__new__(Analyzer)
-    a.cfg = PipelineConfig()
-    a.morphology = SimpleNamespace(config={"cell_diameter_px": 39.0})
+    a = SlideAggregator(PipelineConfig(), morphology_diameter_px=39.0)
 
     def rbcs(d):
         return [Cell([0, 0, d, d], "RBC", "RBC", 0.9, {}, {}) for _ in range(5)]
