@@ -30,6 +30,7 @@ def merger(**cfg) -> Analyzer:
     a = Analyzer.__new__(Analyzer)
     a.cfg = build_config(PipelineConfig, cfg)
     a.classifier = _FakeClassifier()
+    a.morphology, a.morphology_diameter_px = None, None  # no morphology model
     a._group_index = {g: [i for i, c in enumerate(CELL_CLASSES) if group_of(c) == g] for g in GROUPS}
     return a
 
@@ -267,7 +268,6 @@ def test_flag_table_escapes_observed_values():
 
 def test_slide_of_failed_images_only():
     a = merger()
-    a.morphology = None
     results = [ImageResult(image="x.png", error="x.png: file not found")]
     s = a.aggregate_slide("s", results)
     assert s.n_fields == 0 and s.estimates == {"mean_per_field": {}}
@@ -422,12 +422,10 @@ def _aggregate_all_cells_at_once(a: Analyzer, results: list[ImageResult]) -> dic
                "platelet_factor_per_field": 15000.0, "low_confidence_wbc": 0.7}),  # RBC size, estimates
 ])
 def test_running_slide_totals_match_all_cells_at_once(seed, rbc_px, cfg):
-    from types import SimpleNamespace
-
     from smear.pipeline.analyze import SlideTotals
 
     a = merger(**cfg)
-    a.morphology = SimpleNamespace(config={"cell_diameter_px": 39.0})
+    a.morphology_diameter_px = 39.0  # the morphology model's cell size: what the slide aggregate needs of it
     results = _synthetic_results(seed, rbc_px=rbc_px) + _synthetic_results(seed + 10, rbc_px=rbc_px)
     totals = SlideTotals("s", a.cfg.low_confidence_wbc)
     for r in results:
