@@ -193,6 +193,7 @@ class Analyzer(SlideAggregator):
         fallbacks = [self.detector.info.onnx_fallback, *self.classifier.onnx_fallbacks(),
                      self.morphology.model.onnx_fallback if self.morphology is not None else None]
         fallbacks = list(dict.fromkeys(f for f in fallbacks if f))
+        self.torch_fallbacks = fallbacks  # why a model meant for ONNX Runtime runs on torch, one line each
         if fallbacks:  # one warning for the whole set of models, never an error: torch gives the same cells
             log.warning("runtime onnx: %s; %s on torch (the same cells, slower)", "; ".join(fallbacks),
                         "these run" if len(fallbacks) > 1 else "it runs")

@@ -99,7 +99,8 @@ def test_ray_engine_writes_the_local_engines_outputs(tmp_path, analyze_args, ray
 @needs_ray
 @pytest.mark.skipif(not list((ROOT / "data" / "samples").glob("*.jpg")), reason="no shipped sample fields")
 def test_ray_engine_with_the_shipped_models_on_the_samples(tmp_path, ray_cluster):
-    """The real models: one actor, the same torch thread count as the local run, the same records to the digit."""
+    """The real models on ONNX Runtime: two one-thread actors against the local engine's two threads, the same
+    records to the digit."""
     inputs = tmp_path / "in"
     for slide, names in (("S1", ["BloodImage_00007.jpg", "BloodImage_00021.jpg"]), ("S2", ["BloodImage_00041.jpg"])):
         (inputs / slide).mkdir(parents=True)
@@ -108,7 +109,7 @@ def test_ray_engine_with_the_shipped_models_on_the_samples(tmp_path, ray_cluster
     (inputs / "S2" / "cut.jpg").write_bytes((ROOT / "data" / "samples" / "BloodImage_00041.jpg").read_bytes()[:300])
     outs = {e: tmp_path / e for e in ("local", "ray")}
     for engine, out in outs.items():
-        r = invoke("analyze", inputs, "--set", "threads=2", "--output", out, "--no-fields", "--engine", engine)
+        r = invoke("analyze", inputs, "--set", "batch=2", "--output", out, "--no-fields", "--engine", engine)
         assert r.exit_code in (0, 1), r.output
     for name in SAME_FILES:
         assert (outs["local"] / name).read_bytes() == (outs["ray"] / name).read_bytes(), name
@@ -132,6 +133,17 @@ def test_ray_engine_actor_that_cannot_load_its_models_is_one_line(tmp_path, anal
     assert "weights.pt" in str(r.exception) and "\n" not in str(r.exception)
     assert "Traceback" not in r.stderr and "stack trace" not in r.stderr, r.stderr  # Ray's logs stay quiet
     assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_actor_threads_one_per_actor_on_onnx_the_local_count_on_torch(monkeypatch):
+    from smear.pipeline.config import PipelineConfig
+    from smear.pipeline.engine_ray import actor_threads, pool_size
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert actor_threads(PipelineConfig()) == (1, 16)  # onnx: 16 one-thread actors; a torch fallback gets 16
+    assert pool_size(16, actor_threads(PipelineConfig())[0]) == 16
+    assert actor_threads(PipelineConfig(runtime="torch")) == (16, 16)  # the local engine's sums
+    assert actor_threads(PipelineConfig(threads=4)) == (4, 4)  # what the settings say
 
 
 def test_engine_ray_without_ray_is_one_line_naming_the_extra(tmp_path, monkeypatch, analyze_args):
