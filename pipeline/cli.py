@@ -50,6 +50,8 @@ def classify(
     output: Optional[Path] = typer.Option(None, "--output", help="write DIR/predictions.jsonl"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="classifier model folder (default: shipped)"),
     device: str = typer.Option("cpu", "--device"),
+    runtime: str = typer.Option("onnx", "--runtime", help="onnx (the folder's weights.onnx on ONNX Runtime; torch "
+                                "where it has none) or torch; another device than cpu runs torch"),
 ) -> None:
     """Classify pre-cropped cell images (tight, or with a margin up to ~30%).
 
@@ -62,7 +64,12 @@ def classify(
     files = expand_inputs(paths)
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
-    model = load_classifier(weights, device=device)
+    if runtime not in ("onnx", "torch"):
+        _fail(f"--runtime {runtime!r}: choose onnx or torch")
+    model = load_classifier(weights, device=device, runtime=runtime if device == "cpu" else "torch")
+    if model.onnx_fallbacks():  # as analyze says it: never an error, torch gives the same calls
+        logging.getLogger(__name__).warning("runtime onnx: %s; it runs on torch (the same calls, slower)",
+                                            "; ".join(model.onnx_fallbacks()))
     records = classify_files(model, files)
     failed = [r for r in records if r.get("error")]
     if output:

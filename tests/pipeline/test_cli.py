@@ -213,6 +213,29 @@ def test_classify_crops_with_a_broken_file(tmp_path, tiny_classifier):
     assert r.exit_code == 0 and "cell0.png" in r.stdout and "label" in r.stdout
 
 
+def test_classify_runs_the_shipped_cascade_on_onnx_with_torchs_calls(tmp_path):
+    """The default runtime for pre-cut cells is ONNX Runtime, as for analyze; the calls are torch's."""
+    img = cv2.cvtColor(cv2.imread(str(ROOT / "data" / "samples" / "BloodImage_00007.jpg")), cv2.COLOR_BGR2RGB)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for k, (x, y) in enumerate(((60, 60), (320, 240), (500, 400))):
+        cv2.imwrite(str(crops / f"cell{k}.png"), cv2.cvtColor(img[y - 50:y + 50, x - 50:x + 50], cv2.COLOR_RGB2BGR))
+    calls = {}
+    for runtime in ("onnx", "torch"):
+        out = tmp_path / runtime
+        r = invoke("classify", crops, "--runtime", runtime, "--output", out)
+        assert r.exit_code == 0, r.output
+        calls[runtime] = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [c["label"] for c in calls["onnx"]] == [c["label"] for c in calls["torch"]]
+    for a, b in zip(calls["onnx"], calls["torch"]):
+        assert all(abs(a["probs"][k] - b["probs"][k]) <= 2e-3 for k in a["probs"])
+    from smear.classifier.model import load_classifier
+
+    assert load_classifier(None, runtime="onnx").onnx_fallbacks() == []  # what --runtime onnx ran: every member
+    r = invoke("classify", crops, "--runtime", "tensorrt")
+    assert r.exit_code == 1 and "choose onnx or torch" in r.stderr
+
+
 def _smear_script() -> str:
     local = Path(sys.executable).parent / "smear"
     found = str(local) if local.is_file() else shutil.which("smear")
