@@ -95,6 +95,9 @@ def main(argv=None) -> int:
                     help="fields of this split; 'all' for a source the model never saw (leave-one-source-out)")
     ap.add_argument("--sources", nargs="+", default=["bccd", "pbc", "raabin"])
     ap.add_argument("--scale", default="auto", help="'auto', or a resize factor for every field")
+    ap.add_argument("--auto-scale-tolerance", type=float, default=None,
+                    help="with --scale auto, detect a field again at the training RBC size unless its RBCs are within "
+                         "this factor of it (default: the pipeline's, smear.detector.predict.AUTO_SCALE_TOLERANCE)")
     ap.add_argument("--no-map", action="store_true", help="counts only (skip the mAP50 pass)")
     ap.add_argument("--stain-norm", action="store_true",
                     help="map fields unlike the card's training labs onto the nearest lab's colours first "
@@ -112,6 +115,10 @@ def main(argv=None) -> int:
     from smear.detector.predict import Detector
     from smear.pipeline.config import PipelineConfig
 
+    if args.auto_scale_tolerance is not None:
+        import smear.detector.predict as predict
+
+        predict.AUTO_SCALE_TOLERANCE = args.auto_scale_tolerance
     det = Detector(args.weights, stain_norm=args.stain_norm)
     thresholds = PipelineConfig().thresholds(det.info.card)
     scale = args.scale if args.scale == "auto" else float(args.scale)
