@@ -57,10 +57,10 @@ def main() -> None:
     from ultralytics.data.augment import LetterBox
 
     from smear.classifier.model import load_classifier
+    from smear.classifier.predict import crops_from_boxes, to_array
     from smear.configs.offline import ensure_offline
     from smear.configs.paths import resolve_path
     from smear.configs.runtime import onnx_session
-    from smear.classifier.predict import crops_from_boxes, to_array
     from smear.detector.predict import Detector
 
     ensure_offline()
@@ -94,8 +94,8 @@ def main() -> None:
             ovm(x)
         t_ort, t_ov = [], []
         for _ in range(args.rounds):
-            t_ort.append(timed(lambda: [ort.run(None, {in_name: x})[0] for x in inputs], 1)[0])
-            t_ov.append(timed(lambda: [ovm(x)[0] for x in inputs], 1)[0])
+            t_ort.append(timed(lambda s=ort, n=in_name, xs=inputs: [s.run(None, {n: x})[0] for x in xs], 1)[0])
+            t_ov.append(timed(lambda m=ovm, xs=inputs: [m(x)[0] for x in xs], 1)[0])
         out_ort = [ort.run(None, {in_name: x})[0] for x in inputs]
         out_ov = [np.asarray(ovm(x)[0]) for x in inputs]
         diff = max(float(np.abs(a - b).max()) for a, b in zip(out_ort, out_ov))

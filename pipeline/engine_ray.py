@@ -44,8 +44,8 @@ from smear.configs.errors import SmearError
 from .config import PipelineConfig
 from .progress import progress_bar
 from .report import FieldRendering
-from .resume import PreviousRecords
 from .results import ImageResult
+from .resume import PreviousRecords
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class RayEngine:
             raise self._error
         return self._about
 
-    def iter_images(self, progress: bool = False) -> Iterator[tuple[ImageResult, "np.ndarray | FieldRendering | None"]]:
+    def iter_images(self, progress: bool = False) -> Iterator[tuple[ImageResult, np.ndarray | FieldRendering | None]]:
         """``(result, picture)`` per path given to :meth:`start`, in input order, as soon as its turn comes.
 
         Records of kept fields (``--resume``) come from the earlier run, with their field read again here (for the
