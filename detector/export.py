@@ -42,6 +42,7 @@ def export_detector(weights: str | Path | None = None, format: str = "onnx", out
     ensure_offline()
     from ultralytics import YOLO
 
+    commit = git_commit()  # before weights.onnx is rewritten, which would make the checkout look dirty
     info = find_detector(weights)
     if info.weights.suffix != ".pt":
         raise SmearError(f"{info.weights}: export starts from a PyTorch .pt detector")
@@ -69,13 +70,13 @@ def export_detector(weights: str | Path | None = None, format: str = "onnx", out
         import torch
 
         card["runtimes"] = {"torch": "weights.pt", "onnx": target.name}
-        card["onnx_export"] = export_record(info.weights, imgsz=info.imgsz, dynamic_axes=True,
+        card["onnx_export"] = export_record(info.weights, commit, imgsz=info.imgsz, dynamic_axes=True,
                                             torch=torch.__version__.split("+")[0])
     else:
         card["runtimes"] = {"onnx" if format == "onnx" else "torchscript": target.name}
         card["export"] = {"format": format, "from": str(info.weights), "imgsz": info.imgsz,
                           "dynamic_axes": format == "onnx", "date": datetime.date.today().isoformat(),
-                          "commit": git_commit()}
+                          "commit": commit}
     (folder / "card.json").write_text(json.dumps(card, indent=2))
     if in_place and (folder / "card.md").is_file():
         from smear.configs.modelcard import card_title, write_card
