@@ -45,7 +45,7 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
             raise SmearError(f"{last}: no checkpoint to resume; start without --resume")
         model = YOLO(str(last))
         t0 = time.time()
-        model.train(resume=True, **_trainer(cfg))
+        model.train(resume=True, **_trainer(run_config(run_dir, cfg)))
     else:
         if run_dir.exists():
             raise SmearError(f"{run_dir}: run folder exists; pass --resume, or another name=... ")
@@ -73,6 +73,15 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
     }
     (run_dir / "card.json").write_text(json.dumps(card, indent=2))
     return run_dir
+
+
+def run_config(run_dir: Path, cfg: DetectorConfig) -> DetectorConfig:
+    """The settings a run started with (its ``smear_config.yaml``), else ``cfg``. ultralytics resumes with the
+    arguments it stored in the checkpoint; smear's own (the stain and focus augmentation) are kept there."""
+    from smear.configs.loader import load_config
+
+    stored = run_dir / "smear_config.yaml"
+    return load_config(DetectorConfig, stored) if stored.is_file() else cfg
 
 
 def _trainer(cfg: DetectorConfig) -> dict:

@@ -78,3 +78,17 @@ def test_training_set_carries_the_augmentation_through_close_mosaic(tmp_path):
     val = trainer.build_dataset(trainer.data["val"], "val", 2)
     assert "StainJitter" not in [type(t).__name__ for t in val.transforms.transforms]  # measured as they are
     assert train[0]["img"].shape[0] == 3
+
+
+def test_a_resumed_run_keeps_the_augmentation_it_started_with(tmp_path):
+    """ultralytics resumes with the arguments in its checkpoint; stain_jitter and blur come from the run folder."""
+    from smear.configs.loader import build_config, dump_config
+    from smear.detector.config import DetectorConfig
+    from smear.detector.train import _trainer, run_config
+
+    started = build_config(DetectorConfig, {"stain_jitter": 0.2, "blur": 0.25, "name": "aug"})
+    (tmp_path / "smear_config.yaml").write_text(dump_config(started))
+    resumed_with = build_config(DetectorConfig, {"name": "aug"})  # 'smear detector train name=aug --resume'
+    assert (run_config(tmp_path, resumed_with).stain_jitter, run_config(tmp_path, resumed_with).blur) == (0.2, 0.25)
+    assert "trainer" in _trainer(run_config(tmp_path, resumed_with)) and not _trainer(resumed_with)
+    assert run_config(tmp_path / "no-such-run", resumed_with) is resumed_with
