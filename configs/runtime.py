@@ -71,6 +71,14 @@ def onnx_weights(folder: Path, card: Mapping[str, Any], export_how: str) -> tupl
     return onnx, None
 
 
+def warn_torch_fallbacks(reasons: list[str], what: str = "the same results") -> None:
+    """One warning for every model meant for ONNX Runtime that runs on torch (``reasons``, one line each; nothing
+    when empty). Never an error: torch gives ``what``, slower."""
+    if reasons:
+        log.warning("runtime onnx: %s; %s on torch (%s, slower)", "; ".join(reasons),
+                    "these run" if len(reasons) > 1 else "it runs", what)
+
+
 def unreadable(path: Path, error: Exception, export_how: str) -> str:
     """Why a ``weights.onnx`` ONNX Runtime cannot load (truncated, corrupt) runs on torch: one line."""
     first = (str(error).strip().splitlines() or [""])[0][:120]

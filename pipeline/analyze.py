@@ -164,6 +164,7 @@ class Analyzer(SlideAggregator):
 
     def __init__(self, cfg: PipelineConfig | None = None):
         from smear.classifier.model import load_classifier
+        from smear.configs.runtime import warn_torch_fallbacks
         from smear.detector.predict import Detector
 
         self.cfg = cfg or PipelineConfig()
@@ -192,11 +193,9 @@ class Analyzer(SlideAggregator):
                                        if self.morphology is not None else None)
         fallbacks = [self.detector.info.onnx_fallback, *self.classifier.onnx_fallbacks(),
                      self.morphology.model.onnx_fallback if self.morphology is not None else None]
-        fallbacks = list(dict.fromkeys(f for f in fallbacks if f))
-        self.torch_fallbacks = fallbacks  # why a model meant for ONNX Runtime runs on torch, one line each
-        if fallbacks:  # one warning for the whole set of models, never an error: torch gives the same cells
-            log.warning("runtime onnx: %s; %s on torch (the same cells, slower)", "; ".join(fallbacks),
-                        "these run" if len(fallbacks) > 1 else "it runs")
+        # why a model meant for ONNX Runtime runs on torch, one line each: one warning for the whole set
+        self.torch_fallbacks = list(dict.fromkeys(f for f in fallbacks if f))
+        warn_torch_fallbacks(self.torch_fallbacks, "the same cells")
         # A given scale wins; else a given pixel size decides it; else each image's RBC size does.
         self.scale: float | str = self.cfg.scale_factor() or "auto"
         if self.scale == "auto" and self.cfg.pixel_size_um > 0 and self.detector.train_pixel_size_um:

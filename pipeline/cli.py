@@ -59,17 +59,16 @@ def classify(
     """
     from smear.classifier.model import load_classifier
     from smear.classifier.predict import classify_files
+    from smear.configs.runtime import RUNTIMES, warn_torch_fallbacks
     from smear.data.images import expand_inputs
 
     files = expand_inputs(paths)
     if not files:
         _fail(f"no images found in {' '.join(paths)}")
-    if runtime not in ("onnx", "torch"):
-        _fail(f"--runtime {runtime!r}: choose onnx or torch")
+    if runtime not in RUNTIMES:
+        _fail(f"--runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
     model = load_classifier(weights, device=device, runtime=runtime if device == "cpu" else "torch")
-    if model.onnx_fallbacks():  # as analyze says it: never an error, torch gives the same calls
-        logging.getLogger(__name__).warning("runtime onnx: %s; it runs on torch (the same calls, slower)",
-                                            "; ".join(model.onnx_fallbacks()))
+    warn_torch_fallbacks(model.onnx_fallbacks(), "the same calls")
     records = classify_files(model, files)
     failed = [r for r in records if r.get("error")]
     if output:
