@@ -65,10 +65,10 @@ def summarise(rows: list[dict], classes: list[str]) -> dict:
     return out
 
 
-def score(model, rows) -> list[dict]:
+def score(model, rows, image_transform=None) -> list[dict]:
     from smear.classifier.evaluate import predict_rows
 
-    probs = predict_rows(model, rows)
+    probs = predict_rows(model, rows, image_transform=image_transform)
     out = []
     for r, p in zip(rows, probs):
         k = int(p.argmax())
@@ -77,13 +77,13 @@ def score(model, rows) -> list[dict]:
     return out
 
 
-def write_cells(rows, model, folder: Path) -> None:
+def write_cells(rows, model, folder: Path, image_transform=None) -> None:
     """The crops of ``rows`` as ``folder/<class>/*.png``, cut as the model cuts them (the input of adapt)."""
     import cv2
 
     from smear.data.crops import ImageCache, crop_cell
 
-    cache = ImageCache()
+    cache = ImageCache(image_transform)
     for i, r in enumerate(rows):
         d = folder / r.label.lower()
         d.mkdir(parents=True, exist_ok=True)
@@ -105,6 +105,13 @@ def main(argv=None) -> int:
     ap.add_argument("--adapt-groups", action="store_true",
                     help="adapt on k RBCs and k platelets of the lab too (one adapted model for every call, as when "
                          "'smear review --export' gives rbc/ and platelets/ folders); default: WBC classes only")
+    ap.add_argument("--adapt-seeds", type=int, default=1,
+                    help="adapt this many times per k, each on another draw of cells (seeds --seed, --seed+1, ...); "
+                         "the summary gives each run and the mean and SD over the draws")
+    ap.add_argument("--stain-norm", metavar="LAB", nargs="+",
+                    help="map each scored field onto the colours of the nearest of these labs (Reinhard in L*a*b*, "
+                         "smear.detector.stain; the reference from their train fields), e.g. the labs the model "
+                         "trained on, to measure stain normalisation before classification")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("classifier_labs"))
@@ -123,6 +130,15 @@ def main(argv=None) -> int:
     want = {"all": ("train", "val", "test"), "val+test": ("val", "test"), "train+val": ("train", "val")}.get(
         args.split, (args.split,))
     variant = args.variant or model_name(args.weights)
+    transform = None
+    if args.stain_norm:
+        from smear.detector.stain import reference_from_fields
+
+        reference = reference_from_fields(sorted({(r.source, r.image) for r in rows if r.source in args.stain_norm
+                                                  and r.split == "train"}), every=8, tolerance=0.0)
+        print("stain reference: " + ", ".join(f"{lab.name} ({lab.fields} fields)" for lab in reference.labs))
+        transform = lambda image: reference.normalise(image)[0]  # noqa: E731
+        variant = args.variant or f"{variant}+stain-norm"
     # one stamp for the whole run, taken before any row is written (the rows themselves dirty the checkout)
     start = run_stamp(variant, seed=args.seed, device="cpu")
     all_rows, summaries = [], {}
@@ -130,33 +146,51 @@ def main(argv=None) -> int:
         scored_rows = [r for r in rows if r.source == s and r.split in want]
         if not scored_rows:
             continue
-        runs = [(variant, model, None)]
+        runs = [(variant, model, None, args.seed, 0)]
         pool = [r for r in rows if r.source == s and r.split == args.adapt_from and r.label in model.classes
                 and (nucleated(r.label) or (args.adapt_groups and r.label in ("RBC", "Platelets")))]
         for k in args.adapt:
-            rng = random.Random(args.seed)
-            chosen = [r for c in CELL_CLASSES for r in rng.sample([q for q in pool if q.label == c],
-                                                                  min(k, sum(q.label == c for q in pool)))]
-            with tempfile.TemporaryDirectory() as tmp:
-                write_cells(chosen, model, Path(tmp) / "cells")
-                folder = adapt(Path(tmp) / "cells", Path(tmp) / "model", args.weights,
-                               AdaptConfig(steps=args.adapt_steps, seed=args.seed))
-                runs.append((f"{variant}+adapt{k}" + ("+groups" if args.adapt_groups else ""), load_classifier(folder),
-                             len(chosen)))
-        for name, m, n_cells in runs:
-            stamp = {**start, "variant": name}
-            out = score(m, scored_rows)
+            for seed in range(args.seed, args.seed + args.adapt_seeds):
+                rng = random.Random(seed)
+                chosen = [r for c in CELL_CLASSES for r in rng.sample([q for q in pool if q.label == c],
+                                                                      min(k, sum(q.label == c for q in pool)))]
+                with tempfile.TemporaryDirectory() as tmp:
+                    write_cells(chosen, model, Path(tmp) / "cells", transform)
+                    folder = adapt(Path(tmp) / "cells", Path(tmp) / "model", args.weights,
+                                   AdaptConfig(steps=args.adapt_steps, seed=seed))
+                    name = f"{variant}+adapt{k}" + ("+groups" if args.adapt_groups else "")
+                    runs.append((name, load_classifier(folder), chosen, seed, k))
+        for name, m, chosen, seed, k in runs:
+            stamp = {**start, "variant": name, "seed": seed}
+            # the cells a model adapted on are never scored (when --adapt-from is among the scored splits)
+            used = {(r.image, tuple(r.box)) for r in chosen or ()}
+            out = score(m, [r for r in scored_rows if (r.image, tuple(r.box)) not in used], transform)
+            n_cells = len(chosen) if chosen is not None else 0
             for r in out:
-                r["adapt_cells"] = n_cells or 0
+                r["adapt_cells"] = n_cells
             append_rows(args.out, out, stamp=stamp)
             all_rows += out
             sm = summarise(out, list(m.classes))
-            summaries[f"{name}:{s}"] = {"source": s, "split": args.split, "adapt_cells": n_cells or 0, **sm}
+            key = f"{name}:{s}" + (f":seed{seed}" if args.adapt_seeds > 1 and chosen is not None else "")
+            summaries[key] = {"source": s, "split": args.split, "adapt_per_class": k, "adapt_cells": n_cells, "seed": seed,
+                              **sm}
             rec = ", ".join(f"{c[:4]} {v:.2f}" for c, v in sm["recall"].items())
-            print(f"{name:<34} {s:<7} {args.split:<8} nucleated {sm['nucleated_cells']:>5}  "
+            print(f"{name:<34} {s:<7} {args.split:<8} seed {seed} nucleated {sm['nucleated_cells']:>5}  "
                   f"bal.acc {sm['balanced_accuracy']}  acc {sm['accuracy']}  lost to RBC/PLT "
                   f"{sm['wbc_lost_to_group']}  group acc {sm['group_accuracy']}  all-class acc {sm['all_classes_accuracy']}  acc w/o RBC "
                   f"{sm['accuracy_without_rbc']}  recall: {rec}")
+        if args.adapt_seeds > 1:
+            for k in args.adapt:
+                of = [v for v in summaries.values() if v["source"] == s and v.get("adapt_per_class") == k
+                      and "seed" in v]
+                bal = np.array([v["balanced_accuracy"] for v in of], float)
+                lost = np.array([v["wbc_lost_to_group"] for v in of], float)
+                summaries[f"{variant}+adapt{k}:{s}:mean"] = {
+                    "source": s, "adapt_per_class": k, "draws": len(of), "balanced_accuracy_mean": round(bal.mean(), 4),
+                    "balanced_accuracy_sd": round(bal.std(ddof=1), 4), "wbc_lost_to_group_mean": round(lost.mean(), 4)}
+                print(f"{variant}+adapt{k} {s}: balanced accuracy over {len(of)} draws {bal.mean():.4f} "
+                      f"(SD {bal.std(ddof=1):.4f}; {', '.join(f'{b:.3f}' for b in bal)}), "
+                      f"WBCs lost to RBC/PLT {lost.mean():.4f}")
     print(f"{len(all_rows)} rows appended to {args.out}")
     if args.write_card:
         from smear.configs.modelcard import ModelCard

@@ -193,13 +193,14 @@ def plot_history(history: list[dict], path: Path) -> None:
 
 # ---------------------------------------------------------------- evaluation of a model folder
 
-def predict_rows(model, rows, batch: int = 256) -> np.ndarray:
-    """Probabilities for manifest rows (ground-truth boxes), through the same path as the pipeline."""
+def predict_rows(model, rows, batch: int = 256, image_transform=None) -> np.ndarray:
+    """Probabilities for manifest rows (ground-truth boxes), through the same path as the pipeline;
+    ``image_transform`` is applied to each source field first (e.g. a stain normalisation)."""
     from smear.data.crops import ImageCache
 
     from .predict import classify_fields
 
-    cache = ImageCache()
+    cache = ImageCache(image_transform)
     order: dict[str, list[int]] = {}
     for k, r in enumerate(rows):
         order.setdefault(r.image, []).append(k)

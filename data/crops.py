@@ -12,7 +12,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -105,14 +105,17 @@ def read_manifest(path: Path, classes: Sequence[str] = CELL_CLASSES) -> list[Cro
 
 
 class ImageCache:
-    """Source fields decoded once (RGB), shared by all crops of an image."""
+    """Source fields decoded once (RGB), shared by all crops of an image; ``transform`` (e.g. a stain
+    normalisation) is applied to each field once, after decoding."""
 
-    def __init__(self) -> None:
+    def __init__(self, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self._images: dict[str, np.ndarray] = {}
+        self._transform = transform
 
     def get(self, path: str) -> np.ndarray:
         if path not in self._images:
             from .images import read_image
 
-            self._images[path] = read_image(path)
+            image = read_image(path)
+            self._images[path] = image if self._transform is None else self._transform(image)
         return self._images[path]

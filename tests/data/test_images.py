@@ -181,3 +181,21 @@ def test_cut_short_and_multi_page_files_are_named(tmp_path):
     cv2.imwritemulti(str(tmp_path / "pages.tif"), [img, img, img])
     assert file_warnings(tmp_path / "pages.tif") == [f"{tmp_path / 'pages.tif'}: TIFF with 3 pages: only the first "
                                                     "page was analysed"]
+
+
+def test_image_cache_applies_its_transform_once_per_field(tmp_path):
+    from smear.data.crops import ImageCache
+
+    p = tmp_path / "field.png"
+    Image.fromarray(_rgb()).save(p)
+    calls = []
+
+    def invert(image):
+        calls.append(1)
+        return 255 - image
+
+    cache = ImageCache(invert)
+    first, again = cache.get(str(p)), cache.get(str(p))
+    assert len(calls) == 1 and again is first
+    assert np.array_equal(first, 255 - read_image(p))
+    assert np.array_equal(ImageCache().get(str(p)), read_image(p))
