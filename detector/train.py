@@ -32,20 +32,22 @@ def train_detector(cfg: DetectorConfig, resume: bool = False) -> Path:
     from ultralytics import YOLO
 
     commit = git_commit()  # the code that trains: taken at the start, not when the card is written
+    run_dir = resolve_path(cfg.project) / cfg.name
+    if resume:  # the run goes on with the settings it started with, and its card records those
+        cfg = run_config(run_dir, cfg)
     threads = use_cpu_threads(cfg.threads)
     log.info("training on %d CPU thread(s) (device %s)", threads, cfg.device)
     data = resolve_path(cfg.data)
     if not data.is_file():
         raise SmearError(f"{data}: detector data.yaml not found; make it with "
                          f"'smear data prepare --out {data.parent.parent}'")
-    run_dir = resolve_path(cfg.project) / cfg.name
     last = run_dir / "weights" / "last.pt"
     if resume:
         if not last.is_file():
             raise SmearError(f"{last}: no checkpoint to resume; start without --resume")
         model = YOLO(str(last))
         t0 = time.time()
-        model.train(resume=True, **_trainer(run_config(run_dir, cfg)))
+        model.train(resume=True, **_trainer(cfg))
     else:
         if run_dir.exists():
             raise SmearError(f"{run_dir}: run folder exists; pass --resume, or another name=... ")

@@ -92,3 +92,42 @@ def test_a_resumed_run_keeps_the_augmentation_it_started_with(tmp_path):
     assert (run_config(tmp_path, resumed_with).stain_jitter, run_config(tmp_path, resumed_with).blur) == (0.2, 0.25)
     assert "trainer" in _trainer(run_config(tmp_path, resumed_with)) and not _trainer(resumed_with)
     assert run_config(tmp_path / "no-such-run", resumed_with) is resumed_with
+
+
+def test_a_resumed_runs_card_records_the_settings_it_started_with(tmp_path, monkeypatch):
+    """The card of a resumed run gives the run's settings (data, augmentation), not the resume command's defaults;
+    ultralytics itself is replaced here by a stand-in that records what it was asked to do."""
+    import json
+
+    import ultralytics
+
+    from smear.configs.loader import build_config, dump_config
+    from smear.detector.config import DetectorConfig
+    from smear.detector.train import train_detector
+
+    data = tmp_path / "set" / "data.yaml"
+    data.parent.mkdir()
+    data.write_text("names: {0: RBC, 1: WBC, 2: Platelets}\n")
+    run = tmp_path / "runs" / "aug"
+    (run / "weights").mkdir(parents=True)
+    (run / "weights" / "last.pt").write_bytes(b"checkpoint")
+    started = build_config(DetectorConfig, {"data": str(data), "stain_jitter": 0.2, "blur": 0.25, "imgsz": 320,
+                                            "project": str(tmp_path / "runs"), "name": "aug"})
+    (run / "smear_config.yaml").write_text(dump_config(started))
+    calls = []
+
+    class FakeYOLO:
+        def __init__(self, weights):
+            calls.append(("load", weights))
+
+        def train(self, **kwargs):
+            calls.append(("train", kwargs))
+
+    monkeypatch.setattr(ultralytics, "YOLO", FakeYOLO)
+    resumed_with = build_config(DetectorConfig, {"project": str(tmp_path / "runs"), "name": "aug"})
+    train_detector(resumed_with, resume=True)
+    assert calls[0] == ("load", str(run / "weights" / "last.pt"))
+    assert calls[1][1]["resume"] is True and "trainer" in calls[1][1]
+    card = json.loads((run / "card.json").read_text())
+    assert (card["config"]["stain_jitter"], card["config"]["blur"], card["config"]["imgsz"]) == (0.2, 0.25, 320)
+    assert card["data"] == str(data)
