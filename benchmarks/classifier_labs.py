@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         scored_rows = [r for r in rows if r.source == s and r.split in want]
         if not scored_rows:
             continue
-        runs = [(variant, model, None, args.seed, 0)]
+        runs = [(variant, model, [], args.seed, 0)]
         pool = [r for r in rows if r.source == s and r.split == args.adapt_from and r.label in model.classes
                 and (nucleated(r.label) or (args.adapt_groups and r.label in ("RBC", "Platelets")))]
         for k in args.adapt:
@@ -168,16 +168,15 @@ def main(argv=None) -> int:
         for name, m, chosen, seed, k in runs:
             stamp = {**start, "variant": name, "seed": seed}
             # the cells a model adapted on are never scored (when --adapt-from is among the scored splits)
-            used = {(r.image, tuple(r.box)) for r in chosen or ()}
+            used = {(r.image, tuple(r.box)) for r in chosen}
             out = score(m, [r for r in scored_rows if (r.image, tuple(r.box)) not in used], transform)
-            n_cells = len(chosen) if chosen is not None else 0
             for r in out:
-                r["adapt_cells"] = n_cells
+                r["adapt_cells"] = len(chosen)
             append_rows(args.out, out, stamp=stamp)
             all_rows += out
             sm = summarise(out, list(m.classes))
-            key = f"{name}:{s}" + (f":seed{seed}" if args.adapt_seeds > 1 and chosen is not None else "")
-            summaries[key] = {"source": s, "split": args.split, "adapt_per_class": k, "adapt_cells": n_cells, "seed": seed,
+            key = f"{name}:{s}" + (f":seed{seed}" if args.adapt_seeds > 1 and k else "")
+            summaries[key] = {"source": s, "split": args.split, "adapt_per_class": k, "adapt_cells": len(chosen), "seed": seed,
                               **sm}
             rec = ", ".join(f"{c[:4]} {v:.2f}" for c, v in sm["recall"].items())
             print(f"{name:<34} {s:<7} {args.split:<8} seed {seed} nucleated {sm['nucleated_cells']:>5}  "

@@ -88,6 +88,15 @@ def map50_per_source(weights, data_yaml: Path, split: str, sources: list[str], o
     return res
 
 
+def count_error(rows: list[dict], true_key: str, pred_key: str) -> tuple[dict, str]:
+    """Count error of ``rows`` (one per field): the summary (true total, MAE, relative error, bias) and its text."""
+    t = np.array([r[true_key] for r in rows], float)
+    p = np.array([r[pred_key] for r in rows], float)
+    mae, rel, bias = np.abs(p - t).mean(), np.abs(p - t).sum() / max(t.sum(), 1), (p - t).sum() / max(t.sum(), 1)
+    return ({"true": int(t.sum()), "mae": round(float(mae), 3), "relative_error": round(float(rel), 4),
+             "bias": round(float(bias), 4)}, f"MAE {mae:.2f} rel {100 * rel:.1f}% bias {100 * bias:+.1f}%")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", help="detector model folder (default: the shipped one)")
@@ -171,21 +180,11 @@ def main(argv=None) -> int:
         if s in aps:
             line.append(f"mAP50 {aps[s]['mAP50']:.3f}")
         for g in GROUPS:
-            t = np.array([r[f"true_{g}"] for r in of], float)
-            p = np.array([r[f"pred_{g}"] for r in of], float)
-            rel = np.abs(p - t).sum() / max(t.sum(), 1)
-            summary[s][f"count_{g}"] = {"true": int(t.sum()), "mae": round(float(np.abs(p - t).mean()), 3),
-                                        "relative_error": round(float(rel), 4),
-                                        "bias": round(float((p - t).sum() / max(t.sum(), 1)), 4)}
-            line.append(f"{g} MAE {np.abs(p - t).mean():.2f} rel {100 * rel:.1f}% bias {100 * (p - t).sum() / max(t.sum(), 1):+.1f}%")
-        t = np.array([r["counted_true_RBC"] for r in of], float)
-        p = np.array([r["counted_pred_RBC"] for r in of], float)
-        rel = np.abs(p - t).sum() / max(t.sum(), 1)
-        summary[s]["count_RBC_as_counted"] = {
-            "edge_fragment_min": edge_min, "true": int(t.sum()), "mae": round(float(np.abs(p - t).mean()), 3),
-            "relative_error": round(float(rel), 4), "bias": round(float((p - t).sum() / max(t.sum(), 1)), 4)}
-        line.append(f"RBC as counted (border fragments < {edge_min:g} cell out, labels too) MAE "
-                    f"{np.abs(p - t).mean():.2f} rel {100 * rel:.1f}% bias {100 * (p - t).sum() / max(t.sum(), 1):+.1f}%")
+            summary[s][f"count_{g}"], text = count_error(of, f"true_{g}", f"pred_{g}")
+            line.append(f"{g} {text}")
+        counted, text = count_error(of, "counted_true_RBC", "counted_pred_RBC")
+        summary[s]["count_RBC_as_counted"] = {"edge_fragment_min": edge_min, **counted}
+        line.append(f"RBC as counted (border fragments < {edge_min:g} cell out, labels too) {text}")
         print(" | ".join(line))
     out = append_rows(args.out, rows, stamp=stamp)
     print(f"{len(rows)} rows appended to {out}")
