@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 import tempfile
@@ -117,6 +118,10 @@ def main(argv=None) -> int:
                     help="map each scored field onto the colours of the nearest of these labs (Reinhard in L*a*b*, "
                          "smear.detector.stain; the reference from their train fields), e.g. the labs the model "
                          "trained on, to measure stain normalisation before classification")
+    ap.add_argument("--subtype-views", type=int, nargs="+", default=[0], metavar="N",
+                    help="score every model with each of these subtype_views (test-time augmentation of the subtype "
+                         "call: 1, 2, 4 or 8 rotations and reflections; 0: the card's choice); a run with N > 1 is "
+                         "named +viewsN")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("classifier_labs"))
@@ -165,7 +170,12 @@ def main(argv=None) -> int:
                                    AdaptConfig(steps=args.adapt_steps, seed=seed))
                     name = f"{variant}+adapt{k}" + ("+groups" if args.adapt_groups else "")
                     runs.append((name, load_classifier(folder), chosen, seed, k))
-        for name, m, chosen, seed, k in runs:
+        card_views = {id(m): m.subtype_views for _, m, *_ in runs}
+        runs = [(name + (f"+views{v}" if v > 1 else ""), m, chosen, seed, k, v)
+                for name, m, chosen, seed, k in runs
+                for v in dict.fromkeys(views or card_views[id(m)] for views in args.subtype_views)]
+        for name, m, chosen, seed, k, views in runs:
+            m.subtype_views = views
             stamp = {**start, "variant": name, "seed": seed}
             # the cells a model adapted on are never scored (when --adapt-from is among the scored splits)
             used = {(r.image, tuple(r.box)) for r in chosen}
@@ -177,7 +187,7 @@ def main(argv=None) -> int:
             sm = summarise(out, list(m.classes))
             key = f"{name}:{s}" + (f":seed{seed}" if args.adapt_seeds > 1 and k else "")
             summaries[key] = {"source": s, "split": args.split, "adapt_per_class": k, "adapt_cells": len(chosen), "seed": seed,
-                              **sm}
+                              "subtype_views": views, **sm}
             rec = ", ".join(f"{c[:4]} {v:.2f}" for c, v in sm["recall"].items())
             print(f"{name:<34} {s:<7} {args.split:<8} seed {seed} nucleated {sm['nucleated_cells']:>5}  "
                   f"bal.acc {sm['balanced_accuracy']} (classes with >= {MIN_SUPPORT} cells "
@@ -185,18 +195,19 @@ def main(argv=None) -> int:
                   f"{sm['wbc_lost_to_group']}  group acc {sm['group_accuracy']}  all-class acc {sm['all_classes_accuracy']}  acc w/o RBC "
                   f"{sm['accuracy_without_rbc']}  recall: {rec}")
         if args.adapt_seeds > 1:
-            for k in args.adapt:
+            for k, views in itertools.product(args.adapt, dict.fromkeys(r[5] for r in runs)):
                 of = [v for v in summaries.values() if v["source"] == s and v.get("adapt_per_class") == k
-                      and "seed" in v]
+                      and "seed" in v and v["subtype_views"] == views]
+                tag = f"{variant}+adapt{k}" + ("+groups" if args.adapt_groups else "") + (f"+views{views}" if views > 1 else "")
                 bal = np.array([v["balanced_accuracy"] for v in of], float)
                 steady = np.array([v[f"balanced_accuracy_support{MIN_SUPPORT}"] for v in of], float)
                 lost = np.array([v["wbc_lost_to_group"] for v in of], float)
-                summaries[f"{variant}+adapt{k}:{s}:mean"] = {
-                    "source": s, "adapt_per_class": k, "draws": len(of), "balanced_accuracy_mean": round(bal.mean(), 4),
+                summaries[f"{tag}:{s}:mean"] = {
+                    "source": s, "adapt_per_class": k, "subtype_views": views, "draws": len(of), "balanced_accuracy_mean": round(bal.mean(), 4),
                     "balanced_accuracy_sd": round(bal.std(ddof=1), 4),
                     f"balanced_accuracy_support{MIN_SUPPORT}_mean": round(steady.mean(), 4),
                     "wbc_lost_to_group_mean": round(lost.mean(), 4)}
-                print(f"{variant}+adapt{k} {s}: balanced accuracy over {len(of)} draws {bal.mean():.4f} "
+                print(f"{tag} {s}: balanced accuracy over {len(of)} draws {bal.mean():.4f} "
                       f"(SD {bal.std(ddof=1):.4f}; {', '.join(f'{b:.3f}' for b in bal)}), "
                       f"classes with >= {MIN_SUPPORT} cells {steady.mean():.4f}, WBCs lost to RBC/PLT {lost.mean():.4f}")
     print(f"{len(all_rows)} rows appended to {args.out}")

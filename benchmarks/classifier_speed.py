@@ -11,7 +11,7 @@ machine, device, variant, seed, then the run's columns), variant ``backbone-grid
 ``--cascade`` times the shipped classifier cascade (every crop at the primary's size, possible
 WBCs through the refiner, likely WBCs through the subtype stage) on the detector's boxes of the
 BCCD test fields, in the pipeline's chunks of 32 crops, and prints the mean cost per crop and
-how many crops each stage saw: one row in the same table, variant ``cascade`` by default
+how many crops each stage saw (``--subtype-views N``: each likely WBC's subtype call over N views, counted N times): one row in the same table, variant ``cascade`` by default
 (``cascade-<folder>`` with --weights).
 """
 
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--cascade", action="store_true", help="time the shipped cascade on real detections")
     ap.add_argument("--data", default="../shared/data/bccd")
     ap.add_argument("--weights", default=None, help="with --cascade: classifier folder to time (default: shipped)")
+    ap.add_argument("--subtype-views", type=int, default=0, help="with --cascade: test-time augmentation of the "
+                    "subtype call (1, 2, 4 or 8 views; 0: the card's choice); variant +viewsN when N > 1")
     ap.add_argument("--variant", default=None, help="name of this run in the table (default: backbone-grid; "
                     "cascade, or cascade-<weights folder name>, with --cascade)")
     args = ap.parse_args()
@@ -76,6 +78,7 @@ def time_cascade(args) -> None:
     # the Detector holds args.threads through ultralytics' device pick (which alone leaves cores - 1)
     boxes = [d.boxes for d in Detector(threads=args.threads).predict(images)]
     model = load_classifier(args.weights)
+    model.subtype_views = args.subtype_views or model.subtype_views
     seen: dict[str, int] = {}
     real = predict.predict_crops
 
@@ -98,8 +101,9 @@ def time_cascade(args) -> None:
     row = {"weights": args.weights or "shipped", "images": len(images), "crops": n, "seconds": round(best, 3),
            "ms_per_crop": round(1000 * best / n, 3),
            "primary_crops": seen.get("primary", 0), "refiner_crops": seen.get("refiner", 0),
-           "subtyper_crops": seen.get("subtyper", 0), "threads": args.threads}
-    variant = args.variant or ("cascade" if not args.weights else f"cascade-{model_name(args.weights)}")
+           "subtyper_crops": seen.get("subtyper", 0), "subtype_views": model.subtype_views, "threads": args.threads}
+    variant = args.variant or (("cascade" if not args.weights else f"cascade-{model_name(args.weights)}")
+                               + (f"+views{model.subtype_views}" if model.subtype_views > 1 else ""))
     out = append_rows(results_csv("classifier_speed"), [row], variant=variant)
     print(f"cascade on {n} detected crops of {len(images)} test fields: {row['ms_per_crop']:.2f} ms/crop "
           f"(crop cutting included); crops seen: primary {row['primary_crops']}, refiner {row['refiner_crops']}, "

@@ -127,7 +127,7 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
         opt.step()
     net.eval()
     groups_labelled = bool({"RBC", "Platelets"} & set(files))
-    card = {**{k: v for k, v in model.card.items() if k in ("kind", "task", "classes", "config")},
+    card = {**{k: v for k, v in model.card.items() if k in ("kind", "task", "classes", "config", "subtype_views")},
             "title": f"Classifier adapted from {model.folder.name}",
             "summary": (f"{model.folder.name} fine-tuned by 'smear classifier adapt' on {len(images)} cells of "
                         f"{len(files)} classes from {Path(cells_dir).resolve()}; classes without a folder keep the "

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -206,6 +206,9 @@ class ClassifierModel:
     # whose WBC probability reaches ``subtype_min_prob`` (see predict.rescore_cascade).
     subtyper: "ClassifierModel | None" = None
     subtype_min_prob: float = 0.5
+    # Test-time augmentation of the subtype call: a likely WBC's subtype shares are the mean over this many of
+    # the crop's 8 rotations and reflections (1: the crop as it is). Group decisions never change with it.
+    subtype_views: int = 1
     onnx_fallback: str | None = None
 
     @property
@@ -325,6 +328,16 @@ def load_runtime_network(folder: Path, card: dict, device: str = "cpu", runtime:
     return load_network(folder, card, device), None
 
 
+SUBTYPE_VIEWS = (1, 2, 4, 8)
+
+
+def check_subtype_views(views: Any, where: str | Path) -> int:
+    """``views`` as an int if it is one of :data:`SUBTYPE_VIEWS`; else a one-line error naming ``where``."""
+    if isinstance(views, bool) or not isinstance(views, (int, float)) or views not in SUBTYPE_VIEWS:
+        raise SmearError(f"{where}: subtype_views must be one of {', '.join(map(str, SUBTYPE_VIEWS))}, not {views!r}")
+    return int(views)
+
+
 def load_classifier(weights: str | Path | None = None, device: str = "cpu", with_refiner: bool = True,
                     runtime: str = "torch", threads: int = 0) -> ClassifierModel:
     """Load a classifier folder (``weights.pt`` + ``card.json``); no network, no ImageNet weights needed.
@@ -341,7 +354,8 @@ def load_classifier(weights: str | Path | None = None, device: str = "cpu", with
     cfg = card["config"]
     net, fallback = load_runtime_network(folder, card, device, runtime, threads)
     model = ClassifierModel(net=net, classes=list(card["classes"]), crop_size_px=int(cfg["crop_size_px"]),
-                            crop_margin=float(cfg["crop_margin"]), card=card, folder=folder, onnx_fallback=fallback)
+                            crop_margin=float(cfg["crop_margin"]), card=card, folder=folder, onnx_fallback=fallback,
+                            subtype_views=check_subtype_views(card.get("subtype_views", 1), folder / "card.json"))
     sub = card.get("subtyper")
     if sub and with_refiner:
         sub_folder = (folder / sub["weights"]).resolve()

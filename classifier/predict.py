@@ -72,6 +72,33 @@ def padded_size(n: int, batch: int) -> int:
     return min(max(8, 1 << (n - 1).bit_length()), max(batch, n))
 
 
+# the 8 rotations and reflections of a square crop: itself, the two flips, the half turn, then the quarter turns
+# and their mirror images (the first 2 or 4 are the cheaper subsets)
+_DIHEDRAL = (lambda c: c, lambda c: c[:, ::-1], lambda c: c[::-1], lambda c: c[::-1, ::-1],
+             lambda c: np.rot90(c), lambda c: np.rot90(c)[:, ::-1], lambda c: np.rot90(c, 3),
+             lambda c: np.rot90(c, 3)[:, ::-1])
+
+
+def dihedral_view(crop: np.ndarray, k: int) -> np.ndarray:
+    """View ``k`` (0-7) of a square crop among its rotations and reflections; 0 is the crop itself.
+
+    Example:
+        >>> c = np.arange(4).reshape(2, 2)
+        >>> [dihedral_view(c, k).tolist() for k in (0, 1, 3)]
+        [[[0, 1], [2, 3]], [[1, 0], [3, 2]], [[3, 2], [1, 0]]]
+    """
+    return np.ascontiguousarray(_DIHEDRAL[k](crop))
+
+
+def predict_views(model: ClassifierModel, crops: Sequence[np.ndarray], views: int = 1, batch: int = 256) -> np.ndarray:
+    """Class probabilities averaged over the first ``views`` dihedral views of each crop (test-time
+    augmentation; 1: :func:`predict_crops` itself). Cells have no up or left, so each view is as valid as the crop."""
+    if views <= 1 or len(crops) == 0:
+        return predict_crops(model, crops, batch)
+    probs = predict_crops(model, [dihedral_view(c, v) for v in range(views) for c in crops], batch)
+    return probs.reshape(views, len(crops), -1).mean(0)
+
+
 def crops_from_boxes(model: ClassifierModel, image_rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[np.ndarray]:
     """Crops of ``boxes`` (xyxy, original pixels) cut the way the model was trained."""
     return [crop_cell(image_rgb, b, model.crop_margin, model.crop_size_px) for b in boxes]
@@ -94,7 +121,8 @@ def rescore_cascade(model: ClassifierModel, probs: np.ndarray, crop_of, batch: i
     (e.g. every possible WBC). Then, for crops whose WBC probability (subtypes summed) reaches
     ``subtype_min_prob``, the WBC mass stays what the cell classifier gave and the subtype stage
     shares it out: ``p(subtype) = p(WBC) x p_subtyper(subtype | WBC)``, so group decisions are
-    unchanged. ``crop_of(k, stage_model)`` returns crop ``k`` cut the way ``stage_model`` wants it.
+    unchanged. With ``model.subtype_views`` > 1, ``p_subtyper`` is the mean over that many rotations and
+    reflections of the crop (a model without a subtype stage shares out its own WBC mass that way). ``crop_of(k, stage_model)`` returns crop ``k`` cut the way ``stage_model`` wants it.
     """
     from smear.data.taxonomy import SUBTYPES
 
@@ -102,7 +130,8 @@ def rescore_cascade(model: ClassifierModel, probs: np.ndarray, crop_of, batch: i
     if mask.any():
         idx = np.flatnonzero(mask)
         probs[idx] = predict_crops(model.refiner, [crop_of(k, model.refiner) for k in idx], batch)
-    sub = model.subtyper
+    # with test-time augmentation and no subtype stage, the sharpest model of the cascade names the subtypes
+    sub = model.subtyper or ((model.refiner or model) if model.subtype_views > 1 else None)
     if sub is None or not len(probs):
         return probs
     # a subtype stage may also know other classes (an adapted whole-cell model): only its shares among the subtypes
@@ -112,7 +141,7 @@ def rescore_cascade(model: ClassifierModel, probs: np.ndarray, crop_of, batch: i
     wbc = probs[:, wbc_cols].sum(1)
     idx = np.flatnonzero(wbc >= model.subtype_min_prob)
     if len(idx):
-        p_sub = predict_crops(sub, [crop_of(k, sub) for k in idx], batch)[:, own]
+        p_sub = predict_views(sub, [crop_of(k, sub) for k in idx], model.subtype_views, batch)[:, own]
         p_sub = p_sub / np.clip(p_sub.sum(1, keepdims=True), 1e-12, None)
         probs[np.ix_(idx, wbc_cols)] = 0.0
         probs[np.ix_(idx, cols)] = wbc[idx, None] * p_sub

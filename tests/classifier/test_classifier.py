@@ -219,6 +219,89 @@ def test_subtyper_shares_out_the_wbc_mass_and_keeps_groups(tmp_path, tiny_classi
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
+def _orientation_aware(classes, size: int, seed: int, gain: float = 20.0):
+    """A stand-in classifier whose call depends on where in the crop the colours lie (an untrained CNN with
+    global pooling gives the same call for every rotation, so it cannot show what the views do)."""
+    import torch
+    from torch import nn
+
+    from smear.classifier.model import ClassifierModel
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, len(classes))).eval()
+    with torch.no_grad():
+        net[1].weight.mul_(gain)
+    return ClassifierModel(net=net, classes=list(classes), crop_size_px=size, crop_margin=0.2)
+
+
+def test_subtype_views_average_the_subtype_call_over_rotations_and_keep_groups(tmp_path, tiny_classifier):
+    """Test-time augmentation: a likely WBC's subtype shares are the mean over its rotated and mirrored crops;
+    its RBC and platelet probabilities, and every cell under the WBC threshold, stay as they were."""
+    from smear.classifier.model import load_classifier
+    from smear.classifier.predict import dihedral_view, predict_crops, rescore_cascade
+    from smear.data.taxonomy import SUBTYPES
+
+    model = load_classifier(tiny_classifier)
+    model.subtyper = _orientation_aware(SUBTYPES, 40, seed=0)
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2)]
+    wbc_cols = [model.classes.index(c) for c in SUBTYPES]
+    probs = np.zeros((2, len(model.classes)), np.float32)
+    probs[0, 0], probs[0, wbc_cols[0]] = 0.2, 0.8  # a likely WBC
+    probs[1, 0], probs[1, wbc_cols[2]] = 0.7, 0.3  # an RBC: left alone
+    before = probs.copy()
+    plain = rescore_cascade(model, probs.copy(), lambda k, m: crops[k])
+    assert model.subtype_views == 1
+    model.subtype_views = 8
+    tta = rescore_cascade(model, probs.copy(), lambda k, m: crops[k])
+    views = np.mean([predict_crops(model.subtyper, [dihedral_view(crops[0], v)]) for v in range(8)], axis=0)[0]
+    assert tta[0, wbc_cols] == pytest.approx(0.8 * views / views.sum(), abs=1e-5)
+    assert np.abs(tta[0] - plain[0]).max() > 0.01  # the views change this model's call
+    assert tta[0, 0] == plain[0, 0] == pytest.approx(0.2) and (tta[1] == before[1]).all()
+
+
+def test_subtype_views_without_a_subtype_stage_share_out_the_models_own_wbc_mass():
+    from smear.classifier.predict import dihedral_view, predict_crops, rescore_cascade
+    from smear.data.taxonomy import CELL_CLASSES, SUBTYPES
+
+    model = _orientation_aware(CELL_CLASSES, 32, seed=1, gain=2.0)
+    crop = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    probs = predict_crops(model, [crop])
+    assert (rescore_cascade(model, probs.copy(), lambda k, m: crop) == probs).all()  # 1 view: nothing to do
+    model.subtype_views, model.subtype_min_prob = 4, 0.0
+    out = rescore_cascade(model, probs.copy(), lambda k, m: crop)
+    wbc = [model.classes.index(c) for c in SUBTYPES if c in model.classes]
+    mean = np.mean([predict_crops(model, [dihedral_view(crop, v)])[0] for v in range(4)], axis=0)[wbc]
+    assert out[0, wbc] == pytest.approx(probs[0, wbc].sum() * mean / mean.sum(), abs=1e-5)
+    assert probs[0, wbc].sum() > 0.2 and np.abs(out[0, wbc] - probs[0, wbc]).max() > 0.01
+    other = [j for j in range(len(model.classes)) if j not in wbc]
+    assert out[0, other] == pytest.approx(probs[0, other], abs=1e-7)
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_crop():
+    from smear.classifier.predict import dihedral_view
+
+    crop = np.arange(3 * 3 * 3).reshape(3, 3, 3)
+    views = [dihedral_view(crop, k) for k in range(8)]
+    assert (views[0] == crop).all() and len({v.tobytes() for v in views}) == 8
+    assert all(sorted(v.ravel()) == sorted(crop.ravel()) for v in views)
+    assert all(v.flags.c_contiguous for v in views)
+
+
+@pytest.mark.parametrize("views", [3, 0, "8", True])
+def test_a_card_with_a_wrong_subtype_views_is_a_one_line_error(tmp_path, tiny_classifier, views):
+    from smear.classifier.model import load_classifier
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_classifier, folder)
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "card.json").write_text(json.dumps({**card, "subtype_views": views}))
+    with pytest.raises(SmearError, match=r"card\.json: subtype_views must be one of 1, 2, 4, 8"):
+        load_classifier(folder)
+    (folder / "card.json").write_text(json.dumps({**card, "subtype_views": 8}))
+    assert load_classifier(folder).subtype_views == 8
+
+
 def test_subtyper_runs_in_classify_fields_and_files(tmp_path, tiny_classifier, monkeypatch):
     import cv2
 
