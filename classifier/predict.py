@@ -95,8 +95,13 @@ def predict_views(model: ClassifierModel, crops: Sequence[np.ndarray], views: in
     augmentation; 1: :func:`predict_crops` itself). Cells have no up or left, so each view is as valid as the crop."""
     if views <= 1 or len(crops) == 0:
         return predict_crops(model, crops, batch)
-    probs = predict_crops(model, [dihedral_view(c, v) for v in range(views) for c in crops], batch)
-    return probs.reshape(views, len(crops), -1).mean(0)
+    step = max(1, batch // views)  # a batch's worth of views at a time: memory stays that of one batch
+    out = []
+    for i in range(0, len(crops), step):
+        chunk = crops[i:i + step]
+        probs = predict_crops(model, [dihedral_view(c, v) for v in range(views) for c in chunk], batch)
+        out.append(probs.reshape(views, len(chunk), -1).mean(0))
+    return np.concatenate(out)
 
 
 def crops_from_boxes(model: ClassifierModel, image_rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[np.ndarray]:

@@ -278,6 +278,22 @@ def test_subtype_views_without_a_subtype_stage_share_out_the_models_own_wbc_mass
     assert out[0, other] == pytest.approx(probs[0, other], abs=1e-7)
 
 
+def test_views_are_scored_a_batch_at_a_time_with_the_same_result(monkeypatch):
+    from smear.classifier import predict
+    from smear.data.taxonomy import CELL_CLASSES
+
+    model = _orientation_aware(CELL_CLASSES, 16, seed=2, gain=2.0)
+    crops = list(np.random.default_rng(3).integers(0, 255, (10, 16, 16, 3), dtype=np.uint8))
+    whole = predict.predict_views(model, crops, 8, batch=256)
+    sizes = []
+    real = predict.predict_crops
+    monkeypatch.setattr(predict, "predict_crops", lambda m, c, b=256: sizes.append(len(c)) or real(m, c, b))
+    chunked = predict.predict_views(model, crops, 8, batch=16)
+    assert sizes == [16] * 5 and chunked == pytest.approx(whole, abs=1e-6)
+    mean = real(model, [predict.dihedral_view(crops[7], v) for v in range(8)]).mean(0)  # crop 7's 8 views
+    assert chunked[7] == pytest.approx(mean, abs=1e-6)
+
+
 def test_dihedral_views_are_the_eight_symmetries_of_the_crop():
     from smear.classifier.predict import dihedral_view
 
