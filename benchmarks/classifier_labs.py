@@ -36,6 +36,11 @@ MANIFESTS = "runs/prepared/bccd/crops/manifest.csv,runs/prepared/pbc/manifest.cs
 MIN_SUPPORT = 5
 
 
+def views_suffix(views: int) -> str:
+    """The run-name suffix of a model scored over ``views`` rotations and reflections (none for 1)."""
+    return f"+views{views}" if views > 1 else ""
+
+
 def nucleated(label: str) -> bool:
     from smear.data.taxonomy import NRBC, SUBTYPES
 
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
                     help="map each scored field onto the colours of the nearest of these labs (Reinhard in L*a*b*, "
                          "smear.detector.stain; the reference from their train fields), e.g. the labs the model "
                          "trained on, to measure stain normalisation before classification")
-    ap.add_argument("--subtype-views", type=int, nargs="+", default=[0], metavar="N",
+    ap.add_argument("--subtype-views", type=int, nargs="+", default=[0], metavar="N", choices=(0, 1, 2, 4, 8),
                     help="score every model with each of these subtype_views (test-time augmentation of the subtype "
                          "call: 1, 2, 4 or 8 rotations and reflections; 0: the card's choice); a run with N > 1 is "
                          "named +viewsN")
@@ -170,10 +175,9 @@ def main(argv=None) -> int:
                                    AdaptConfig(steps=args.adapt_steps, seed=seed))
                     name = f"{variant}+adapt{k}" + ("+groups" if args.adapt_groups else "")
                     runs.append((name, load_classifier(folder), chosen, seed, k))
-        card_views = {id(m): m.subtype_views for _, m, *_ in runs}
-        runs = [(name + (f"+views{v}" if v > 1 else ""), m, chosen, seed, k, v)
-                for name, m, chosen, seed, k in runs
-                for v in dict.fromkeys(views or card_views[id(m)] for views in args.subtype_views)]
+        # each model at each asked view count (0: its card's, read here before the loop below sets it)
+        runs = [(name + views_suffix(v), m, chosen, seed, k, v) for name, m, chosen, seed, k in runs
+                for v in dict.fromkeys(views or m.subtype_views for views in args.subtype_views)]
         for name, m, chosen, seed, k, views in runs:
             m.subtype_views = views
             stamp = {**start, "variant": name, "seed": seed}
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
             for k, views in itertools.product(args.adapt, dict.fromkeys(r[5] for r in runs)):
                 of = [v for v in summaries.values() if v["source"] == s and v.get("adapt_per_class") == k
                       and "seed" in v and v["subtype_views"] == views]
-                tag = f"{variant}+adapt{k}" + ("+groups" if args.adapt_groups else "") + (f"+views{views}" if views > 1 else "")
+                tag = f"{variant}+adapt{k}" + ("+groups" if args.adapt_groups else "") + views_suffix(views)
                 bal = np.array([v["balanced_accuracy"] for v in of], float)
                 steady = np.array([v[f"balanced_accuracy_support{MIN_SUPPORT}"] for v in of], float)
                 lost = np.array([v["wbc_lost_to_group"] for v in of], float)

@@ -11,8 +11,9 @@ machine, device, variant, seed, then the run's columns), variant ``backbone-grid
 ``--cascade`` times the shipped classifier cascade (every crop at the primary's size, possible
 WBCs through the refiner, likely WBCs through the subtype stage) on the detector's boxes of the
 BCCD test fields, in the pipeline's chunks of 32 crops, and prints the mean cost per crop and
-how many crops each stage saw (``--subtype-views N``: each likely WBC's subtype call over N views, counted N times): one row in the same table, variant ``cascade`` by default
-(``cascade-<folder>`` with --weights).
+how many crops each stage saw (``--subtype-views N``: each likely WBC's subtype call over N views,
+counted N times): one row in the same table, variant ``cascade`` by default (``cascade-<folder>``
+with --weights).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--cascade", action="store_true", help="time the shipped cascade on real detections")
     ap.add_argument("--data", default="../shared/data/bccd")
     ap.add_argument("--weights", default=None, help="with --cascade: classifier folder to time (default: shipped)")
-    ap.add_argument("--subtype-views", type=int, default=0, help="with --cascade: test-time augmentation of the "
+    ap.add_argument("--subtype-views", type=int, default=0, choices=(0, 1, 2, 4, 8), help="with --cascade: test-time augmentation of the "
                     "subtype call (1, 2, 4 or 8 views; 0: the card's choice); variant +viewsN when N > 1")
     ap.add_argument("--variant", default=None, help="name of this run in the table (default: backbone-grid; "
                     "cascade, or cascade-<weights folder name>, with --cascade)")

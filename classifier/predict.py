@@ -127,7 +127,8 @@ def rescore_cascade(model: ClassifierModel, probs: np.ndarray, crop_of, batch: i
     ``subtype_min_prob``, the WBC mass stays what the cell classifier gave and the subtype stage
     shares it out: ``p(subtype) = p(WBC) x p_subtyper(subtype | WBC)``, so group decisions are
     unchanged. With ``model.subtype_views`` > 1, ``p_subtyper`` is the mean over that many rotations and
-    reflections of the crop (a model without a subtype stage shares out its own WBC mass that way). ``crop_of(k, stage_model)`` returns crop ``k`` cut the way ``stage_model`` wants it.
+    reflections of the crop (a model without a subtype stage shares out its own WBC mass that way).
+    ``crop_of(k, stage_model)`` returns crop ``k`` cut the way ``stage_model`` wants it.
     """
     from smear.data.taxonomy import SUBTYPES
 

@@ -177,10 +177,8 @@ class Analyzer(SlideAggregator):
         self.cfg = self.cfg.for_detector(self.detector.info.card)  # class_conf 'detector': the card's thresholds
         self.classifier = load_classifier(self.cfg.classifier_weights or None, device=self.cfg.device,
                                           runtime=runtime, threads=self.detector.threads)
-        if self.cfg.subtype_views:
-            from smear.classifier.model import check_subtype_views
-
-            self.classifier.subtype_views = check_subtype_views(self.cfg.subtype_views, "--set subtype_views")
+        if self.cfg.subtype_views:  # 0: the card's choice
+            self.classifier.subtype_views = self.cfg.subtype_views
         self._group_index = {g: [i for i, c in enumerate(self.classifier.classes) if group_of(c) == g] for g in GROUPS}
         self.morphology = None
         if self.cfg.morphology_weights != "none":

@@ -96,6 +96,15 @@ def test_invalid_choice_lists_valid_values():
     assert "'wbc-centred'" in str(e.value) and "'random'" in str(e.value)
 
 
+def test_subtype_views_takes_the_classifier_view_counts_or_0():
+    from smear.classifier.model import SUBTYPE_VIEWS
+
+    for n in (0, *SUBTYPE_VIEWS):
+        assert load_config(PipelineConfig, None, {"subtype_views": str(n)}).subtype_views == n
+    with pytest.raises(ConfigError, match=r"subtype_views: got 3; valid values are 0, 1, 2, 4, 8"):
+        load_config(PipelineConfig, None, {"subtype_views": "3"})
+
+
 @pytest.mark.parametrize("key,value,expected", [
     ("epochs", "abc", "expected an integer"),
     ("epochs", 2.5, "expected an integer"),
