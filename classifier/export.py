@@ -48,6 +48,58 @@ def package_model(model_folder: str | Path, dest: str | Path, extra: dict | None
     return dest
 
 
+def declare_cascade(folder: str | Path, subtyper: str | Path | None = None, refiner: str | Path | None = None,
+                    subtype_min_prob: float = 0.5, refine_groups: tuple[str, ...] = ("WBC",),
+                    refine_min_prob: float = 0.05) -> Path:
+    """Make ``folder`` a cascade: its card names ``subtyper`` (a model of WBC subtypes that shares out the WBC
+    probability of crops with at least ``subtype_min_prob`` of it) and/or ``refiner`` (a model of the same classes
+    that re-scores crops of ``refine_groups`` with at least ``refine_min_prob``), by paths relative to ``folder``;
+    ``"none"`` removes that stage. The cascade is loaded before this returns: if it does not load (classes that do
+    not fit, a member without weights), the card is left as it was and the error says why.
+
+    Example:
+        >>> declare_cascade("classifier/models/multilab-mnv2-128", subtyper="classifier/models/multilab-subtypes-192")
+    """
+    import os
+
+    from smear.configs.modelcard import ModelCard
+
+    from .model import load_classifier
+
+    from smear.data.taxonomy import GROUPS
+
+    folder = Path(folder)
+    if not (folder / "card.json").is_file():
+        raise SmearError(f"{folder}: no card.json; give a classifier model folder")
+    unknown = [g for g in refine_groups if g not in GROUPS]
+    if refiner is not None and (unknown or not refine_groups):
+        raise SmearError(f"refine groups {', '.join(unknown) or '(none)'}: give groups among {', '.join(GROUPS)}")
+    before = (folder / "card.json").read_text()
+    card = ModelCard.read(folder)
+    if card.kind not in ("", "classifier"):
+        raise SmearError(f"{folder}: card.json kind is {card.kind!r}; only a classifier takes cascade stages")
+    stages = {"subtyper": (subtyper, {"min_prob": subtype_min_prob}),
+              "refiner": (refiner, {"groups": list(refine_groups), "min_prob": refine_min_prob})}
+    for role, (target, settings) in stages.items():
+        if target is None:
+            continue
+        if str(target).lower() == "none":
+            card.extra.pop(role, None)
+            continue
+        member = Path(target).resolve()
+        if member == folder.resolve():
+            raise SmearError(f"{target}: the {role} must be another model folder than {folder}")
+        card.set(role, {"weights": os.path.relpath(member, folder.resolve()), **settings})
+    card.write(folder)
+    try:
+        load_classifier(folder)
+    except SmearError:
+        (folder / "card.json").write_text(before)
+        write_model_card(folder, json.loads(before))
+        raise
+    return folder
+
+
 def _member_folders(folder: Path, card: dict) -> list[Path]:
     """The folder, then the cascade members its card names (refiner, subtype stage), each once."""
     out = [folder]

@@ -54,6 +54,13 @@ def render_card_md(card: dict, title: str) -> str:
         split = card["split"]
         lines += ["## Split", "", *([f"- {k}: {_md_value(v)}" for k, v in split.items()] if isinstance(split, dict)
                                    else [str(split)]), ""]
+    stages = [(role, card[role]) for role in ("refiner", "subtyper") if isinstance(card.get(role), dict)]
+    if stages:
+        what = {"refiner": "re-scores the crops of {groups} with >= {min_prob} of that probability",
+                "subtyper": "names the subtype of crops with >= {min_prob} WBC probability, sharing out that probability"}
+        lines += ["## Cascade", ""] + [f"- {role}: `{st.get('weights')}` "
+                                       + what[role].format(groups=", ".join(st.get("groups", ["WBC"])),
+                                                           min_prob=st.get("min_prob")) for role, st in stages] + [""]
     for key, heading in (("val_metrics", "Validation metrics"), ("test_metrics", "Test metrics (official test split)"),
                          ("test_metrics_audited", "Test metrics on audited labels (official test split, "
                                                   "scored where the audit found boxes missing or wrong as its note says)"),

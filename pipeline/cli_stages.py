@@ -419,6 +419,40 @@ def classifier_package(
     typer.echo(f"model folder: {dest}; use it with --set classifier_weights={dest}")
 
 
+@classifier_app.command("cascade")
+def classifier_cascade(
+    model: Path = typer.Argument(..., help="classifier model folder that scores every crop (the primary)"),
+    subtyper: Optional[str] = typer.Option(None, "--subtyper", help="model folder of WBC subtypes (a "
+                                           "'classes=subtypes' model) that names the subtype of likely WBCs; "
+                                           "'none' removes the stage"),
+    subtype_min_prob: float = typer.Option(0.5, "--subtype-min-prob", min=0.0, max=1.0,
+                                           help="WBC probability from which a crop goes to the subtype stage"),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="model folder with the primary's classes that "
+                                          "re-scores the crops of --refine-groups; 'none' removes the stage"),
+    refine_groups: str = typer.Option("WBC", "--refine-groups", help="groups re-scored by the refiner, comma-separated"),
+    refine_min_prob: float = typer.Option(0.05, "--refine-min-prob", min=0.0, max=1.0,
+                                          help="group probability from which a crop goes to the refiner"),
+) -> None:
+    """Declare a classifier cascade in the primary's card: a subtype stage and/or a refiner, each a model folder
+    named by its path relative to the primary. The cascade is loaded before the command ends; a card whose stages
+    do not fit is left as it was.
+
+    Example: smear classifier cascade models/my-primary --subtyper models/my-subtypes
+    """
+    from smear.classifier.export import declare_cascade
+
+    if subtyper is None and refiner is None:
+        _fail("give --subtyper and/or --refiner (a model folder, or 'none' to remove the stage)")
+    groups = tuple(g.strip() for g in refine_groups.split(",") if g.strip())
+    folder = declare_cascade(model, subtyper, refiner, subtype_min_prob, groups, refine_min_prob)
+    card = json.loads((folder / "card.json").read_text())
+    for role in ("refiner", "subtyper"):
+        if card.get(role):
+            typer.echo(f"{role}: {card[role]['weights']} (min_prob {card[role]['min_prob']})")
+    typer.echo(f"cascade declared in {folder / 'card.json'}; export it again for the onnx runtime: "
+               f"smear classifier export --weights {folder}")
+
+
 @classifier_app.command("adapt")
 def classifier_adapt(
     cells_dir: Path = typer.Argument(..., help="CELLS_DIR/<class>/* cell images of your lab (class folder names as "

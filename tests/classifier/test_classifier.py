@@ -357,6 +357,54 @@ def test_subtyper_with_unknown_classes_is_refused(tmp_path, tiny_classifier):
         load_classifier(primary)
 
 
+def test_cascade_command_declares_a_subtype_stage_that_loads_and_removes_it(tmp_path, tiny_classifier):
+    from typer.testing import CliRunner
+
+    from smear.classifier.model import load_classifier
+    from smear.pipeline.cli import app
+
+    stages = tmp_path / "models"
+    shutil.copytree(tiny_classifier, stages / "primary")
+    sub_folder = _with_subtyper(tmp_path / "made", tiny_classifier, 0.5).parent / "subtypes"
+    shutil.copytree(sub_folder, stages / "subtypes")
+    runner = CliRunner()
+    res = runner.invoke(app, ["classifier", "cascade", str(stages / "primary"), "--subtyper", str(stages / "subtypes"),
+                              "--subtype-min-prob", "0.4"])
+    assert res.exit_code == 0, res.output
+    card = json.loads((stages / "primary" / "card.json").read_text())
+    assert card["subtyper"] == {"weights": "../subtypes", "min_prob": 0.4}  # relative: the folders move together
+    assert "subtyper" in (stages / "primary" / "card.md").read_text()
+    model = load_classifier(stages / "primary")
+    assert model.subtyper is not None and model.subtype_min_prob == 0.4 and model.subtyper.crop_size_px == 40
+    res = runner.invoke(app, ["classifier", "cascade", str(stages / "primary"), "--subtyper", "none"])
+    assert res.exit_code == 0, res.output
+    assert "subtyper" not in json.loads((stages / "primary" / "card.json").read_text())
+    assert load_classifier(stages / "primary").subtyper is None
+
+
+def test_a_cascade_that_does_not_load_leaves_the_card_as_it_was(tmp_path, tiny_classifier):
+    from smear.classifier.export import declare_cascade
+
+    primary = tmp_path / "primary"
+    shutil.copytree(tiny_classifier, primary)
+    before = (primary / "card.json").read_text()
+    # a cell classifier as the subtype stage: its RBC and platelet classes are fine, but a refiner with the
+    # classes in another order is not
+    other = tmp_path / "other"
+    shutil.copytree(tiny_classifier, other)
+    card = json.loads((other / "card.json").read_text())
+    card["classes"] = card["classes"][::-1]
+    (other / "card.json").write_text(json.dumps(card))
+    with pytest.raises(SmearError, match="differ"):
+        declare_cascade(primary, refiner=other)
+    assert (primary / "card.json").read_text() == before
+    with pytest.raises(SmearError, match="Blood"):
+        declare_cascade(primary, refiner=other, refine_groups=("Blood",))
+    with pytest.raises(SmearError, match="another model folder"):
+        declare_cascade(primary, subtyper=primary)
+    assert (primary / "card.json").read_text() == before
+
+
 def test_padding_a_batch_to_a_few_shapes_leaves_the_probabilities_unchanged(tiny_classifier):
     """On a GPU, batches are padded to a power of two (few shapes to prepare kernels for); the blank
     crops must not change any real crop's probabilities (eval-mode batch norm) nor add rows."""
