@@ -77,9 +77,10 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
     cfg = cfg or AdaptConfig()
     torch.set_num_threads(cfg.threads)
     model = load_classifier(base or ADAPT_BASE, with_refiner=False)
-    if model.card.get("refiner") or model.card.get("subtyper"):
-        raise SmearError(f"{model.folder}: a cascade (refiner/subtyper); adapt a single-stage model such as the "
-                         "multi-lab classifier")
+    if model.card.get("refiner"):
+        raise SmearError(f"{model.folder}: the first stage of a cascade with a refiner; adapt a model that names "
+                         "every class itself, such as the multi-lab classifier")
+    # a base with a subtype stage: its own network is adapted, and the lab's cells replace that stage's call
     classes = list(model.classes)
     files = read_cells_dir(cells_dir, classes)
     images, labels, failed = [], [], []
@@ -133,7 +134,9 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
                         f"{len(files)} classes from {Path(cells_dir).resolve()}; classes without a folder keep the "
                         "base model's knowledge (distillation and L2-SP towards its weights)."),
             "base_model": {"folder": str(model.folder), "date": model.card.get("date"),
-                           "commit": model.card.get("commit")},
+                           "commit": model.card.get("commit"),
+                           **({"subtype_stage_replaced": model.card["subtyper"]["weights"]}
+                              if model.card.get("subtyper") else {})},
             "adapt": {"cells_dir": str(Path(cells_dir).resolve()), "cells_per_class": {c: len(v) for c, v in
                                                                                     files.items()},
                       "unreadable": failed, "config": dataclasses.asdict(cfg),

@@ -112,6 +112,30 @@ def test_adapt_writes_a_model_folder_that_classify_loads(tmp_path, tiny_classifi
     assert all(r.get("label") in model.classes for r in recs if "error" not in r)
 
 
+def test_adapt_from_a_base_with_a_subtype_stage_adapts_its_network_and_replaces_that_stage(tmp_path, tiny_classifier):
+    import shutil
+
+    from smear.classifier.adapt import AdaptConfig, adapt
+    from smear.classifier.export import declare_cascade
+    from smear.classifier.model import load_classifier
+
+    base = tmp_path / "models" / "base"
+    shutil.copytree(tiny_classifier, base)
+    shutil.copytree(tiny_classifier, tmp_path / "models" / "other")
+    declare_cascade(base, subtyper=tmp_path / "models" / "other")
+    out = adapt(_cells_dir(tmp_path / "cells"), tmp_path / "adapted", base, AdaptConfig(steps=2, batch=4, threads=1))
+    card = json.loads((out / "card.json").read_text())
+    assert card["base_model"]["subtype_stage_replaced"] == "../other"
+    model = load_classifier(out)
+    assert card["subtyper"]["weights"] == "subtypes" and model.subtyper.folder == (out / "subtypes").resolve()
+    assert all(torch.equal(a, b) for a, b in zip(model.net.state_dict().values(),
+                                                 load_classifier(base).net.state_dict().values()))
+    # a fast first stage with a refiner is no base: it does not see a cell in detail
+    declare_cascade(base, subtyper="none", refiner=tmp_path / "models" / "other")
+    with pytest.raises(SmearError, match="refiner"):
+        adapt(tmp_path / "cells", tmp_path / "again", base, AdaptConfig(steps=2, batch=4, threads=1))
+
+
 def test_a_subtype_stage_that_knows_other_classes_only_shares_out_the_wbc_probability(tiny_classifier):
     """The group probabilities stay the first stage's; the WBC mass is split in the subtype stage's ratios among
     the subtypes alone."""
