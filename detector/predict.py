@@ -121,6 +121,21 @@ def keep_above(det: Detections, thresholds: Mapping[str, float]) -> Detections:
     return det.subset(keep)
 
 
+def low_wbc_candidates(det: Detections, wbc_threshold: float,
+                       max_overlap: float = 0.3) -> tuple[Detections, Detections]:
+    """``det`` (found at a lower WBC score) split into the boxes that reach their thresholds and the WBC boxes under
+    ``wbc_threshold`` that overlap no kept box by ``max_overlap`` IoU or more: a second opinion (the classifier's)
+    decides those. Boxes of the other groups are as ``det`` gave them."""
+    from smear.data.boxes import iou_matrix
+
+    low = (det.classes == GROUPS.index("WBC")) & (det.scores < wbc_threshold)
+    if not low.any():
+        return det, det.subset(low)
+    kept, cand = det.subset(~low), det.subset(low)
+    clear = iou_matrix(cand.boxes, kept.boxes).max(1, initial=0.0) < max_overlap
+    return kept, cand.subset(clear)
+
+
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles covering ``length`` with at least ``overlap`` shared pixels."""
     if length <= tile:
@@ -290,13 +305,16 @@ class Detector:
         return out
 
     def predict(self, images_rgb: Sequence[np.ndarray], conf: float | Mapping[str, float] | None = None,
-                iou: float | None = None, scale: float | str = 1.0) -> list[Detections]:
+                iou: float | None = None, scale: float | str = 1.0,
+                measure_conf: float | None = None) -> list[Detections]:
         """Detect cells. ``scale`` resizes images first (e.g. 2.0 for a microscope imaging cells half as large);
         ``"auto"`` measures each image's RBC size and brings it to the training scale (:meth:`predict_auto_scale`).
 
         ``conf`` is one minimum score, or one per group (``{"RBC": 0.4, "Platelets": 0.55, ...}``: the model
         runs at the lowest, then each box must reach its own group's). Fields are stain-normalised first when
-        the card carries a reference (``self.stain``).
+        the card carries a reference (``self.stain``). ``measure_conf``: with ``scale="auto"``, only RBC boxes
+        scored at least this give the image's RBC size (default: the lowest threshold the model runs at), so a
+        caller that asks for low-scored boxes of one group does not move the scale of every other.
         """
         mapped: list[str | None] = [None] * len(images_rgb)
         if self.stain is not None:
@@ -305,18 +323,18 @@ class Detector:
         if isinstance(conf, Mapping):
             thresholds = {g: float(conf.get(g, self.cfg.conf)) for g in GROUPS}
             found = [keep_above(d, thresholds)
-                     for d in self._predict(images_rgb, min(thresholds.values()), iou=iou, scale=scale)]
+                     for d in self._predict(images_rgb, min(thresholds.values()), iou, scale, measure_conf)]
         else:
-            found = self._predict(images_rgb, conf, iou, scale)
+            found = self._predict(images_rgb, conf, iou, scale, measure_conf)
         for det, lab in zip(found, mapped):
             det.stain_mapped_to = lab
         return found
 
     def _predict(self, images_rgb: Sequence[np.ndarray], conf: float | None, iou: float | None,
-                 scale: float | str) -> list[Detections]:
+                 scale: float | str, measure_conf: float | None = None) -> list[Detections]:
         """:meth:`predict` on fields already normalised, at one minimum score."""
         if scale == "auto":
-            return self._predict_auto_scale(images_rgb, conf, iou)
+            return self._predict_auto_scale(images_rgb, conf, iou, measure_conf)
         import cv2
 
         conf = self.cfg.conf if conf is None else conf
@@ -370,7 +388,7 @@ class Detector:
         return self.predict(images_rgb, conf, iou, scale="auto")
 
     def _predict_auto_scale(self, images_rgb: Sequence[np.ndarray], conf: float | None = None,
-                            iou: float | None = None) -> list[Detections]:
+                            iou: float | None = None, measure_conf: float | None = None) -> list[Detections]:
         """Detect each image at the scale where its RBCs match the training fields' RBC size.
 
         Each image is first detected as it is (a large one shrunk to one tile, so the pass stays cheap);
@@ -381,6 +399,12 @@ class Detector:
         """
         conf = self.cfg.conf if conf is None else conf
         target = self.training_rbc_diameter_px
+
+        def rbc_size(det: Detections, size: tuple[int, int]) -> float | None:
+            if measure_conf is not None and measure_conf > conf and len(det):
+                det = det.subset(det.scores >= measure_conf)
+            return median_rbc_side(det, size)
+
         out: list[Detections | None] = [None] * len(images_rgb)
         first: dict[int, float] = {}
         for i, img in enumerate(images_rgb):
@@ -391,10 +415,10 @@ class Detector:
         for i, img in enumerate(images_rgb):
             size = (img.shape[1], img.shape[0])
             first_pass = found[i] if i in found else self._predict([img], conf, iou, scale=first[i])[0]
-            measured = median_rbc_side(first_pass, size)
+            measured = rbc_size(first_pass, size)
             probes = [k for k in AUTO_SCALE_PROBES if k != first[i]]
             while measured is None and probes:  # too few RBCs: try cells of another size
-                measured = median_rbc_side(self._predict([img], conf, iou, scale=probes.pop(0) * first[i])[0], size)
+                measured = rbc_size(self._predict([img], conf, iou, scale=probes.pop(0) * first[i])[0], size)
             if measured is None:
                 first_pass.warning = (f"no scale between x{min(AUTO_SCALE_PROBES) * first[i]:g} and "
                                       f"x{max(AUTO_SCALE_PROBES) * first[i]:g} found RBCs to measure; detected as it "

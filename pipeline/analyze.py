@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # batch (benchmarks/memory_batch.py). Chunks of 32 leave at most 32 shapes per model, so memory
 # levels off once they are cached; as fast here, and the records identical (200 BCCD fields).
 CLASSIFIER_BATCH = 32
+# the lowest detector score of a WBC box the classifier may keep (wbc_rescue)
+RESCUE_MIN_SCORE = 0.02
 
 
 class SlideAggregator:
@@ -281,6 +283,17 @@ class Analyzer(SlideAggregator):
                 review=review))
         return cells
 
+    def rescued(self, cand, probs: np.ndarray) -> list[Cell]:
+        """The WBC candidates under the detector's threshold that the classifier gives at least ``wbc_rescue`` WBC
+        probability, as cells marked for review."""
+        wbc = probs[:, self._group_index["WBC"]].sum(1)
+        keep = np.flatnonzero(wbc >= self.cfg.wbc_rescue)
+        cells = self.merge(cand.boxes[keep], cand.scores[keep], cand.classes[keep], probs[keep])
+        for c in cells:
+            c.review = True
+            c.detector["below_threshold"] = True
+        return cells
+
     def _finish(self, result: ImageResult) -> ImageResult:
         counts = count_cells(result.cells)
         result.counts = counts
@@ -297,9 +310,17 @@ class Analyzer(SlideAggregator):
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
         from smear.classifier.predict import classify_fields
-        from smear.detector.predict import drop_edge_fragments
+        from smear.detector.predict import Detections, drop_edge_fragments, low_wbc_candidates
 
-        dets = self.detector.predict(list(images), conf=self.cfg.thresholds(), iou=self.cfg.iou, scale=self.scale)
+        thresholds = self.cfg.thresholds()
+        rescue = self.cfg.wbc_rescue > 0 and thresholds["WBC"] > RESCUE_MIN_SCORE
+        run_at = {**thresholds, "WBC": RESCUE_MIN_SCORE} if rescue else thresholds
+        dets = self.detector.predict(list(images), conf=run_at, iou=self.cfg.iou, scale=self.scale,
+                                     measure_conf=min(thresholds.values()) if rescue else None)
+        candidates = [Detections.empty()] * len(dets)
+        if rescue:  # WBC boxes under the threshold wait for the classifier; everything else is as without
+            split = [low_wbc_candidates(d, thresholds["WBC"]) for d in dets]
+            dets, candidates = [k for k, _ in split], [c for _, c in split]
         coverage = [rbc_coverage(img, d.boxes, d.classes) for d, img in zip(dets, images)]
         for d, name in zip(dets, names):
             if d.warning:
@@ -307,10 +328,13 @@ class Analyzer(SlideAggregator):
         dets = [drop_edge_fragments(d, (img.shape[1], img.shape[0]), self.cfg.edge_fragment_min)
                 for d, img in zip(dets, images)]
         # The crops of all images in the batch go to the classifier together: far fewer small forward calls.
-        probs = classify_fields(self.classifier, images, [d.boxes for d in dets], batch=CLASSIFIER_BATCH)
+        probs = classify_fields(self.classifier, images, [np.concatenate([d.boxes, c.boxes]) for d, c in
+                                                          zip(dets, candidates)], batch=CLASSIFIER_BATCH)
         out = []
-        for img, name, det, pr, cov in zip(images, names, dets, probs, coverage):
-            cells = self.merge(det.boxes, det.scores, det.classes, pr)
+        for img, name, det, cand, pr, cov in zip(images, names, dets, candidates, probs, coverage):
+            cells = self.merge(det.boxes, det.scores, det.classes, pr[:len(det)])
+            if len(cand):
+                cells += self.rescued(cand, pr[len(det):])
             if self.morphology is not None and self._morphology_domain(cells)["in_domain"]:
                 self.morphology.annotate(img, cells, self.cfg.pixel_size_um or None)
             out.append(self._finish(ImageResult(

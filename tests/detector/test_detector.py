@@ -251,3 +251,32 @@ def test_filtering_keeps_the_scale_an_image_was_detected_at():
                    scale=0.25, rbc_diameter_px=200.0, warning="w")
     for out in (drop_edge_fragments(d, (640, 480), 0.5), keep_above(d, {"RBC": 0.5})):
         assert len(out) == 3 and (out.scale, out.rbc_diameter_px, out.warning) == (0.25, 200.0, "w")
+
+
+def test_auto_scale_measures_rbcs_on_the_boxes_scored_at_least_measure_conf():
+    """A caller that runs the detector low for one group (wbc_rescue) must not move every field's scale: faint RBC
+    boxes under ``measure_conf`` do not count towards the field's RBC size."""
+    from types import SimpleNamespace
+
+    from smear.detector.config import DetectorConfig
+    from smear.detector.predict import Detections, Detector
+
+    det = Detector.__new__(Detector)
+    det.cfg = DetectorConfig()
+    det.info = SimpleNamespace(card={"rbc_median_diameter_px": 100.0})
+    strong = [[100 + 60 * i, 100, 150 + 60 * i, 150] for i in range(5)]  # side 50, scored 0.9
+    faint = [[50 + 60 * i, 400, 250 + 60 * i, 600] for i in range(8)]  # side 200, scored 0.05
+    asked = []
+
+    def fake_predict(images, conf, iou, scale, measure_conf=None):
+        asked.append(scale)
+        boxes = np.array(strong + faint, np.float32)
+        return [Detections(boxes, np.array([0.9] * 5 + [0.05] * 8, np.float32), np.zeros(13, np.int64))]
+
+    det._predict = fake_predict
+    img = np.zeros((800, 800, 3), np.uint8)
+    (found,) = det._predict_auto_scale([img], conf=0.02, iou=0.5, measure_conf=0.3)
+    assert found.rbc_diameter_px == 50.0 and asked == [1.0, 2.0]
+    asked.clear()
+    (found,) = det._predict_auto_scale([img], conf=0.02, iou=0.5)  # every box measured: the faint ones win
+    assert found.rbc_diameter_px == 200.0 and asked == [1.0, 0.5]

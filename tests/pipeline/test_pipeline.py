@@ -110,6 +110,71 @@ def test_merge_many_cells_and_empty():
     assert a.merge(np.zeros((0, 4)), np.zeros(0), np.zeros(0), np.zeros((0, len(CELL_CLASSES)))) == []
 
 
+class _FixedDetector:
+    """Stand-in detector: the same boxes whatever the image; ``predict`` keeps those its thresholds let through and
+    records what it was asked."""
+
+    def __init__(self, boxes, scores, classes):
+        from smear.detector.predict import Detections
+
+        self.found = Detections(np.array(boxes, np.float32), np.array(scores, np.float32), np.array(classes))
+        self.calls = []
+
+    def predict(self, images, conf, iou=None, scale=1.0, measure_conf=None):
+        from smear.detector.predict import keep_above
+
+        self.calls.append((dict(conf), measure_conf))
+        return [keep_above(self.found, conf) for _ in images]
+
+
+def _rescuer(monkeypatch, wbc_rescue: float, wbc_prob: dict[int, float]):
+    """A merger with a stand-in detector (an RBC at 0.9, a WBC at 0.5, WBC boxes at 0.1 alone and at 0.1 on the RBC,
+    a WBC at 0.01) and a classifier giving box ``k`` the WBC probability ``wbc_prob[k]`` (else RBC)."""
+    from smear.classifier import predict
+
+    a = merger(wbc_rescue=wbc_rescue, class_conf=["RBC=0.4", "WBC=0.3", "Platelets=0.4"])
+    W = GROUPS.index("WBC")
+    boxes = [[0, 0, 20, 20], [40, 40, 90, 90], [100, 0, 160, 60], [1, 1, 21, 21], [0, 100, 50, 150]]
+    a.detector = _FixedDetector(boxes, [0.9, 0.5, 0.1, 0.1, 0.01], [GROUPS.index("RBC"), W, W, W, W])
+    a.scale = 1.0
+    seen = []
+
+    def fake_classify(model, images, boxes, batch=256):
+        seen.append([b.tolist() for b in boxes[0]])
+        rows = [probs(Lymphocyte=wbc_prob[k], RBC=1 - wbc_prob[k]) if k in wbc_prob else probs(RBC=1.0)
+                for k in (boxes_index(bx) for bx in boxes[0])]
+        return [np.stack(rows)]
+
+    def boxes_index(bx):
+        return next(k for k, b in enumerate(boxes) if list(map(float, b)) == list(map(float, bx)))
+
+    monkeypatch.setattr(predict, "classify_fields", fake_classify)
+    return a, seen
+
+
+def test_wbc_rescue_keeps_a_low_scored_wbc_box_the_classifier_is_sure_of(monkeypatch):
+    a, seen = _rescuer(monkeypatch, 0.9, {1: 0.99, 2: 0.95, 3: 0.99})
+    (res,) = a.analyze_arrays([np.full((200, 200, 3), 200, np.uint8)], ["f.png"])
+    # the detector ran down to the rescue floor, but measured the field's scale on the boxes it would have kept anyway
+    assert a.detector.calls == [({"RBC": 0.4, "WBC": 0.02, "Platelets": 0.4}, 0.3)]
+    # the box on the kept RBC never reaches the classifier; the one under the floor is never found
+    assert seen == [[[0, 0, 20, 20], [40, 40, 90, 90], [100, 0, 160, 60]]]
+    rescued = [c for c in res.cells if c.detector.get("below_threshold")]
+    assert [c.box for c in rescued] == [[100.0, 0.0, 160.0, 60.0]]
+    assert rescued[0].group == "WBC" and rescued[0].review and rescued[0].detector["score"] == pytest.approx(0.1)
+    assert res.counts["WBC"] == 2 and res.counts["RBC"] == 1
+
+
+def test_wbc_rescue_leaves_a_box_the_classifier_doubts_and_is_off_by_default(monkeypatch):
+    a, seen = _rescuer(monkeypatch, 0.9, {1: 0.99, 2: 0.8})
+    (res,) = a.analyze_arrays([np.full((200, 200, 3), 200, np.uint8)], ["f.png"])
+    assert res.counts["WBC"] == 1 and not any(c.detector.get("below_threshold") for c in res.cells)
+    off, seen = _rescuer(monkeypatch, 0.0, {1: 0.99, 2: 0.99})
+    (res,) = off.analyze_arrays([np.full((200, 200, 3), 200, np.uint8)], ["f.png"])
+    assert off.detector.calls == [({"RBC": 0.4, "WBC": 0.3, "Platelets": 0.4}, None)]
+    assert seen == [[[0, 0, 20, 20], [40, 40, 90, 90]]] and res.counts["WBC"] == 1
+
+
 # ---------------------------------------------------------------- end to end (tiny untrained models)
 
 @pytest.fixture(scope="module")
