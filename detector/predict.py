@@ -124,15 +124,20 @@ def keep_above(det: Detections, thresholds: Mapping[str, float]) -> Detections:
 def low_wbc_candidates(det: Detections, wbc_threshold: float,
                        max_overlap: float = 0.3) -> tuple[Detections, Detections]:
     """``det`` (found at a lower WBC score) split into the boxes that reach their thresholds and the WBC boxes under
-    ``wbc_threshold`` that overlap no kept box by ``max_overlap`` IoU or more: a second opinion (the classifier's)
-    decides those. Boxes of the other groups are as ``det`` gave them."""
-    from smear.data.boxes import iou_matrix
-
+    ``wbc_threshold`` that no kept box covers by ``max_overlap`` or more of the candidate's own area (a part of a kept
+    cell is no cell of its own): a second opinion (the classifier's) decides those. Boxes of the other groups are as
+    ``det`` gave them."""
     low = (det.classes == GROUPS.index("WBC")) & (det.scores < wbc_threshold)
     if not low.any():
         return det, det.subset(low)
     kept, cand = det.subset(~low), det.subset(low)
-    clear = iou_matrix(cand.boxes, kept.boxes).max(1, initial=0.0) < max_overlap
+    if not len(kept):
+        return kept, cand
+    a, b = cand.boxes[:, None, :], kept.boxes[None, :, :]
+    inter = (np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+             * np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None))
+    area = np.clip((cand.boxes[:, 2] - cand.boxes[:, 0]) * (cand.boxes[:, 3] - cand.boxes[:, 1]), 1e-6, None)
+    clear = (inter / area[:, None]).max(1) < max_overlap
     return kept, cand.subset(clear)
 
 

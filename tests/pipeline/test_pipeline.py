@@ -128,14 +128,16 @@ class _FixedDetector:
 
 
 def _rescuer(monkeypatch, wbc_rescue: float, wbc_prob: dict[int, float]):
-    """A merger with a stand-in detector (an RBC at 0.9, a WBC at 0.5, WBC boxes at 0.1 alone and at 0.1 on the RBC,
-    a WBC at 0.01) and a classifier giving box ``k`` the WBC probability ``wbc_prob[k]`` (else RBC)."""
+    """A merger with a stand-in detector (an RBC at 0.9, a WBC at 0.5, WBC boxes at 0.1 alone, at 0.1 on the RBC and
+    at 0.1 wholly inside the kept WBC, a WBC at 0.01) and a classifier giving box ``k`` the WBC probability
+    ``wbc_prob[k]`` (else RBC)."""
     from smear.classifier import predict
 
     a = merger(wbc_rescue=wbc_rescue, class_conf=["RBC=0.4", "WBC=0.3", "Platelets=0.4"])
     W = GROUPS.index("WBC")
-    boxes = [[0, 0, 20, 20], [40, 40, 90, 90], [100, 0, 160, 60], [1, 1, 21, 21], [0, 100, 50, 150]]
-    a.detector = _FixedDetector(boxes, [0.9, 0.5, 0.1, 0.1, 0.01], [GROUPS.index("RBC"), W, W, W, W])
+    boxes = [[0, 0, 20, 20], [40, 40, 90, 90], [100, 0, 160, 60], [1, 1, 21, 21], [0, 100, 50, 150],
+             [45, 45, 65, 65]]  # the last: IoU 0.16 with the kept WBC, but all of it inside
+    a.detector = _FixedDetector(boxes, [0.9, 0.5, 0.1, 0.1, 0.01, 0.1], [GROUPS.index("RBC"), W, W, W, W, W])
     a.scale = 1.0
     seen = []
 
@@ -153,11 +155,12 @@ def _rescuer(monkeypatch, wbc_rescue: float, wbc_prob: dict[int, float]):
 
 
 def test_wbc_rescue_keeps_a_low_scored_wbc_box_the_classifier_is_sure_of(monkeypatch):
-    a, seen = _rescuer(monkeypatch, 0.9, {1: 0.99, 2: 0.95, 3: 0.99})
+    a, seen = _rescuer(monkeypatch, 0.9, {1: 0.99, 2: 0.95, 3: 0.99, 5: 0.99})
     (res,) = a.analyze_arrays([np.full((200, 200, 3), 200, np.uint8)], ["f.png"])
     # the detector ran down to the rescue floor, but measured the field's scale on the boxes it would have kept anyway
     assert a.detector.calls == [({"RBC": 0.4, "WBC": 0.02, "Platelets": 0.4}, 0.3)]
-    # the box on the kept RBC never reaches the classifier; the one under the floor is never found
+    # the boxes on the kept RBC and inside the kept WBC never reach the classifier; the one under the floor is
+    # never found
     assert seen == [[[0, 0, 20, 20], [40, 40, 90, 90], [100, 0, 160, 60]]]
     rescued = [c for c in res.cells if c.detector.get("below_threshold")]
     assert [c.box for c in rescued] == [[100.0, 0.0, 160.0, 60.0]]
