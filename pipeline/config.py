@@ -57,9 +57,10 @@ class PipelineConfig:
                                     "(docs/models.md)")
     pixel_size_um: float = param(0.0, "micrometres per pixel of the inputs; 0 if unknown (sizes then in px)", range=(0.0, 100.0))
     group_override_prob: float = param(0.9, "classifier group probability that overrides the detector's group", range=(0.5, 1.0))
-    wbc_rescue: float = param(0.0, "a WBC box the detector scores under its WBC threshold (down to 0.02) and that "
-                                   "overlaps no kept box is kept when the classifier gives it at least this WBC "
-                                   "probability, marked for review (detector.below_threshold); 0: off",
+    wbc_rescue: float = param(0.9, "a WBC box the detector scores under its WBC threshold (down to 0.02) and that "
+                                   "no kept box covers by 30% of its area is kept when the classifier gives it at "
+                                   "least this WBC probability, marked for review (detector.below_threshold); 0: off "
+                                   "(measured 2026-12-02: Raabin's large pale WBCs, docs/models.md)",
                               range=(0.0, 1.0))
     review_prob: float = param(0.5, "classifier probability for another group that marks a cell for review", range=(0.0, 1.0))
     subtype_views: int = param(0, "test-time augmentation of the WBC subtype call: the mean over 1, 2, 4 or 8 "

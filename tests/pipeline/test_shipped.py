@@ -41,11 +41,15 @@ def test_the_multi_lab_classifier_is_selectable_by_name_and_names_the_new_classe
     from smear.pipeline.analyze import Analyzer
     from smear.pipeline.config import PipelineConfig
 
-    model = load_classifier("multilab-mnv2-128")
-    assert {"ImmatureGranulocyte", "Erythroblast"} <= set(model.classes) and model.refiner is model.subtyper is None
-    card = model.card
-    assert "CC BY 4.0" in card["data_sources"]["pbc"] and card["test_by_lab"]["results"]
-    r = Analyzer(PipelineConfig(classifier_weights="multilab-mnv2-128", morphology_weights="none")).analyze_images(
+    model = load_classifier("multilab-mnv2-48")
+    assert {"ImmatureGranulocyte", "Erythroblast"} <= set(model.classes)
+    # the three-stage cascade: 48 px on every crop, the 128 px model on possible WBCs, the 192 px subtype stage
+    assert (model.refiner.folder.name, model.subtyper.folder.name) == ("multilab-mnv2-128", "multilab-subtypes-192")
+    assert model.subtyper.crop_size_px == 192 and "ImmatureGranulocyte" in model.subtyper.classes
+    for card in (model.card, model.refiner.card):
+        assert "CC BY 4.0" in card["data_sources"]["pbc"] and card["test_by_lab"]["results"]
+    assert load_classifier("multilab-mnv2-128").subtyper.folder.name == "multilab-subtypes-192"
+    r = Analyzer(PipelineConfig(classifier_weights="multilab-mnv2-48", morphology_weights="none")).analyze_images(
         [SAMPLES / "BloodImage_00007.jpg"])[0]
     wbc = max((c for c in r.cells if c.group == "WBC"), key=lambda c: c.score)
     assert wbc.label == "Neutrophil" and "Erythroblast" in r.counts
