@@ -4,7 +4,7 @@ FastAPI (optional extra ``smear[review]``). The API (``docs/review.md``):
 
 - ``GET /api/slides``: each slide's ``slide`` (name), ``status`` (new, in review, signed off), counts of cells;
 - ``GET /api/slides/{slide}/cells``: each cell's ``id``, image, box, group, label, score, ``review``,
-  ``corrected_label``;
+  ``below_threshold`` (a WBC kept on the classifier's word, ``wbc_rescue``), ``corrected_label``;
 - ``GET /api/slides/{slide}/summary``: counts, differential and flags from the corrected calls;
 - ``POST /api/cells/{id}`` ``{"label": "Lymphocyte"}`` (or ``{"label": null}``: accept the call): 200, the cell;
   an unknown label: 422; a signed-off slide: 409;
@@ -109,7 +109,7 @@ def create_app(out: Path, token: str | None = None):
     def cells(slide: str):
         slide_or_404(slide)
         return [{k: c[k] for k in ("id", "field", "image", "box", "group", "label", "score", "score_in_group",
-                                   "review", "corrected_label", "accepted", "final_label")}
+                                   "review", "below_threshold", "corrected_label", "accepted", "final_label")}
                 for c in store.cells(slide)]
 
     @app.get("/api/slides/{slide}/summary")

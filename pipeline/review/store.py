@@ -151,6 +151,8 @@ class ReviewStore:
         return {"id": r["id"], "field": r["field"], "image": Path(r["image"]).name, "box": [r["x1"], r["y1"], r["x2"],
                 r["y2"]], "group": r["grp"], "label": r["label"], "score": r["score"],
                 "score_in_group": r["score_in_group"], "review": bool(r["review"]),
+                # kept on the classifier's word though the detector scored it under its threshold (wbc_rescue)
+                "below_threshold": bool((json.loads(r["record"]).get("detector") or {}).get("below_threshold")),
                 "corrected_label": r["corrected_label"], "accepted": bool(r["accepted"]),
                 "final_label": r["corrected_label"] or r["label"], "file": r["file"], "overlay": r["overlay"]}
 

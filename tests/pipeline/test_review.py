@@ -76,6 +76,23 @@ def test_slides_cells_and_a_correction_change_the_differential(out):
     assert client.get("/api/slides").json()[0]["corrected"] == 1
 
 
+def test_a_wbc_kept_under_the_detectors_threshold_says_so(tmp_path):
+    from smear.pipeline.report import ResultWriter
+
+    out = tmp_path / "out"
+    writer = ResultWriter(out, run_info={"config": {"capture_mode": "wbc-centred"}}, fields=True)
+    img, boxes = draw_field(seed=0)
+    cells = [_cell("Neutrophil" if lab == "WBC" else lab, b) for lab, b in boxes]
+    rescued = _cell("Lymphocyte", [300, 300, 400, 400])
+    rescued.review, rescued.detector = True, {"label": "WBC", "score": 0.08, "below_threshold": True}
+    writer.add(ImageResult(image=str(tmp_path / "f.png"), width=640, height=480, cells=cells + [rescued],
+                           slide="slideA", rbc_coverage=0.9), img)
+    writer.close()
+    got = TestClient(create_app(out)).get("/api/slides/slideA/cells").json()
+    assert [c["label"] for c in got if c["below_threshold"]] == ["Lymphocyte"]
+    assert next(c for c in got if c["below_threshold"])["review"] and len(got) == len(cells) + 1
+
+
 def test_unknown_label_is_422_and_unknown_things_404(out):
     client = TestClient(create_app(out))
     cell = client.get("/api/slides/slideA/cells").json()[0]

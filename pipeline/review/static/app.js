@@ -74,7 +74,8 @@ function select(i) {
   const c = order[sel], t = $("cell-" + c.id);
   t.classList.add("sel"); t.scrollIntoView({block: "nearest"});
   $("current").textContent = `cell ${c.id} in ${c.image}: ${c.final_label}, group ${c.group}, score ${c.score}` +
-    (c.review ? " (the two stages disagree)" : "");
+    (c.below_threshold ? " (the detector scored it under its threshold; the classifier is sure it is a WBC)"
+      : c.review ? " (the two stages disagree)" : "");
   if (!$("field-view").hidden) showField();
 }
 
