@@ -121,8 +121,12 @@ def keep_above(det: Detections, thresholds: Mapping[str, float]) -> Detections:
     return det.subset(keep)
 
 
+# wbc_rescue: a low-scored WBC box a kept box covers this much of (its own area) is a part of that cell
+RESCUE_MAX_COVER = 0.3
+
+
 def low_wbc_candidates(det: Detections, wbc_threshold: float,
-                       max_overlap: float = 0.3) -> tuple[Detections, Detections]:
+                       max_overlap: float = RESCUE_MAX_COVER) -> tuple[Detections, Detections]:
     """``det`` (found at a lower WBC score) split into the boxes that reach their thresholds and the WBC boxes under
     ``wbc_threshold`` that no kept box covers by ``max_overlap`` or more of the candidate's own area (a part of a kept
     cell is no cell of its own): a second opinion (the classifier's) decides those. Boxes of the other groups are as
@@ -131,14 +135,20 @@ def low_wbc_candidates(det: Detections, wbc_threshold: float,
     if not low.any():
         return det, det.subset(low)
     kept, cand = det.subset(~low), det.subset(low)
-    if not len(kept):
-        return kept, cand
-    a, b = cand.boxes[:, None, :], kept.boxes[None, :, :]
+    return kept, cand.subset(covered_share(cand.boxes, kept.boxes) < max_overlap)
+
+
+def covered_share(boxes: np.ndarray, by: np.ndarray) -> np.ndarray:
+    """For each xyxy box of ``boxes``, the largest share of its own area that one box of ``by`` covers (0 if none)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    by = np.asarray(by, np.float64).reshape(-1, 4)
+    if not len(boxes) or not len(by):
+        return np.zeros(len(boxes))
+    a, b = boxes[:, None, :], by[None, :, :]
     inter = (np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
              * np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None))
-    area = np.clip((cand.boxes[:, 2] - cand.boxes[:, 0]) * (cand.boxes[:, 3] - cand.boxes[:, 1]), 1e-6, None)
-    clear = (inter / area[:, None]).max(1) < max_overlap
-    return kept, cand.subset(clear)
+    area = np.clip((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-6, None)
+    return (inter / area[:, None]).max(1)
 
 
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:

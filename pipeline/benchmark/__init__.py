@@ -20,7 +20,9 @@ Tables first, summaries from the tables (house style, rule 11):
 
 Filtering the low-threshold run by detector score gives exactly what ``smear analyze`` returns
 at the operating threshold: greedy NMS only lets a higher-scoring box suppress a lower one, so
-the surviving boxes above any threshold do not depend on the threshold the detector ran at.
+the surviving boxes above any threshold do not depend on the threshold the detector ran at. The WBCs
+``smear analyze`` keeps under the threshold on the classifier's word (``wbc_rescue``) are kept the same
+way (``run.rescued_too``), up to the records' rounding of the classifier's probability.
 
 Modules: ``tables`` (columns, rows, CSV in and out), ``matching`` (greedy matching of predictions to truth),
 ``metrics`` (AP, cell and image figures), ``summary`` (the summary from the tables, ``summary.md``, printed

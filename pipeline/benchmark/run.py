@@ -72,6 +72,30 @@ def load_ground_truth(data: Path | None, split: str,
     return source, images
 
 
+def rescued_too(cells: Sequence, keep: list[bool], thresholds: dict[str, float], wbc_rescue: float) -> list[bool]:
+    """``keep`` with the cells ``smear analyze`` would also keep through ``wbc_rescue``: WBC candidates scored between
+    the rescue floor and the WBC threshold, covered by no kept box for 30% of their area, that the classifier put in
+    the WBC group with at least ``wbc_rescue`` (``score / detector score``, to the records' 4 decimals)."""
+    import numpy as np
+
+    from smear.detector.predict import RESCUE_MAX_COVER, covered_share
+
+    from ..analyze import RESCUE_MIN_SCORE
+
+    if wbc_rescue <= 0 or thresholds.get("WBC", 0.0) <= RESCUE_MIN_SCORE:
+        return keep
+    cand = [i for i, (c, k) in enumerate(zip(cells, keep)) if not k and c.detector["label"] == "WBC"
+            and float(c.detector["score"]) >= RESCUE_MIN_SCORE]
+    kept_boxes = np.array([c.box for c, k in zip(cells, keep) if k], np.float64).reshape(-1, 4)
+    share = covered_share(np.array([cells[i].box for i in cand], np.float64).reshape(-1, 4), kept_boxes)
+    out = list(keep)
+    for i, sh in zip(cand, share):
+        c = cells[i]
+        if sh < RESCUE_MAX_COVER and c.group == "WBC" and c.score >= wbc_rescue * float(c.detector["score"]) - 1e-4:
+            out[i] = True
+    return out
+
+
 def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cfg: PipelineConfig | None = None,
                   data_cfg: DataConfig | None = None) -> str:
     """Score detector and pipeline on a labelled split; write tables, summary and plots to ``output``.
@@ -119,7 +143,7 @@ def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cf
             log.warning("%s: %s (image left out of the benchmark)", ai.image_id, res.error)
             image_rows.append({"image": ai.image_id, "error": res.error})
             continue
-        keep = [operating(c, thresholds) for c in res.cells]
+        keep = rescued_too(res.cells, [operating(c, thresholds) for c in res.cells], thresholds, cfg.wbc_rescue)
         kept = [c for c, k in zip(res.cells, keep) if k]
         rows = match_image_cells(ai.image_id, [(b.xyxy, b.label) for b in ai.boxes], kept)
         cell_rows.extend(rows)

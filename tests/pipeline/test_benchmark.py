@@ -419,3 +419,28 @@ def test_a_wbc_boxed_as_a_platelet_leaves_the_image_out_of_both_audited_counts(t
     assert err["BloodImage_00010"] >= 1  # the "platelet" the analyzer rightly did not find
     assert s["audited"]["Platelets"]["count_MAE"] == pytest.approx(err.drop("BloodImage_00010").mean(), abs=1e-4)
     assert "Platelets, audited labels" in text
+
+
+def test_the_benchmark_keeps_the_wbcs_analyze_keeps_on_the_classifiers_word():
+    """A WBC candidate under the threshold is kept as 'smear analyze' keeps it (wbc_rescue): in the WBC group with
+    >= wbc_rescue of the classifier's probability, scored >= 0.02, covered by no kept box for 30% of its area."""
+    from smear.pipeline.benchmark.run import rescued_too
+    from smear.pipeline.benchmark.tables import operating
+
+    th = {"RBC": 0.4, "WBC": 0.3, "Platelets": 0.4}
+
+    def scored(box, det_score, group, p):
+        c = cell(box, "WBC", group, det_score=det_score)
+        c.score = round(det_score * p, 4)
+        return c
+
+    cells = [cell([0, 0, 100, 100], "WBC", "WBC"),  # kept at its score
+             scored([200, 0, 300, 100], 0.1, "WBC", 0.95),  # rescued
+             scored([10, 10, 50, 50], 0.1, "WBC", 0.99),  # inside the kept WBC: a part of it
+             scored([400, 0, 500, 100], 0.1, "WBC", 0.8),  # the classifier is not sure enough
+             scored([0, 200, 100, 300], 0.01, "WBC", 0.99),  # under the rescue floor
+             scored([200, 200, 300, 300], 0.1, "RBC", 0.95)]  # the classifier calls it an RBC
+    keep = [operating(c, th) for c in cells]
+    assert keep == [True] + [False] * 5
+    assert rescued_too(cells, keep, th, 0.9) == [True, True, False, False, False, False]
+    assert rescued_too(cells, keep, th, 0.0) == keep
