@@ -31,6 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, model_name, results_csv, run_stamp
 
+from smear.classifier.config import SUBTYPE_VIEWS
+
 MANIFESTS = "runs/prepared/bccd/crops/manifest.csv,runs/prepared/pbc/manifest.csv"
 #: classes with fewer cells than this are left out of the second balanced accuracy printed
 MIN_SUPPORT = 5
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
                     help="map each scored field onto the colours of the nearest of these labs (Reinhard in L*a*b*, "
                          "smear.detector.stain; the reference from their train fields), e.g. the labs the model "
                          "trained on, to measure stain normalisation before classification")
-    ap.add_argument("--subtype-views", type=int, nargs="+", default=[0], metavar="N", choices=(0, 1, 2, 4, 8),
+    ap.add_argument("--subtype-views", type=int, nargs="+", default=[0], metavar="N", choices=(0, *SUBTYPE_VIEWS),
                     help="score every model with each of these subtype_views (test-time augmentation of the subtype "
                          "call: 1, 2, 4 or 8 rotations and reflections; 0: the card's choice); a run with N > 1 is "
                          "named +viewsN")

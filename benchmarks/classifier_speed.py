@@ -23,6 +23,8 @@ import time
 
 from _results import append_rows, model_name, results_csv
 
+from smear.classifier.config import SUBTYPE_VIEWS
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +33,7 @@ def main() -> None:
     ap.add_argument("--cascade", action="store_true", help="time the shipped cascade on real detections")
     ap.add_argument("--data", default="../shared/data/bccd")
     ap.add_argument("--weights", default=None, help="with --cascade: classifier folder to time (default: shipped)")
-    ap.add_argument("--subtype-views", type=int, default=0, choices=(0, 1, 2, 4, 8), help="with --cascade: test-time augmentation of the "
+    ap.add_argument("--subtype-views", type=int, default=0, choices=(0, *SUBTYPE_VIEWS), help="with --cascade: test-time augmentation of the "
                     "subtype call (1, 2, 4 or 8 views; 0: the card's choice); variant +viewsN when N > 1")
     ap.add_argument("--variant", default=None, help="name of this run in the table (default: backbone-grid; "
                     "cascade, or cascade-<weights folder name>, with --cascade)")

@@ -9,6 +9,10 @@ from typing import Any, Mapping
 from smear.configs.errors import ConfigError
 from smear.configs.loader import load_config, param
 
+# How many rotations and reflections of a likely WBC's crop its subtype call may average over (test-time
+# augmentation, ``subtype_views``); here, not beside the networks, so that configs and scripts read it without torch.
+SUBTYPE_VIEWS = (1, 2, 4, 8)
+
 BACKBONES = ("resnet50", "efficientnet_lite0", "mobilenet_v2")
 
 

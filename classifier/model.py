@@ -15,6 +15,8 @@ from torch import nn
 
 from smear.configs.errors import ModelNotFoundError, SmearError
 
+from .config import SUBTYPE_VIEWS
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -326,9 +328,6 @@ def load_runtime_network(folder: Path, card: dict, device: str = "cpu", runtime:
         log.debug("%s: runs on torch: %s", folder, why)
         return load_network(folder, card, device), why
     return load_network(folder, card, device), None
-
-
-SUBTYPE_VIEWS = (1, 2, 4, 8)
 
 
 def check_subtype_views(views: Any, where: str | Path) -> int:

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from smear.configs.errors import ConfigError
 from smear.configs.loader import param
 from smear.data.taxonomy import GROUPS, _canonical_label
+from smear.classifier.config import SUBTYPE_VIEWS
 from smear.detector.config import OPERATING_CONF
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class PipelineConfig:
     subtype_views: int = param(0, "test-time augmentation of the WBC subtype call: the mean over 1, 2, 4 or 8 "
                                   "rotations and reflections of each likely WBC's crop (group calls never change); "
                                   "0: the classifier card's choice (1 when it names none)",
-                               choices=(0, 1, 2, 4, 8))  # 0 and smear.classifier.model.SUBTYPE_VIEWS
+                               choices=(0, *SUBTYPE_VIEWS))
     low_confidence_wbc: float = param(0.5, "WBC subtype probability below which a WBC counts as unplaced", range=(0.0, 1.0))
     capture_mode: str = param("wbc-centred", "how fields were chosen; decides which flags apply "
                               "(wbc-centered is accepted for wbc-centred)",
