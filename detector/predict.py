@@ -121,21 +121,28 @@ def keep_above(det: Detections, thresholds: Mapping[str, float]) -> Detections:
     return det.subset(keep)
 
 
-# wbc_rescue: a low-scored WBC box a kept box covers this much of (its own area) is a part of that cell
+# wbc_rescue: the lowest detector score of a WBC box the classifier may keep, and the share of its own area a kept
+# box may cover (more, and it is a part of that cell)
+RESCUE_MIN_SCORE = 0.02
 RESCUE_MAX_COVER = 0.3
 
 
-def low_wbc_candidates(det: Detections, wbc_threshold: float,
-                       max_overlap: float = RESCUE_MAX_COVER) -> tuple[Detections, Detections]:
-    """``det`` (found at a lower WBC score) split into the boxes that reach their thresholds and the WBC boxes under
-    ``wbc_threshold`` that no kept box covers by ``max_overlap`` or more of the candidate's own area (a part of a kept
-    cell is no cell of its own): a second opinion (the classifier's) decides those. Boxes of the other groups are as
-    ``det`` gave them."""
-    low = (det.classes == GROUPS.index("WBC")) & (det.scores < wbc_threshold)
-    if not low.any():
-        return det, det.subset(low)
-    kept, cand = det.subset(~low), det.subset(low)
-    return kept, cand.subset(covered_share(cand.boxes, kept.boxes) < max_overlap)
+def low_wbc_mask(det: Detections, kept: np.ndarray, wbc_threshold: float) -> np.ndarray:
+    """The WBC boxes of ``det`` a second opinion (the classifier's) may keep although ``kept`` (a mask) leaves them:
+    scored from :data:`RESCUE_MIN_SCORE` up to ``wbc_threshold``, and covered by no kept box for
+    :data:`RESCUE_MAX_COVER` or more of their own area (a part of a kept cell is no cell of its own)."""
+    low = (~kept & (det.classes == GROUPS.index("WBC")) & (det.scores >= RESCUE_MIN_SCORE)
+           & (det.scores < wbc_threshold))
+    if low.any():
+        low[low] = covered_share(det.boxes[low], det.boxes[kept]) < RESCUE_MAX_COVER
+    return low
+
+
+def low_wbc_candidates(det: Detections, wbc_threshold: float) -> tuple[Detections, Detections]:
+    """``det`` (found down to a lower WBC score) split into the boxes that reach their thresholds and the WBC
+    candidates under ``wbc_threshold`` (:func:`low_wbc_mask`). Boxes of the other groups are as ``det`` gave them."""
+    kept = ~((det.classes == GROUPS.index("WBC")) & (det.scores < wbc_threshold))
+    return det.subset(kept), det.subset(low_wbc_mask(det, kept, wbc_threshold))
 
 
 def covered_share(boxes: np.ndarray, by: np.ndarray) -> np.ndarray:

@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 # batch (benchmarks/memory_batch.py). Chunks of 32 leave at most 32 shapes per model, so memory
 # levels off once they are cached; as fast here, and the records identical (200 BCCD fields).
 CLASSIFIER_BATCH = 32
-# the lowest detector score of a WBC box the classifier may keep (wbc_rescue)
-RESCUE_MIN_SCORE = 0.02
 
 
 class SlideAggregator:
@@ -310,7 +308,7 @@ class Analyzer(SlideAggregator):
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
         from smear.classifier.predict import classify_fields
-        from smear.detector.predict import Detections, drop_edge_fragments, low_wbc_candidates
+        from smear.detector.predict import RESCUE_MIN_SCORE, Detections, drop_edge_fragments, low_wbc_candidates
 
         thresholds = self.cfg.thresholds()
         rescue = self.cfg.wbc_rescue > 0 and thresholds["WBC"] > RESCUE_MIN_SCORE

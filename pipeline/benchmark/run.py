@@ -73,27 +73,22 @@ def load_ground_truth(data: Path | None, split: str,
 
 
 def rescued_too(cells: Sequence, keep: list[bool], thresholds: dict[str, float], wbc_rescue: float) -> list[bool]:
-    """``keep`` with the cells ``smear analyze`` would also keep through ``wbc_rescue``: WBC candidates scored between
-    the rescue floor and the WBC threshold, covered by no kept box for 30% of their area, that the classifier put in
-    the WBC group with at least ``wbc_rescue`` (``score / detector score``, to the records' 4 decimals)."""
+    """``keep`` with the cells ``smear analyze`` would also keep through ``wbc_rescue``: the WBC candidates of
+    :func:`smear.detector.predict.low_wbc_mask` that the classifier put in the WBC group with at least
+    ``wbc_rescue`` (``score / detector score``, to the records' 4 decimals)."""
     import numpy as np
 
-    from smear.detector.predict import RESCUE_MAX_COVER, covered_share
+    from smear.data.taxonomy import GROUPS
+    from smear.detector.predict import Detections, low_wbc_mask
 
-    from ..analyze import RESCUE_MIN_SCORE
-
-    if wbc_rescue <= 0 or thresholds.get("WBC", 0.0) <= RESCUE_MIN_SCORE:
+    if wbc_rescue <= 0 or not cells:
         return keep
-    cand = [i for i, (c, k) in enumerate(zip(cells, keep)) if not k and c.detector["label"] == "WBC"
-            and float(c.detector["score"]) >= RESCUE_MIN_SCORE]
-    kept_boxes = np.array([c.box for c, k in zip(cells, keep) if k], np.float64).reshape(-1, 4)
-    share = covered_share(np.array([cells[i].box for i in cand], np.float64).reshape(-1, 4), kept_boxes)
-    out = list(keep)
-    for i, sh in zip(cand, share):
-        c = cells[i]
-        if sh < RESCUE_MAX_COVER and c.group == "WBC" and c.score >= wbc_rescue * float(c.detector["score"]) - 1e-4:
-            out[i] = True
-    return out
+    det = Detections(np.array([c.box for c in cells], np.float32).reshape(-1, 4),
+                     np.array([c.detector["score"] for c in cells], np.float32),
+                     np.array([GROUPS.index(c.detector["label"]) for c in cells], np.int64))
+    cand = low_wbc_mask(det, np.array(keep, bool), thresholds.get("WBC", 0.0))
+    return [k or bool(m and c.group == "WBC" and c.score >= wbc_rescue * float(c.detector["score"]) - 1e-4)
+            for c, k, m in zip(cells, keep, cand)]
 
 
 def run_benchmark(data: Path | None, split: str, output: Path, analyzer=None, cfg: PipelineConfig | None = None,
