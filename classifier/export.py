@@ -63,10 +63,9 @@ def declare_cascade(folder: str | Path, subtyper: str | Path | None = None, refi
     import os
 
     from smear.configs.modelcard import ModelCard
+    from smear.data.taxonomy import GROUPS
 
     from .model import load_classifier
-
-    from smear.data.taxonomy import GROUPS
 
     folder = Path(folder)
     if not (folder / "card.json").is_file():
