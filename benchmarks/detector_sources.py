@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stain-norm", action="store_true",
                     help="map fields unlike the card's training labs onto the nearest lab's colours first "
                          "(as --set stain_norm=true does in smear analyze)")
+    ap.add_argument("--adapt-from", choices=("train", "val"),
+                    help="first re-estimate the model's batch-norm statistics on these fields of --sources (their "
+                         "labels unused, as 'smear detector adapt' does), then score the adapted model on --split")
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("detector_sources"))
     ap.add_argument("--write-card", action="store_true",
@@ -135,6 +138,19 @@ def main(argv=None) -> int:
         import smear.detector.predict as predict
 
         predict.AUTO_SCALE_TOLERANCE = args.auto_scale_tolerance
+    if args.adapt_from:
+        if args.adapt_from == args.split or args.split == "all":
+            ap.error(f"--adapt-from {args.adapt_from} with --split {args.split}: adapt on fields the score never sees")
+        from smear.detector.adapt import recalibrate_batchnorm
+
+        name = f"{args.variant or model_name(args.weights)}-adabn-{args.adapt_from}"
+        adapt_on = [f.image for f in list_fields(resolve_path(args.shared)) if f.split == args.adapt_from
+                    and f.source in args.sources]
+        args.weights = str(recalibrate_batchnorm(args.weights, (read_image(p) for p in adapt_on),
+                                                 resolve_path("runs/detector_sources") / name,
+                                                 scale=args.scale if args.scale == "auto" else float(args.scale),
+                                                 source=f"{'+'.join(args.sources)} {args.adapt_from} fields"))
+        args.variant = name
     det = Detector(args.weights, stain_norm=args.stain_norm)
     pipeline = PipelineConfig()
     thresholds = pipeline.thresholds(det.info.card)
