@@ -104,6 +104,22 @@ def write_cells(rows, model, folder: Path, image_transform=None) -> None:
         cv2.imwrite(str(d / f"{i:05d}.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
 
 
+def adabn_model(model, rows, seed: int):
+    """``model`` with its trained batch-norm statistics re-estimated on the crops of ``rows`` (a subtype stage: the
+    nucleated cells only, as the cascade hands it only likely WBCs)."""
+    import dataclasses
+
+    from smear.classifier.adapt import recalibrate_batchnorm
+    from smear.data.crops import ImageCache
+
+    if model.card.get("task") == "wbc-subtypes":
+        rows = [r for r in rows if nucleated(r.label) and r.label != "WBC"]
+    cache = ImageCache()
+    net = recalibrate_batchnorm(model, [(cache.get(r.image), r.box) for r in rows], seed=seed)
+    print(f"batch-norm statistics re-estimated on {len(rows)} crops")
+    return dataclasses.replace(model, net=net)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", help="classifier model folder (default: the shipped one)")
@@ -129,6 +145,10 @@ def main(argv=None) -> int:
                     help="score every model with each of these subtype_views (test-time augmentation of the subtype "
                          "call: 1, 2, 4 or 8 rotations and reflections; 0: the card's choice); a run with N > 1 is "
                          "named +viewsN")
+    ap.add_argument("--adapt-bn-from", choices=("train", "val", "test"),
+                    help="also score the model with its trained batch-norm layers' statistics re-estimated on this "
+                         "split's cells of the source (no labels used but which crops are nucleated cells, for a "
+                         "subtype stage; every crop for a model of all classes); never a scored split")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("classifier_labs"))
@@ -146,6 +166,8 @@ def main(argv=None) -> int:
     rows = read_training_rows(ClassifierConfig(manifest=args.manifests))
     want = {"all": ("train", "val", "test"), "val+test": ("val", "test"), "train+val": ("train", "val")}.get(
         args.split, (args.split,))
+    if args.adapt_bn_from in want:
+        ap.error(f"--adapt-bn-from {args.adapt_bn_from} is among the scored splits ({args.split})")
     variant = args.variant or model_name(args.weights)
     transform = None
     if args.stain_norm:
@@ -164,6 +186,9 @@ def main(argv=None) -> int:
         if not scored_rows:
             continue
         runs = [(variant, model, [], args.seed, 0)]
+        if args.adapt_bn_from:
+            runs.append((f"{variant}+adabn-{args.adapt_bn_from}", adabn_model(
+                model, [r for r in rows if r.source == s and r.split == args.adapt_bn_from], args.seed), [], args.seed, 0))
         pool = [r for r in rows if r.source == s and r.split == args.adapt_from and r.label in model.classes
                 and (nucleated(r.label) or (args.adapt_groups and r.label in ("RBC", "Platelets")))]
         for k in args.adapt:

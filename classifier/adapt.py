@@ -17,9 +17,11 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from smear.configs.errors import SmearError
@@ -156,6 +158,53 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
     save_model_folder(output / SUBTYPE_STAGE, net, {**card, "title": f"Subtype stage of {output.name}"})
     save_model_folder(output, model.net, {**card, "subtyper": {"weights": SUBTYPE_STAGE, "min_prob": 0.5}})
     return output
+
+
+def recalibrate_batchnorm(model: ClassifierModel, cells: Sequence[tuple[np.ndarray, tuple[float, float, float, float]]],
+                          crop_cfg=None, min_inputs: int = 512, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model``'s network whose trained batch-norm layers have statistics re-estimated on ``cells``
+    (``(image, box)`` pairs of a lab's cells; no labels), AdaBN (Li et al. 2016).
+
+    Only the layers that trained with the network keep batch statistics of its training crops; the frozen stages
+    kept ImageNet's statistics in training as in use, so they stay. The crops pass through the training augmentation
+    of ``crop_cfg`` (default: the model's training config) in batches of its training size, each cell drawn in
+    several random versions until ``min_inputs``, as the statistics were gathered in training.
+
+    Raises:
+        SmearError: when no cell is given, or the network runs under ONNX Runtime.
+    """
+    from smear.configs.loader import build_known_config
+
+    from .config import ClassifierConfig
+
+    if not cells:
+        raise SmearError("no cell to re-estimate the batch-norm statistics on")
+    if not isinstance(model.net, torch.nn.Module):
+        raise SmearError(f"{model.folder}: re-estimating statistics needs the torch network (weights.pt)")
+    cfg = crop_cfg or build_known_config(ClassifierConfig, model.card.get("config") or {},
+                                         source=f"{model.folder}/card.json")
+    net = copy.deepcopy(model.net)
+    net.freeze_backbone(cfg.unfreeze_fraction)
+    net.eval()
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and any(p.requires_grad for p in m.parameters())]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+        m.train()
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < max(min_inputs, len(cells)):
+        order += rng.sample(range(len(cells)), len(cells))
+    with torch.no_grad():
+        for k in range(0, len(order) - cfg.batch // 2, cfg.batch):  # batches at least half full weigh alike
+            net(to_tensor([augmented_crop(*cells[i], cfg, rng) for i in order[k:k + cfg.batch]]))
+    for m in norms:
+        m.momentum = 0.1
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad = False
+    return net
 
 
 def _crop_config(model: ClassifierModel):

@@ -205,3 +205,27 @@ def test_package_completes_the_card_and_refuses_to_overwrite(tmp_path, tiny_clas
     assert "a test model" in (dest / "card.md").read_text()
     with pytest.raises(SmearError, match="exists"):
         package_classifier(src, dest)
+
+
+def test_batchnorm_recalibration_moves_only_the_trained_layers_statistics(tiny_classifier):
+    """AdaBN for a classifier: the statistics of the batch-norm layers that trained follow the lab's cells; frozen
+    stages (ImageNet statistics in training too) and every weight stay as they were."""
+    from smear.classifier.adapt import recalibrate_batchnorm
+    from smear.classifier.model import load_classifier
+
+    model = load_classifier(tiny_classifier, with_refiner=False)
+    rng = np.random.default_rng(0)
+    cells = [(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), (4.0, 4.0, 36.0, 36.0)) for _ in range(6)]
+    net = recalibrate_batchnorm(model, cells, min_inputs=64)
+    before, after = model.net.state_dict(), net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith(("running_mean", "running_var",
+                                                                                   "num_batches_tracked")))
+    trained = {id(m) for stage in net.stages[len(net.stages) - round(len(net.stages) * 0.5):]
+               for m in stage.modules()}
+    moved = {n: not torch.equal(before[f"{n}.running_mean"], m.running_mean)
+             for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    by_id = {n: id(m) for n, m in net.named_modules()}
+    assert any(moved.values()) and all(moved[n] == (by_id[n] in trained) for n in moved)
+    assert not net.training
+    with pytest.raises(SmearError, match="no cell"):
+        recalibrate_batchnorm(model, [])
