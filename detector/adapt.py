@@ -79,6 +79,7 @@ def recalibrate_batchnorm(weights: str | Path | None, images_rgb: Iterable[np.nd
     import torch
     from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
     from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.utils import LOGGER as ULTRALYTICS_LOG
 
     from smear.configs.modelcard import write_card
 
@@ -107,9 +108,14 @@ def recalibrate_batchnorm(weights: str | Path | None, images_rgb: Iterable[np.nd
         if not n_inputs:
             raise SmearError("no field to re-estimate the batch-norm statistics on")
         names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
-        dataset = build_yolo_dataset(hyp, str(Path(tmp) / "images"), BATCH,
-                                     {"names": names, "nc": len(names), "channels": 3}, mode="train",
-                                     stride=int(max(float(model.stride.max()), 32)))
+        level = ULTRALYTICS_LOG.level
+        ULTRALYTICS_LOG.setLevel(logging.ERROR)  # its warning that the (deliberately) empty labels may not train
+        try:
+            dataset = build_yolo_dataset(hyp, str(Path(tmp) / "images"), BATCH,
+                                         {"names": names, "nc": len(names), "channels": 3}, mode="train",
+                                         stride=int(max(float(model.stride.max()), 32)))
+        finally:
+            ULTRALYTICS_LOG.setLevel(level)
         dataset.close_mosaic(hyp)
         model.eval()
         for m in norms:
