@@ -7,6 +7,9 @@ adaptation"; Schneider et al. 2020) needs no labels and no training, only the la
 them: brought to the training RBC size (``scale="auto"``) and cut into tiles as :class:`Detector` does. The
 weights are left as they are; the result is a model folder like any other, its card saying which fields set its
 statistics.
+
+Measured with ``benchmarks/detector_sources.py --adapt-from`` on a lab left out of training (docs/models.md,
+2026-12-02): it failed its rule (mAP50 fell on Raabin's fields), so no command offers it to users.
 """
 
 from __future__ import annotations

@@ -343,49 +343,6 @@ def detector_interpolate(
     typer.echo(f"written: {interpolate_detectors(base, tuned, alpha, out)}")
 
 
-@detector_app.command("adapt")
-def detector_adapt(
-    fields: List[str] = typer.Argument(..., help="your lab's fields: image files, folders or globs (no labels)"),
-    output: Path = typer.Option(..., "--output", help="model folder to write (weights.pt, card.json, card.md)"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="detector to start from (default: shipped)"),
-    scale: str = typer.Option("auto", "--scale", help="'auto' (each field brought to the training RBC size, as "
-                              "smear analyze does), or one resize factor for every field"),
-) -> None:
-    """Re-estimate the detector's batch-norm statistics on a lab's own fields (no labels; a minute or two on a CPU).
-
-    For a lab whose stain, camera or focus the detector never saw. Its weights and operating thresholds stay the
-    base model's. Use the result with 'smear analyze --set detector_weights=MODEL_DIR'.
-
-    Example: smear detector adapt my_fields/ --output models/my-lab-detector
-    """
-    from smear.data.images import expand_inputs, read_image
-    from smear.detector.adapt import recalibrate_batchnorm
-
-    if output.exists() and any(output.iterdir()):
-        _fail(f"{output}: folder exists and is not empty; choose a new --output")
-    try:
-        factor: float | str = scale if scale == "auto" else float(scale)
-    except ValueError:
-        _fail(f"--scale {scale}: expected 'auto' or a number")
-    failed: list[str] = []
-
-    def images():
-        for path in expand_inputs(fields):
-            try:
-                yield read_image(path)
-            except Exception as e:  # noqa: BLE001  one bad file never stops the batch
-                failed.append(str(e) if str(path) in str(e) else f"{path}: {e}")
-
-    try:
-        folder = recalibrate_batchnorm(weights, images(), output, scale=factor, source=", ".join(map(str, fields)))
-    finally:
-        for bad in failed:
-            typer.echo(f"skipped: {bad}", err=True)
-    card = json.loads((folder / "card.json").read_text())["batchnorm_adaptation"]
-    typer.echo(f"batch-norm statistics re-estimated on {card['fields']} fields ({card['minutes']} min); model "
-               f"folder: {folder}\nuse it with: smear analyze ... --set detector_weights={folder}")
-
-
 @detector_app.command("export")
 def detector_export(
     weights: Optional[Path] = typer.Option(None, "--weights", help="detector .pt or model folder (default: shipped)"),

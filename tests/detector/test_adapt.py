@@ -1,4 +1,5 @@
-"""``smear detector adapt``: batch-norm statistics re-estimated on a lab's own fields, weights left as they were."""
+"""Batch-norm statistics of a detector re-estimated on a lab's own fields (AdaBN), weights left as they were: measured
+in benchmarks/detector_sources.py --adapt-from (docs/models.md), not a command (it failed its rule)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import cv2
 import numpy as np
 import pytest
 from conftest import SHARED_DATA, draw_field, requires_shared_data
-from typer.testing import CliRunner
-
-from smear.pipeline.cli import app
 
 
 def _state(folder):
@@ -28,13 +26,12 @@ def _write_fields(folder, n, seed=0, tint=(0, 0, 0)):
 
 
 def test_adapt_changes_only_batchnorm_statistics(tiny_detector, tmp_path):
+    from smear.data.images import read_image
+    from smear.detector.adapt import recalibrate_batchnorm
+
     fields = _write_fields(tmp_path / "lab", 3)
-    (fields / "broken.png").write_bytes(b"not an image")
-    out = tmp_path / "adapted"
-    res = CliRunner().invoke(app, ["detector", "adapt", str(fields), "--output", str(out), "--weights",
-                                   str(tiny_detector), "--scale", "1"])
-    assert res.exit_code == 0, res.output
-    assert "broken.png" in res.output and "skipped" in res.output  # the bad file is named, the rest went on
+    out = recalibrate_batchnorm(tiny_detector, (read_image(p) for p in sorted(fields.iterdir())), tmp_path / "adapted",
+                                scale=1.0, min_inputs=16)
     base, new = _state(tiny_detector), _state(out)
     stats = [k for k in base if k.endswith(("running_mean", "running_var"))]
     weights = [k for k in base if k.endswith((".weight", ".bias")) and base[k].is_floating_point()]
@@ -68,18 +65,13 @@ def test_adapt_statistics_follow_the_lab_fields(tiny_detector, tmp_path):
     assert not torch_equal(means[0], means[1])  # the first layer's statistics are those of the fields given
 
 
-def test_adapt_refuses_no_fields_and_a_used_output(tiny_detector, tmp_path):
-    empty = tmp_path / "none"
-    empty.mkdir()
-    (empty / "broken.jpg").write_bytes(b"\x00")
-    res = CliRunner().invoke(app, ["detector", "adapt", str(empty), "--output", str(tmp_path / "o"), "--weights",
-                                   str(tiny_detector)])
-    assert res.exit_code != 0 and "no field" in str(res.exception) and "broken.jpg" in res.output
-    used = tmp_path / "used"
-    used.mkdir()
-    (used / "x").write_text("keep me")
-    res = CliRunner().invoke(app, ["detector", "adapt", str(empty), "--output", str(used)])
-    assert res.exit_code != 0 and "not empty" in res.output and (used / "x").read_text() == "keep me"
+def test_adapt_refuses_no_fields(tiny_detector, tmp_path):
+    from smear.configs.errors import SmearError
+    from smear.detector.adapt import recalibrate_batchnorm
+
+    with pytest.raises(SmearError, match="no field"):
+        recalibrate_batchnorm(tiny_detector, iter([]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
