@@ -40,6 +40,12 @@ CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, cell INT
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
+#: A cell as the page lists it; ``below_threshold`` (kept on the classifier's word though the detector scored it under
+#: its threshold: ``wbc_rescue``) is read from the stored record by SQLite itself, not by parsing each record in Python
+CELL_COLUMNS = ("c.id, c.field, c.x1, c.y1, c.x2, c.y2, c.grp, c.label, c.score, c.score_in_group, c.review, "
+                "c.corrected_label, c.accepted, f.image AS image, f.file AS file, f.overlay AS overlay, "
+                "COALESCE(json_extract(c.record, '$.detector.below_threshold'), 0) AS below_threshold")
+
 #: Labels a reviewer may give: every cell class smear names, and ``WBC`` for "a WBC, subtype unsure"
 REVIEW_LABELS = (*CELL_CLASSES, "WBC")
 
@@ -137,13 +143,13 @@ class ReviewStore:
 
     def cells(self, slide: str) -> list[dict]:
         rows = self._db().execute(
-            "SELECT c.*, f.image AS image, f.file AS file, f.overlay AS overlay FROM cells c "
-            "JOIN fields f ON f.field = c.field WHERE c.slide = ? ORDER BY c.id", (slide,)).fetchall()
+            f"SELECT {CELL_COLUMNS} FROM cells c JOIN fields f ON f.field = c.field WHERE c.slide = ? ORDER BY c.id",
+            (slide,)).fetchall()
         return [self._cell_dict(r) for r in rows]
 
     def cell(self, cell_id: int) -> dict | None:
-        row = self._db().execute("SELECT c.*, f.image AS image, f.file AS file, f.overlay AS overlay FROM cells c "
-                                 "JOIN fields f ON f.field = c.field WHERE c.id = ?", (cell_id,)).fetchone()
+        row = self._db().execute(f"SELECT {CELL_COLUMNS} FROM cells c JOIN fields f ON f.field = c.field "
+                                 "WHERE c.id = ?", (cell_id,)).fetchone()
         return self._cell_dict(row) if row else None
 
     @staticmethod
@@ -152,7 +158,7 @@ class ReviewStore:
                 r["y2"]], "group": r["grp"], "label": r["label"], "score": r["score"],
                 "score_in_group": r["score_in_group"], "review": bool(r["review"]),
                 # kept on the classifier's word though the detector scored it under its threshold (wbc_rescue)
-                "below_threshold": bool((json.loads(r["record"]).get("detector") or {}).get("below_threshold")),
+                "below_threshold": bool(r["below_threshold"]),
                 "corrected_label": r["corrected_label"], "accepted": bool(r["accepted"]),
                 "final_label": r["corrected_label"] or r["label"], "file": r["file"], "overlay": r["overlay"]}
 
