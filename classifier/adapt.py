@@ -207,6 +207,31 @@ def recalibrate_batchnorm(model: ClassifierModel, cells: Sequence[tuple[np.ndarr
     return net
 
 
+def save_subtype_stage_adapted(model: ClassifierModel, net: torch.nn.Module, output: Path, summary: dict) -> Path:
+    """Write cascade ``model`` as ``output`` with ``net`` (its subtype stage re-estimated by
+    :func:`recalibrate_batchnorm`) as its subtype stage; ``summary`` (fields, WBCs, source) goes into both cards."""
+    if model.subtyper is None:
+        raise SmearError(f"{model.folder}: no subtype stage to adapt (the multi-lab classifier, {ADAPT_BASE}, has one)")
+    stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_description("cpu")}
+    base_ref = {"folder": str(model.folder), "date": model.card.get("date"), "commit": model.card.get("commit"),
+                "subtype_stage_replaced": model.card["subtyper"]["weights"]}
+    keep = ("kind", "task", "classes", "config", "subtype_views")
+    output = Path(output)
+    save_model_folder(output / SUBTYPE_STAGE, net, {
+        **{k: v for k, v in model.subtyper.card.items() if k in keep},
+        "title": f"Subtype stage of {output.name}", "base_model": {**base_ref, "folder": str(model.subtyper.folder)},
+        "batchnorm_adaptation": summary, **stamp})
+    save_model_folder(output, model.net, {
+        **{k: v for k, v in model.card.items() if k in keep},
+        "title": f"Classifier adapted from {model.folder.name} (batch-norm statistics of its subtype stage)",
+        "summary": (f"{model.folder.name} with its subtype stage's batch-norm statistics re-estimated on "
+                    f"{summary.get('wbcs')} WBCs of {summary.get('fields')} unlabelled fields of the lab; the group "
+                    "decision and every weight are the base model's."),
+        "base_model": base_ref, "batchnorm_adaptation": summary,
+        "subtyper": {"weights": SUBTYPE_STAGE, "min_prob": model.subtype_min_prob}, **stamp})
+    return output
+
+
 def _crop_config(model: ClassifierModel):
     """The augmentation settings of the base model's training (its card's config), with no margin: a lab's cell
     images are already cropped around the cell, as ``smear classify`` reads them."""

@@ -455,24 +455,58 @@ def classifier_cascade(
 
 @classifier_app.command("adapt")
 def classifier_adapt(
-    cells_dir: Path = typer.Argument(..., help="CELLS_DIR/<class>/* cell images of your lab (class folder names as "
-                                     "smear names them, any case: neutrophil, lymphocyte, ig, erythroblast, ...)"),
+    cells_dir: Optional[Path] = typer.Argument(None, help="CELLS_DIR/<class>/* cell images of your lab (class folder "
+                                               "names as smear names them, any case: neutrophil, lymphocyte, ig, "
+                                               "erythroblast, ...)"),
     output: Path = typer.Option(..., "--output", help="model folder to write (weights.pt, card.json, card.md)"),
     base: Optional[str] = typer.Option(None, "--base", help="model folder to start from (default: the shipped "
                                        "multi-lab classifier, multilab-mnv2-128)"),
+    fields: Optional[List[str]] = typer.Option(None, "--fields", help="instead of labelled cells: your lab's whole "
+                                               "fields, unlabelled (files, folders or globs; repeatable); the subtype "
+                                               "stage's batch-norm statistics are re-estimated on the WBCs the "
+                                               "detector finds in them"),
     steps: int = typer.Option(150, "--steps", help="optimisation steps of 32 cells"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
 ) -> None:
-    """Fine-tune the classifier on a lab's own labelled cells (minutes on a CPU); classes without a folder keep the
-    base model's knowledge. Use the result with 'smear classify --weights MODEL_DIR' or
+    """Fit the classifier to a lab: fine-tune on its labelled cells (minutes on a CPU; classes without a folder keep
+    the base model's knowledge), or, with --fields, re-estimate the subtype stage's statistics on its unlabelled
+    fields. Use the result with 'smear classify --weights MODEL_DIR' or
     'smear analyze --set classifier_weights=MODEL_DIR'.
 
-    Example: smear classifier adapt my_cells/ --output models/my-lab
-    """
-    from smear.classifier.adapt import AdaptConfig, adapt
+    Examples:
 
+      smear classifier adapt my_cells/ --output models/my-lab
+
+      smear classifier adapt --fields my_slides/ --output models/my-lab-fields
+    """
     if output.exists() and any(output.iterdir()):
         _fail(f"{output}: folder exists and is not empty; choose a new --output")
+    if (cells_dir is None) == (not fields):
+        _fail("give CELLS_DIR (labelled cells) or --fields (unlabelled fields), one of the two")
+    if fields:
+        from smear.data.images import expand_inputs, read_image
+        from smear.pipeline.adapt import adapt_from_fields
+
+        failed: list[str] = []
+
+        def images():
+            for path in expand_inputs(fields):
+                try:
+                    yield read_image(path)
+                except Exception as e:  # noqa: BLE001  one bad file never stops the batch
+                    failed.append(str(e) if str(path) in str(e) else f"{path}: {e}")
+
+        try:
+            folder = adapt_from_fields(images(), output, base, source=", ".join(fields))
+        finally:
+            for bad in failed:
+                typer.echo(f"skipped: {bad}", err=True)
+        done = json.loads((folder / "card.json").read_text())["batchnorm_adaptation"]
+        typer.echo(f"subtype stage's statistics re-estimated on {done['wbcs']} WBCs of {done['fields']} fields "
+                   f"({done['minutes']} min); model folder: {folder}")
+        return
+    from smear.classifier.adapt import AdaptConfig, adapt
+
     folder = adapt(cells_dir, output, base, AdaptConfig(steps=steps, seed=seed))
     card = json.loads((folder / "card.json").read_text())
     used = card["adapt"]["cells_per_class"]

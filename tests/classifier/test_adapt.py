@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -229,3 +230,37 @@ def test_batchnorm_recalibration_moves_only_the_trained_layers_statistics(tiny_c
     assert not net.training
     with pytest.raises(SmearError, match="no cell"):
         recalibrate_batchnorm(model, [])
+
+
+def test_adapt_from_unlabelled_fields_re_estimates_only_the_subtype_stage(tmp_path, tiny_classifier):
+    """--fields: the shipped detector finds the WBCs of the sample fields; the subtype stage's trained statistics follow
+    them, its weights and the whole first stage stay the base model's; a bad file is named and the rest goes on."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from smear.classifier.export import declare_cascade
+    from smear.classifier.model import load_classifier
+    from smear.pipeline.cli import app
+
+    base = tmp_path / "models" / "base"
+    shutil.copytree(tiny_classifier, base)
+    shutil.copytree(tiny_classifier, tmp_path / "models" / "stage")
+    declare_cascade(base, subtyper=tmp_path / "models" / "stage")
+    samples = Path(__file__).resolve().parents[2] / "data" / "samples"
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\x00")
+    res = CliRunner().invoke(app, ["classifier", "adapt", "--fields", str(samples / "BloodImage_00007.jpg"),
+                                   "--fields", str(bad), "--output", str(tmp_path / "m"), "--base", str(base)])
+    assert res.exit_code == 0, res.output
+    assert "broken.jpg" in res.output and "of 1 fields" in res.output
+    card = json.loads((tmp_path / "m" / "card.json").read_text())
+    assert card["batchnorm_adaptation"]["fields"] == 1 and card["batchnorm_adaptation"]["wbcs"] >= 1
+    model, before = load_classifier(tmp_path / "m"), load_classifier(base)
+    assert all(torch.equal(a, b) for a, b in zip(model.net.state_dict().values(), before.net.state_dict().values()))
+    new, old = model.subtyper.net.state_dict(), before.subtyper.net.state_dict()
+    assert all(torch.equal(new[k], old[k]) for k in old if not k.endswith(("running_mean", "running_var",
+                                                                          "num_batches_tracked")))
+    assert any(not torch.equal(new[k], old[k]) for k in old if k.endswith("running_mean"))
+    neither = CliRunner().invoke(app, ["classifier", "adapt", "--output", str(tmp_path / "n")])
+    assert neither.exit_code != 0 and "one of the two" in neither.output
