@@ -464,7 +464,8 @@ def classifier_adapt(
     fields: Optional[List[str]] = typer.Option(None, "--fields", help="instead of labelled cells: your lab's whole "
                                                "fields, unlabelled (files, folders or globs; repeatable); the subtype "
                                                "stage's batch-norm statistics are re-estimated on the WBCs the "
-                                               "detector finds in them"),
+                                               "detector finds in them. For slides unlike the training labs' "
+                                               "(BCCD, PBC): on one of those it lowers accuracy"),
     steps: int = typer.Option(150, "--steps", help="optimisation steps of 32 cells"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
 ) -> None:
@@ -503,7 +504,8 @@ def classifier_adapt(
                 typer.echo(f"skipped: {bad}", err=True)
         done = json.loads((folder / "card.json").read_text())["batchnorm_adaptation"]
         typer.echo(f"subtype stage's statistics re-estimated on {done['wbcs']} WBCs of {done['fields']} fields "
-                   f"({done['minutes']} min); model folder: {folder}")
+                   f"({done['minutes']} min); model folder: {folder}\ncheck it on a few labelled cells of your lab "
+                   f"before relying on it: smear classify CELLS --weights {folder}")
         return
     from smear.classifier.adapt import AdaptConfig, adapt
 
