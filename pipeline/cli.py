@@ -227,7 +227,7 @@ def analyze(
                        f"{diff or '-'}; flags: {flags}")
         if output:
             typer.echo(f"outputs in {output} (results.jsonl, summary.csv, slides.json, run.json, overlays/, fields/, "
-                       "report.html); check and correct the calls with: smear review {output}")
+                       f"report.html); check and correct the calls with: smear review {output}")
     if batch.failed:
         typer.echo(f"{len(batch.failed)} of {batch.n_images} file(s) failed:", err=True)
         for r in batch.failed:

@@ -101,6 +101,7 @@ def test_analyze_writes_outputs_and_fails_on_broken_input(tmp_path, analyze_args
     assert r.exit_code == 1, r.output
     assert "2 of 4 file(s) failed" in r.stderr and "f2.jpg" in r.stderr and "nope.png" in r.stderr
     assert "f1.png" in r.stdout and "slide all: 2 fields" in r.stdout
+    assert f"smear review {out}" in r.stdout  # the command to review these very outputs, ready to paste
     records = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
     assert [Path(x["image"]).name for x in records] == ["f1.png", "f2.jpg", "f3.bmp", "nope.png"]
     assert [bool(x["error"]) for x in records] == [False, True, False, True]
