@@ -207,11 +207,17 @@ def recalibrate_batchnorm(model: ClassifierModel, cells: Sequence[tuple[np.ndarr
     return net
 
 
+def require_subtype_stage(model: ClassifierModel) -> ClassifierModel:
+    """``model``'s subtype stage; a cascade without one is an error that names the model that has one."""
+    if model.subtyper is None:
+        raise SmearError(f"{model.folder}: no subtype stage to adapt (the multi-lab classifier, {ADAPT_BASE}, has one)")
+    return model.subtyper
+
+
 def save_subtype_stage_adapted(model: ClassifierModel, net: torch.nn.Module, output: Path, summary: dict) -> Path:
     """Write cascade ``model`` as ``output`` with ``net`` (its subtype stage re-estimated by
     :func:`recalibrate_batchnorm`) as its subtype stage; ``summary`` (fields, WBCs, source) goes into both cards."""
-    if model.subtyper is None:
-        raise SmearError(f"{model.folder}: no subtype stage to adapt (the multi-lab classifier, {ADAPT_BASE}, has one)")
+    require_subtype_stage(model)
     stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_description("cpu")}
     base_ref = {"folder": str(model.folder), "date": model.card.get("date"), "commit": model.card.get("commit"),
                 "subtype_stage_replaced": model.card["subtyper"]["weights"]}

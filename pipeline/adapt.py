@@ -14,11 +14,22 @@ from pathlib import Path
 
 import numpy as np
 
-from smear.classifier.adapt import ADAPT_BASE, recalibrate_batchnorm, save_subtype_stage_adapted
+from smear.classifier.adapt import ADAPT_BASE, recalibrate_batchnorm, require_subtype_stage, save_subtype_stage_adapted
 from smear.classifier.model import load_classifier
 from smear.configs.errors import SmearError
 from smear.data.taxonomy import GROUPS
 from smear.detector.predict import Detector
+
+
+def wbc_neighbourhood(image: np.ndarray, box) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The part of ``image`` within one box side of ``box`` (room for the widest training crop: margin, zoom, shift
+    and rotation), and the box in its coordinates: a copy, so the whole field is not kept for each WBC."""
+    x1, y1, x2, y2 = map(float, box)
+    side = max(x2 - x1, y2 - y1)
+    h, w = image.shape[:2]
+    left, top = max(0, int(x1 - side)), max(0, int(y1 - side))
+    right, bottom = min(w, int(np.ceil(x2 + side))), min(h, int(np.ceil(y2 + side)))
+    return image[top:bottom, left:right].copy(), (x1 - left, y1 - top, x2 - left, y2 - top)
 
 
 def adapt_from_fields(fields: Iterable[np.ndarray], output: Path, base: str | Path | None = None,
@@ -31,8 +42,7 @@ def adapt_from_fields(fields: Iterable[np.ndarray], output: Path, base: str | Pa
     """
     t0 = time.time()
     model = load_classifier(base or ADAPT_BASE)
-    if model.subtyper is None:
-        raise SmearError(f"{model.folder}: no subtype stage to adapt (the multi-lab classifier, {ADAPT_BASE}, has one)")
+    stage = require_subtype_stage(model)
     det = Detector(detector)
     thresholds = det.info.card.get("operating_thresholds") or None
     cells: list[tuple[np.ndarray, tuple[float, float, float, float]]] = []
@@ -40,11 +50,11 @@ def adapt_from_fields(fields: Iterable[np.ndarray], output: Path, base: str | Pa
     for image in fields:
         n_fields += 1
         found = det.predict([image], conf=thresholds, scale="auto")[0]
-        cells += [(image, tuple(map(float, b))) for b in found.boxes[found.classes == GROUPS.index("WBC")]]
+        cells += [wbc_neighbourhood(image, b) for b in found.boxes[found.classes == GROUPS.index("WBC")]]
     if not cells:
         raise SmearError(f"no WBC found in {n_fields} field(s): nothing to re-estimate the subtype stage's "
                          "statistics on")
-    net = recalibrate_batchnorm(model.subtyper, cells)
+    net = recalibrate_batchnorm(stage, cells)
     return save_subtype_stage_adapted(model, net, output, {
         "fields": n_fields, "wbcs": len(cells), "source": source, "detector": str(det.info.weights),
         "method": "AdaBN: the subtype stage's trained batch-norm layers re-estimated on the lab's WBC crops through "

@@ -264,3 +264,18 @@ def test_adapt_from_unlabelled_fields_re_estimates_only_the_subtype_stage(tmp_pa
     assert any(not torch.equal(new[k], old[k]) for k in old if k.endswith("running_mean"))
     neither = CliRunner().invoke(app, ["classifier", "adapt", "--output", str(tmp_path / "n")])
     assert neither.exit_code != 0 and "one of the two" in neither.output
+
+
+def test_a_wbc_neighbourhood_gives_the_crops_the_whole_field_gives():
+    """--fields keeps a WBC's neighbourhood, not the field: every training crop of it (widest margin, zoom, shift and
+    a 45 degree turn) is the same as from the whole field."""
+    from smear.data.crops import crop_cell
+    from smear.pipeline.adapt import wbc_neighbourhood
+
+    field = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    box = (300.0, 200.0, 380.0, 290.0)
+    part, inner = wbc_neighbourhood(field, box)
+    assert part.shape[0] < field.shape[0] and part.shape[1] < field.shape[1]
+    for kwargs in ({}, {"angle_deg": 45.0, "zoom": 0.85, "shift": (0.08, -0.08)}):
+        whole, near = (crop_cell(image, b, 0.3, 64, **kwargs).astype(int) for image, b in ((field, box), (part, inner)))
+        assert np.abs(whole - near).max() <= 1  # a grey level of rounding in the sub-pixel sampling, at most
