@@ -187,8 +187,9 @@ def main(argv=None) -> int:
             continue
         runs = [(variant, model, [], args.seed, 0)]
         if args.adapt_bn_from:
-            runs.append((f"{variant}+adabn-{args.adapt_bn_from}", adabn_model(
-                model, [r for r in rows if r.source == s and r.split == args.adapt_bn_from], args.seed), [], args.seed, 0))
+            lab_rows = [r for r in rows if r.source == s and r.split == args.adapt_bn_from]
+            runs.append((f"{variant}+adabn-{args.adapt_bn_from}", adabn_model(model, lab_rows, args.seed), [],
+                         args.seed, 0))
         pool = [r for r in rows if r.source == s and r.split == args.adapt_from and r.label in model.classes
                 and (nucleated(r.label) or (args.adapt_groups and r.label in ("RBC", "Platelets")))]
         for k in args.adapt:

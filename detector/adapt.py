@@ -150,9 +150,10 @@ def recalibrate_batchnorm(weights: str | Path | None, images_rgb: Iterable[np.nd
         "batchnorm_adaptation": {
             "base_model": {"weights": str(path), "date": card.get("date"), "commit": card.get("commit")},
             "fields": n_fields, "network_inputs": n_inputs, "batches": n_batches, "source": source, "scale": scale,
-            "layers": len(norms), "method": "running mean and variance of every batch-norm layer replaced by their "
-                                            "cumulative average over batches of the fields (at the training RBC size) through the "
-                                            "training transforms of the model's last epochs",
+            "layers": len(norms),
+            "method": ("running mean and variance of every batch-norm layer replaced by their cumulative average over "
+                       "batches of the fields (at the training RBC size) through the training transforms of the "
+                       "model's last epochs"),
             "minutes": round((time.time() - t0) / 60, 2)},
         "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_description("cpu")})
     write_card(dest, new_card, f"Detector {dest.name}")
