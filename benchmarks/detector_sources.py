@@ -120,7 +120,8 @@ def main(argv=None) -> int:
                          "(as --set stain_norm=true does in smear analyze)")
     ap.add_argument("--adapt-from", choices=("train", "val"),
                     help="first re-estimate the model's batch-norm statistics on these fields of --sources (their "
-                         "labels unused, as 'smear detector adapt' does), then score the adapted model on --split")
+                         "labels unused: smear.detector.adapt, which failed its rule, docs/models.md), then score the "
+                         "adapted model on --split")
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("detector_sources"))
     ap.add_argument("--write-card", action="store_true",

@@ -485,6 +485,7 @@ def classifier_adapt(
     if (cells_dir is None) == (not fields):
         _fail("give CELLS_DIR (labelled cells) or --fields (unlabelled fields), one of the two")
     if fields:
+        from smear.configs.errors import SmearError
         from smear.data.images import expand_inputs, read_image
         from smear.pipeline.adapt import adapt_from_fields
 
@@ -494,8 +495,10 @@ def classifier_adapt(
             for path in expand_inputs(fields):
                 try:
                     yield read_image(path)
+                except SmearError as e:  # names the file already, as in smear analyze
+                    failed.append(str(e))
                 except Exception as e:  # noqa: BLE001  one bad file never stops the batch
-                    failed.append(str(e) if str(path) in str(e) else f"{path}: {e}")
+                    failed.append(f"{path}: {type(e).__name__}: {e}")
 
         try:
             folder = adapt_from_fields(images(), output, base, source=", ".join(fields))

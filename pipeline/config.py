@@ -6,10 +6,10 @@ import dataclasses
 import logging
 from typing import Any, Mapping
 
+from smear.classifier.config import SUBTYPE_VIEWS
 from smear.configs.errors import ConfigError
 from smear.configs.loader import param
 from smear.data.taxonomy import GROUPS, _canonical_label
-from smear.classifier.config import SUBTYPE_VIEWS
 from smear.detector.config import OPERATING_CONF
 
 log = logging.getLogger(__name__)
