@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 ADAPT_BASE = "multilab-mnv2-128"
 #: Sub-folder of an adapted model that holds the adapted network when the lab gave WBC folders only
 SUBTYPE_STAGE = "subtypes"
+#: What an adapted model's card keeps of its base's: what loading and using the network needs (an ensemble's
+#: ``ensemble`` too: its weights hold every member)
+CARD_KEYS_KEPT = ("kind", "task", "classes", "config", "subtype_views", "ensemble")
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
         opt.step()
     net.eval()
     groups_labelled = bool({"RBC", "Platelets"} & set(files))
-    card = {**{k: v for k, v in model.card.items() if k in ("kind", "task", "classes", "config", "subtype_views")},
+    card = {**{k: v for k, v in model.card.items() if k in CARD_KEYS_KEPT},
             "title": f"Classifier adapted from {model.folder.name}",
             "summary": (f"{model.folder.name} fine-tuned by 'smear classifier adapt' on {len(images)} cells of "
                         f"{len(files)} classes from {Path(cells_dir).resolve()}; classes without a folder keep the "
@@ -221,7 +224,7 @@ def save_subtype_stage_adapted(model: ClassifierModel, net: torch.nn.Module, out
     stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_description("cpu")}
     base_ref = {"folder": str(model.folder), "date": model.card.get("date"), "commit": model.card.get("commit"),
                 "subtype_stage_replaced": model.card["subtyper"]["weights"]}
-    keep = ("kind", "task", "classes", "config", "subtype_views")
+    keep = CARD_KEYS_KEPT
     output = Path(output)
     save_model_folder(output / SUBTYPE_STAGE, net, {
         **{k: v for k, v in model.subtyper.card.items() if k in keep},

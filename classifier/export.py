@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 import warnings
 from pathlib import Path
 
 from smear.configs.errors import SmearError
+from smear.configs.paths import git_commit, machine_description
 from smear.configs.runtime import ONNX_FILE, TORCH_FILE, export_record
 
 from .model import load_network, resolve_model_folder, write_model_card
@@ -97,6 +99,62 @@ def declare_cascade(folder: str | Path, subtyper: str | Path | None = None, refi
         write_model_card(folder, json.loads(before))
         raise
     return folder
+
+
+#: What a member's card says about its own run, kept per member in an ensemble's card
+MEMBER_KEYS = ("date", "commit", "machine", "best_epoch", "val_metrics", "train_minutes")
+#: Config keys in which ensemble members may differ (their runs' seeds and names)
+MEMBER_CONFIG_FREE = ("seed", "name", "max_minutes", "threads", "device")
+
+
+def make_ensemble(members: list[str | Path], output: str | Path) -> Path:
+    """Write ``output``: one model folder whose network averages the class probabilities of ``members`` (trained
+    model folders of one architecture, crop and classes, e.g. one recipe run with two seeds). Its ``weights.pt``
+    holds every member's weights, its card the first member's config and data, and each member's run (``ensemble``).
+
+    Example:
+        >>> make_ensemble(["runs/classifier/sub-192/model", "runs/classifier/sub-192-s1/model"], "models/sub-192x2")
+
+    Raises:
+        SmearError: fewer than two members, a member without weights or card, members that differ in
+            architecture, crop or classes, or an existing ``output``.
+    """
+    from .model import CellClassifierEnsemble, ensemble_size, read_card, save_model_folder
+
+    folders = [resolve_model_folder(m, "", "classifier model", "'smear classifier train'") for m in members]
+    if len(folders) < 2:
+        raise SmearError("an ensemble needs at least two model folders")
+    output = Path(output)
+    if output.exists():
+        raise SmearError(f"{output}: exists; choose another --output or remove it first")
+    cards = [read_card(f, "classifier") for f in folders]
+    first = cards[0]
+
+    def fixed(card: dict) -> tuple:
+        cfg = {k: v for k, v in card["config"].items() if k not in MEMBER_CONFIG_FREE}
+        return card["classes"], json.dumps(cfg, sort_keys=True)
+
+    for folder, card in zip(folders[1:], cards[1:]):
+        if ensemble_size(card) > 1:
+            raise SmearError(f"{folder}: is an ensemble already; give its members")
+        if fixed(card) != fixed(first):
+            raise SmearError(f"{folder}: classes or training config differ from {folders[0]}'s (all but "
+                             f"{', '.join(MEMBER_CONFIG_FREE)} must match)")
+    net = CellClassifierEnsemble([load_network(f, c) for f, c in zip(folders, cards)])
+    keep = ("kind", "task", "classes", "config", "data", "split", "data_sources", "subtype_views")
+    card = {k: first[k] for k in keep if k in first}
+    card.update({
+        "title": f"Ensemble of {len(folders)} classifiers ({first['config'].get('backbone')}, "
+                 f"{first['config'].get('crop_size_px')} px)",
+        "summary": (f"The mean of the class probabilities of {len(folders)} networks of one recipe "
+                    f"({', '.join(f.parent.name if f.name == 'model' else f.name for f in folders)})."),
+        "ensemble": {"members": [{"folder": str(f), "seed": c["config"].get("seed"),
+                                  **{k: c[k] for k in MEMBER_KEYS if k in c}} for f, c in zip(folders, cards)]},
+    })
+    card.update({"date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+                 "machine": first.get("machine") or machine_description("cpu")})
+    save_model_folder(output, net, card)
+    return output
 
 
 def _member_folders(folder: Path, card: dict) -> list[Path]:

@@ -170,6 +170,35 @@ class CellClassifier(nn.Module):
                 m.eval()
 
 
+class CellClassifierEnsemble(nn.Module):
+    """Networks of one architecture and classes whose class probabilities are averaged (a model folder whose card has
+    ``ensemble``). ``forward`` returns the log of the mean probability, which the softmax at prediction turns back
+    into that mean, so it stands wherever a :class:`CellClassifier` does (prediction, ONNX export, batch-norm
+    re-estimation)."""
+
+    def __init__(self, members: list[CellClassifier]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+    def freeze_backbone(self, trainable_fraction: float = 0.0) -> None:
+        for m in self.members:
+            m.freeze_backbone(trainable_fraction)
+
+    def set_frozen_bn_eval(self) -> None:
+        for m in self.members:
+            m.set_frozen_bn_eval()
+
+
+def ensemble_size(card: dict) -> int:
+    """How many networks a model folder's ``weights.pt`` holds (its card's ``ensemble.members``; 1 without one)."""
+    ens = card.get("ensemble")
+    return len(ens["members"]) if isinstance(ens, dict) and ens.get("members") else 1
+
+
 class OnnxNetwork:
     """A model folder's ``weights.onnx`` under ONNX Runtime (CPU): normalised crops (N, 3, H, W) -> logits."""
 
@@ -193,7 +222,7 @@ class ClassifierModel:
     which); ``onnx_fallback`` says why the onnx runtime was asked for and torch runs.
     """
 
-    net: CellClassifier | OnnxNetwork
+    net: CellClassifier | CellClassifierEnsemble | OnnxNetwork
     classes: list[str]
     crop_size_px: int
     crop_margin: float
@@ -292,10 +321,13 @@ def read_card(folder: Path, kind: str) -> dict:
     return card
 
 
-def load_network(folder: Path, card: dict, device: str = "cpu") -> CellClassifier:
-    """The network of a model folder (architecture from ``card.json``, fp16 weights as float32), ready for inference."""
+def load_network(folder: Path, card: dict, device: str = "cpu") -> CellClassifier | CellClassifierEnsemble:
+    """The network of a model folder (architecture from ``card.json``, fp16 weights as float32), ready for inference;
+    a :class:`CellClassifierEnsemble` when the card declares an ensemble."""
     cfg = card["config"]
-    net = CellClassifier(cfg["backbone"], len(card["classes"]), cfg["head_hidden"], cfg["dropout"], pretrained="none")
+    members = [CellClassifier(cfg["backbone"], len(card["classes"]), cfg["head_hidden"], cfg["dropout"],
+                              pretrained="none") for _ in range(ensemble_size(card))]
+    net = CellClassifierEnsemble(members) if len(members) > 1 else members[0]
     state = _load_state(folder / "weights.pt")
     try:
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
@@ -309,7 +341,7 @@ def load_network(folder: Path, card: dict, device: str = "cpu") -> CellClassifie
 
 
 def load_runtime_network(folder: Path, card: dict, device: str = "cpu", runtime: str = "torch",
-                         threads: int = 0) -> tuple[CellClassifier | OnnxNetwork, str | None]:
+                         threads: int = 0) -> tuple[CellClassifier | CellClassifierEnsemble | OnnxNetwork, str | None]:
     """The folder's network in ``runtime``: ``weights.onnx`` under ONNX Runtime for ``onnx`` when it is
     current (:func:`smear.configs.runtime.onnx_weights`), else the PyTorch network; and why onnx was not
     possible (None when it was, or was not asked for)."""

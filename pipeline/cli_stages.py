@@ -453,6 +453,24 @@ def classifier_cascade(
                f"smear classifier export --weights {folder}")
 
 
+@classifier_app.command("ensemble")
+def classifier_ensemble(
+    members: List[Path] = typer.Argument(..., help="trained model folders of one recipe (same backbone, crop and "
+                                         "classes), e.g. runs of it with different seeds"),
+    output: Path = typer.Option(..., "--output", help="model folder to write"),
+) -> None:
+    """Average several classifiers of one recipe into one model folder (the mean of their class probabilities), for
+    use wherever a model folder goes: as a cascade stage (smear classifier cascade ... --subtyper OUTPUT), with
+    --weights, or exported to ONNX. Each member's run is recorded in the card.
+
+    Example: smear classifier ensemble runs/classifier/sub-192/model runs/classifier/sub-192-s1/model --output models/sub-192x2
+    """
+    from smear.classifier.export import make_ensemble
+
+    folder = make_ensemble(list(members), output)
+    typer.echo(f"model folder: {folder} ({len(members)} networks averaged)")
+
+
 @classifier_app.command("adapt")
 def classifier_adapt(
     cells_dir: Optional[Path] = typer.Argument(None, help="CELLS_DIR/<class>/* cell images of your lab (class folder "
