@@ -148,8 +148,8 @@ def make_ensemble(members: list[str | Path], output: str | Path) -> Path:
                  f"{first['config'].get('crop_size_px')} px)",
         "summary": (f"The mean of the class probabilities of {len(folders)} networks of one recipe "
                     f"({', '.join(f.parent.name if f.name == 'model' else f.name for f in folders)})."),
-        "ensemble": {"members": [{"folder": str(f), "seed": c["config"].get("seed"),
-                                  **{k: c[k] for k in MEMBER_KEYS if k in c}} for f, c in zip(folders, cards)]},
+        "ensemble": {"members": [{"folder": str(m), "seed": c["config"].get("seed"),
+                                  **{k: c[k] for k in MEMBER_KEYS if k in c}} for m, c in zip(members, cards)]},
     })
     card.update({"date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
                  "machine": first.get("machine") or machine_description("cpu")})
