@@ -122,6 +122,9 @@ def main(argv=None) -> int:
                     help="first re-estimate the model's batch-norm statistics on these fields of --sources (their "
                          "labels unused: smear.detector.adapt, which failed its rule, docs/models.md), then score the "
                          "adapted model on --split")
+    ap.add_argument("--rbc-rescue", action="store_true",
+                    help="keep RBC boxes under the threshold that fill red-cell pixels no kept box covers, as "
+                         "smear analyze with rbc_rescue does (counts only: mAP50 ranks every box anyway)")
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("detector_sources"))
     ap.add_argument("--write-card", action="store_true",
@@ -162,13 +165,27 @@ def main(argv=None) -> int:
         kept = drop_edge_fragments(d, (image.shape[1], image.shape[0]), edge_min)
         return int((kept.classes == GROUPS.index("RBC")).sum())
     scale = args.scale if args.scale == "auto" else float(args.scale)
+    if args.rbc_rescue:
+        from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, low_rbc_candidates, rescue_rbcs
+        from smear.detector.predict import concat_detections
+
+        args.variant = f"{args.variant or model_name(args.weights)}+rbc-rescue"
+
+    def detect(image):
+        """The field's detections at the operating thresholds (and, with --rbc-rescue, the RBCs it keeps under)."""
+        if not args.rbc_rescue:
+            return det.predict([image], conf=thresholds, scale=scale)[0]
+        found = det.predict([image], conf={**thresholds, "RBC": RBC_RESCUE_MIN_SCORE}, scale=scale,
+                            measure_conf=min(thresholds.values()))[0]
+        kept, low = low_rbc_candidates(found, thresholds["RBC"])
+        return concat_detections(kept, rescue_rbcs(image, kept, low))
     stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")
     fields = [f for f in list_fields(resolve_path(args.shared)) if args.split in ("all", f.split)
               and f.source in args.sources]
     rows, summary = [], {}
     for f in fields:
         image = read_image(f.image)
-        found = det.predict([image], conf=thresholds, scale=scale)[0]
+        found = detect(image)
         labelled = Detections(np.array([b[1:] for b in f.boxes], np.float32).reshape(-1, 4),
                               np.ones(len(f.boxes), np.float32),
                               np.array([GROUPS.index(b[0]) for b in f.boxes], np.int64))

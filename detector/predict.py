@@ -60,6 +60,15 @@ class Detections:
         return [GROUPS[int(c)] for c in self.classes]
 
 
+def concat_detections(first: Detections, *more: Detections) -> Detections:
+    """The boxes of ``first`` and then of ``more`` (boxes of the same image), with ``first``'s scale, RBC size and
+    warning."""
+    parts = (first, *more)
+    return dataclasses.replace(first, boxes=np.concatenate([d.boxes for d in parts]).astype(first.boxes.dtype),
+                               scores=np.concatenate([d.scores for d in parts]).astype(first.scores.dtype),
+                               classes=np.concatenate([d.classes for d in parts]).astype(first.classes.dtype))
+
+
 def at_border(boxes: np.ndarray, size: tuple[int, int], edge_px: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Which xyxy boxes touch the field's left/right edge and which its top/bottom edge (within ``edge_px``)."""
     w, h = size

@@ -308,18 +308,27 @@ class Analyzer(SlideAggregator):
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
         from smear.classifier.predict import classify_fields
-        from smear.detector.predict import RESCUE_MIN_SCORE, Detections, drop_edge_fragments, low_wbc_candidates
+        from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, low_rbc_candidates, red_cell_pixels, rescue_rbcs
+        from smear.detector.predict import (RESCUE_MIN_SCORE, Detections, concat_detections, drop_edge_fragments,
+                                            low_wbc_candidates)
 
         thresholds = self.cfg.thresholds()
         rescue = self.cfg.wbc_rescue > 0 and thresholds["WBC"] > RESCUE_MIN_SCORE
-        run_at = {**thresholds, "WBC": RESCUE_MIN_SCORE} if rescue else thresholds
+        rbc_rescue = self.cfg.rbc_rescue and thresholds["RBC"] > RBC_RESCUE_MIN_SCORE
+        run_at = {**thresholds, **({"WBC": RESCUE_MIN_SCORE} if rescue else {}),
+                  **({"RBC": RBC_RESCUE_MIN_SCORE} if rbc_rescue else {})}
         dets = self.detector.predict(list(images), conf=run_at, iou=self.cfg.iou, scale=self.scale,
-                                     measure_conf=min(thresholds.values()) if rescue else None)
+                                     measure_conf=min(thresholds.values()) if run_at != thresholds else None)
         candidates = [Detections.empty()] * len(dets)
         if rescue:  # WBC boxes under the threshold wait for the classifier; everything else is as without
             split = [low_wbc_candidates(d, thresholds["WBC"]) for d in dets]
             dets, candidates = [k for k, _ in split], [c for _, c in split]
-        coverage = [rbc_coverage(img, d.boxes, d.classes) for d, img in zip(dets, images)]
+        masks = [red_cell_pixels(img) for img in images]
+        if rbc_rescue:  # RBC boxes under the threshold fill the red-cell pixels no kept box covers
+            split = [low_rbc_candidates(d, thresholds["RBC"]) for d in dets]
+            dets = [concat_detections(k, rescue_rbcs(img, k, low, cells=m))
+                    for (k, low), img, m in zip(split, images, masks)]
+        coverage = [rbc_coverage(img, d.boxes, d.classes, cells=m) for d, img, m in zip(dets, images, masks)]
         for d, name in zip(dets, names):
             if d.warning:
                 log.warning("%s: %s", name, d.warning)
@@ -331,6 +340,10 @@ class Analyzer(SlideAggregator):
         out = []
         for img, name, det, cand, pr, cov in zip(images, names, dets, candidates, probs, coverage):
             cells = self.merge(det.boxes, det.scores, det.classes, pr[:len(det)])
+            if rbc_rescue:  # one cell per box, in order
+                low = (det.classes == GROUPS.index("RBC")) & (det.scores < thresholds["RBC"])
+                for k in np.flatnonzero(low):
+                    cells[k].detector["below_threshold"] = True
             if len(cand):
                 cells += self.rescued(cand, pr[len(det):])
             if self.morphology is not None and self._morphology_domain(cells)["in_domain"]:

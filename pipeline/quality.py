@@ -11,34 +11,11 @@ detector, which misses touching RBCs and counts 28-32% too few, covers 0.80 / 0.
 
 from __future__ import annotations
 
-import numpy as np
+from smear.detector.coverage import rbc_coverage
 
-from smear.data.images import cell_mask
-from smear.data.taxonomy import GROUPS
+__all__ = ["MIN_RBC_COVERAGE", "rbc_coverage"]
 
 #: below this share of a slide's red-cell pixels covered by RBC boxes, flags that rest on the RBC count say
 #: "insufficient evidence": under the complete labels' 10th percentile on BCCD (0.87), above the median of
 #: the detector that misses touching cells (0.80 on BCCD)
 MIN_RBC_COVERAGE = 0.85
-
-
-def rbc_coverage(image_rgb: np.ndarray, boxes: np.ndarray, classes: np.ndarray) -> float | None:
-    """Share of red-cell pixels inside RBC boxes; None for a field without red-cell pixels.
-
-    Example:
-        >>> rbc_coverage(image, det.boxes, det.classes)
-        0.93
-    """
-    import cv2
-
-    cells = cell_mask(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), background_percentile=90, clip_percentile=80) > 0
-    h, w = cells.shape
-    rbc, other = np.zeros((h, w), bool), np.zeros((h, w), bool)
-    rbc_index = GROUPS.index("RBC")
-    for (x1, y1, x2, y2), c in zip(np.asarray(boxes, float).reshape(-1, 4), np.asarray(classes).reshape(-1)):
-        x1, y1 = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
-        x2, y2 = min(w, int(np.ceil(x2))), min(h, int(np.ceil(y2)))
-        (rbc if int(c) == rbc_index else other)[y1:y2, x1:x2] = True
-    red = cells & ~other
-    n = int(red.sum())
-    return round(float((red & rbc).sum()) / n, 4) if n else None
