@@ -44,11 +44,12 @@ def test_the_multi_lab_classifier_is_selectable_by_name_and_names_the_new_classe
     model = load_classifier("multilab-mnv2-48")
     assert {"ImmatureGranulocyte", "Erythroblast"} <= set(model.classes)
     # the three-stage cascade: 48 px on every crop, the 128 px model on possible WBCs, the 192 px subtype stage
-    assert (model.refiner.folder.name, model.subtyper.folder.name) == ("multilab-mnv2-128", "multilab-subtypes-192")
+    assert (model.refiner.folder.name, model.subtyper.folder.name) == ("multilab-mnv2-128", "multilab-subtypes-192x2")
     assert model.subtyper.crop_size_px == 192 and "ImmatureGranulocyte" in model.subtyper.classes
+    assert len(model.subtyper.net.members) == 2  # two networks averaged
     for card in (model.card, model.refiner.card):
         assert "CC BY 4.0" in card["data_sources"]["pbc"] and card["test_by_lab"]["results"]
-    assert load_classifier("multilab-mnv2-128").subtyper.folder.name == "multilab-subtypes-192"
+    assert load_classifier("multilab-mnv2-128").subtyper.folder.name == "multilab-subtypes-192x2"
     r = Analyzer(PipelineConfig(classifier_weights="multilab-mnv2-48", morphology_weights="none")).analyze_images(
         [SAMPLES / "BloodImage_00007.jpg"])[0]
     wbc = max((c for c in r.cells if c.group == "WBC"), key=lambda c: c.score)
@@ -262,3 +263,24 @@ def test_a_field_where_no_scale_finds_cells_is_a_warning_not_a_silent_zero(analy
     assert r.counts["RBC"] == 0 and len(r.warnings) == 1 and "no scale" in r.warnings[0]
     assert r.to_dict()["warnings"] == r.warnings
     assert any("blank.png" in m and "no scale" in m for m in caplog.messages)
+
+
+def test_rbc_rescue_adds_only_rbcs_under_the_threshold_where_red_cell_pixels_were_uncovered():
+    """The README's field, where the shipped detector leaves touching RBCs unboxed: with rbc_rescue every added cell is
+    an RBC box scored under the RBC threshold and marked so, WBCs and platelets are as without, and the field's
+    red-cell pixels are more completely covered."""
+    from smear.pipeline.analyze import Analyzer
+    from smear.pipeline.config import PipelineConfig
+
+    def run(on: bool):
+        cfg = PipelineConfig(morphology_weights="none", rbc_rescue=on)
+        return Analyzer(cfg).analyze_images([SAMPLES / "BloodImage_00007.jpg"])[0], cfg.thresholds()
+
+    (off, _), (on, thresholds) = run(False), run(True)
+    extra = [c for c in on.cells if c.detector.get("below_threshold")]
+    assert extra and len(on.cells) == len(off.cells) + len(extra)
+    assert all(c.detector["label"] == "RBC" and c.detector["score"] < thresholds["RBC"] for c in extra)
+    assert not any(c.detector.get("below_threshold") for c in off.cells if c.detector["label"] == "RBC")
+    for g in ("WBC", "Platelets"):
+        assert sum(c.detector["label"] == g for c in on.cells) == sum(c.detector["label"] == g for c in off.cells)
+    assert on.rbc_coverage > off.rbc_coverage
