@@ -166,8 +166,7 @@ def main(argv=None) -> int:
         return int((kept.classes == GROUPS.index("RBC")).sum())
     scale = args.scale if args.scale == "auto" else float(args.scale)
     if args.rbc_rescue:
-        from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, low_rbc_candidates, rescue_rbcs
-        from smear.detector.predict import concat_detections
+        from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, with_rescued_rbcs
 
         args.variant = f"{args.variant or model_name(args.weights)}+rbc-rescue"
 
@@ -177,8 +176,7 @@ def main(argv=None) -> int:
             return det.predict([image], conf=thresholds, scale=scale)[0]
         found = det.predict([image], conf={**thresholds, "RBC": RBC_RESCUE_MIN_SCORE}, scale=scale,
                             measure_conf=min(thresholds.values()))[0]
-        kept, low = low_rbc_candidates(found, thresholds["RBC"])
-        return concat_detections(kept, rescue_rbcs(image, kept, low))
+        return with_rescued_rbcs(image, found, thresholds["RBC"])
     stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")
     fields = [f for f in list_fields(resolve_path(args.shared)) if args.split in ("all", f.split)
               and f.source in args.sources]

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bccd", default="../shared/data/bccd", help="BCCD folder (JPEGImages, ImageSets)")
     ap.add_argument("--split", default="test", help="BCCD split whose fields are resized")
     ap.add_argument("--factors", nargs="+", type=float, default=[1.0, 4.0, 0.5], help="resize factors; 1 first")
+    ap.add_argument("--rbc-rescue", action="store_true", help="keep RBC boxes under the threshold where red-cell "
+                    "pixels are left uncovered, as smear analyze with rbc_rescue does")
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("scale_invariance"))
     args = ap.parse_args(argv)
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
 
     from smear.configs.paths import resolve_path
     from smear.data.images import read_image
+    from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, with_rescued_rbcs
     from smear.detector.predict import Detector, drop_edge_fragments
     from smear.pipeline.config import PipelineConfig
 
@@ -46,14 +49,19 @@ def main(argv=None) -> int:
     thresholds = cfg.thresholds(det.info.card)
     root = resolve_path(args.bccd)
     names = (root / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
-    stamp = run_stamp(args.variant or model_name(args.weights))
+    stamp = run_stamp(args.variant or model_name(args.weights) + ("+rbc-rescue" if args.rbc_rescue else ""))
     rows = []
     for name in names:
         img = read_image(root / "JPEGImages" / f"{name}.jpg")
         for k in args.factors:
             im = img if k == 1 else cv2.resize(img, None, fx=k, fy=k,
                                                interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
-            d = det.predict([im], conf=thresholds, scale="auto")[0]
+            if args.rbc_rescue:
+                d = det.predict([im], conf={**thresholds, "RBC": RBC_RESCUE_MIN_SCORE}, scale="auto",
+                                measure_conf=min(thresholds.values()))[0]
+                d = with_rescued_rbcs(im, d, thresholds["RBC"])
+            else:
+                d = det.predict([im], conf=thresholds, scale="auto")[0]
             d = drop_edge_fragments(d, (im.shape[1], im.shape[0]), cfg.edge_fragment_min)
             rows.append({"split": args.split, "image": name, "factor": k, "width": im.shape[1], "height": im.shape[0],
                          "scale": round(d.scale, 4), "warning": d.warning or "",

@@ -16,7 +16,7 @@ import numpy as np
 from smear.data.images import cell_mask
 from smear.data.taxonomy import GROUPS
 
-from .predict import Detections
+from .predict import Detections, concat_detections
 
 RBC = GROUPS.index("RBC")
 #: rbc_rescue: the lowest detector score of an RBC box it may keep
@@ -111,3 +111,16 @@ def rescue_rbcs(image_rgb: np.ndarray, kept: Detections, candidates: Detections,
             inside += int(new.sum())
             covered[y1:y2, x1:x2] = True
     return candidates.subset(take)
+
+
+def with_rescued_rbcs(image_rgb: np.ndarray, found: Detections, rbc_threshold: float,
+                      cells: np.ndarray | None = None) -> Detections:
+    """``found`` (detected with RBC boxes down to :data:`RBC_RESCUE_MIN_SCORE`) as ``rbc_rescue`` keeps it: the boxes
+    that reach their thresholds, then the RBC boxes under ``rbc_threshold`` that :func:`rescue_rbcs` takes.
+
+    Example:
+        >>> found = det.predict([image], conf={**thresholds, "RBC": RBC_RESCUE_MIN_SCORE})[0]
+        >>> cells = with_rescued_rbcs(image, found, thresholds["RBC"])
+    """
+    kept, low = low_rbc_candidates(found, rbc_threshold)
+    return concat_detections(kept, rescue_rbcs(image_rgb, kept, low, cells=cells))

@@ -308,9 +308,8 @@ class Analyzer(SlideAggregator):
     def analyze_arrays(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[ImageResult]:
         """Analyse RGB uint8 arrays (one field each)."""
         from smear.classifier.predict import classify_fields
-        from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, low_rbc_candidates, red_cell_pixels, rescue_rbcs
-        from smear.detector.predict import (RESCUE_MIN_SCORE, Detections, concat_detections, drop_edge_fragments,
-                                            low_wbc_candidates)
+        from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, red_cell_pixels, with_rescued_rbcs
+        from smear.detector.predict import RESCUE_MIN_SCORE, Detections, drop_edge_fragments, low_wbc_candidates
 
         thresholds = self.cfg.thresholds()
         rescue = self.cfg.wbc_rescue > 0 and thresholds["WBC"] > RESCUE_MIN_SCORE
@@ -325,9 +324,7 @@ class Analyzer(SlideAggregator):
             dets, candidates = [k for k, _ in split], [c for _, c in split]
         masks = [red_cell_pixels(img) for img in images]
         if rbc_rescue:  # RBC boxes under the threshold fill the red-cell pixels no kept box covers
-            split = [low_rbc_candidates(d, thresholds["RBC"]) for d in dets]
-            dets = [concat_detections(k, rescue_rbcs(img, k, low, cells=m))
-                    for (k, low), img, m in zip(split, images, masks)]
+            dets = [with_rescued_rbcs(img, d, thresholds["RBC"], cells=m) for d, img, m in zip(dets, images, masks)]
         coverage = [rbc_coverage(img, d.boxes, d.classes, cells=m) for d, img, m in zip(dets, images, masks)]
         for d, name in zip(dets, names):
             if d.warning:
