@@ -63,10 +63,10 @@ class PipelineConfig:
                                    "least this WBC probability, marked for review (detector.below_threshold); 0: off "
                                    "(measured 2026-12-02: Raabin's large pale WBCs, docs/models.md)",
                               range=(0.0, 1.0))
-    rbc_rescue: bool = param(False, "keep RBC boxes the detector scores under its RBC threshold (down to 0.05), "
+    rbc_rescue: bool = param(True, "keep RBC boxes the detector scores under its RBC threshold (down to 0.05), "
                                     "highest first, while the field's RBC coverage is under 0.95, each only if 30% "
                                     "of its box is red-cell pixels no kept box covers; marked detector.below_threshold "
-                                    "(for labs the detector never saw: it scores their cells lower; docs/models.md)")
+                                    "(measured 2026-12-02: on labs the detector never saw it scores their RBCs lower; docs/models.md)")
     review_prob: float = param(0.5, "classifier probability for another group that marks a cell for review", range=(0.0, 1.0))
     subtype_views: int = param(0, "test-time augmentation of the WBC subtype call: the mean over 1, 2, 4 or 8 "
                                   "rotations and reflections of each likely WBC's crop (group calls never change); "
