@@ -4,7 +4,8 @@ FastAPI (optional extra ``smear[review]``). The API (``docs/review.md``):
 
 - ``GET /api/slides``: each slide's ``slide`` (name), ``status`` (new, in review, signed off), counts of cells;
 - ``GET /api/slides/{slide}/cells``: each cell's ``id``, image, box, group, label, score, ``review``,
-  ``below_threshold`` (a WBC kept on the classifier's word, ``wbc_rescue``), ``corrected_label``;
+  ``below_threshold`` (scored under the detector's threshold and kept: a WBC on the classifier's word, ``wbc_rescue``,
+  or an RBC over red-cell pixels no other box covered, ``rbc_rescue``), ``corrected_label``;
 - ``GET /api/slides/{slide}/summary``: counts, differential and flags from the corrected calls;
 - ``POST /api/cells/{id}`` ``{"label": "Lymphocyte"}`` (or ``{"label": null}``: accept the call): 200, the cell;
   an unknown label: 422; a signed-off slide: 409;

@@ -40,8 +40,8 @@ CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY AUTOINCREMENT, cell INT
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
-#: A cell as the page lists it; ``below_threshold`` (kept on the classifier's word though the detector scored it under
-#: its threshold: ``wbc_rescue``) is read from the stored record by SQLite itself, not by parsing each record in Python
+#: A cell as the page lists it; ``below_threshold`` (kept though the detector scored it under its threshold:
+#: ``wbc_rescue``, ``rbc_rescue``) is read from the stored record by SQLite itself, not by parsing each record in Python
 CELL_COLUMNS = ("c.id, c.field, c.x1, c.y1, c.x2, c.y2, c.grp, c.label, c.score, c.score_in_group, c.review, "
                 "c.corrected_label, c.accepted, f.image AS image, f.file AS file, f.overlay AS overlay, "
                 "COALESCE(json_extract(c.record, '$.detector.below_threshold'), 0) AS below_threshold")

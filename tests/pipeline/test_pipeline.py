@@ -133,7 +133,7 @@ def _rescuer(monkeypatch, wbc_rescue: float, wbc_prob: dict[int, float]):
     ``wbc_prob[k]`` (else RBC)."""
     from smear.classifier import predict
 
-    a = merger(wbc_rescue=wbc_rescue, class_conf=["RBC=0.4", "WBC=0.3", "Platelets=0.4"])
+    a = merger(wbc_rescue=wbc_rescue, rbc_rescue=False, class_conf=["RBC=0.4", "WBC=0.3", "Platelets=0.4"])
     W = GROUPS.index("WBC")
     boxes = [[0, 0, 20, 20], [40, 40, 90, 90], [100, 0, 160, 60], [1, 1, 21, 21], [0, 100, 50, 150],
              [45, 45, 65, 65]]  # the last: IoU 0.16 with the kept WBC, but all of it inside
@@ -166,6 +166,29 @@ def test_wbc_rescue_keeps_a_low_scored_wbc_box_the_classifier_is_sure_of(monkeyp
     assert [c.box for c in rescued] == [[100.0, 0.0, 160.0, 60.0]]
     assert rescued[0].group == "WBC" and rescued[0].review and rescued[0].detector["score"] == pytest.approx(0.1)
     assert res.counts["WBC"] == 2 and res.counts["RBC"] == 1
+
+
+def test_rbc_rescue_keeps_a_low_rbc_box_only_over_red_cell_pixels_no_kept_box_covers(monkeypatch):
+    """The detector runs down to 0.05 for RBCs; of the low RBC boxes, the one over an unboxed cell is kept (marked,
+    not for review), the one over an already boxed cell and the one over the background are not."""
+    from smear.classifier import predict
+    from tests.conftest import draw_field
+
+    image, drawn = draw_field(seed=3, n_rbc=3, n_wbc=0, n_plt=0)
+    rbcs = [list(b) for g, b in drawn if g == "RBC"]
+    a = merger(wbc_rescue=0.0, rbc_rescue=True, class_conf=["RBC=0.4", "WBC=0.3", "Platelets=0.4"])
+    x1, y1, x2, y2 = rbcs[0]
+    boxes = [rbcs[0], rbcs[2], rbcs[1], [x1 + 3, y1 + 2, x2 + 3, y2 + 2], [0, 0, 12, 12]]
+    R = GROUPS.index("RBC")
+    a.detector = _FixedDetector(boxes, [0.9, 0.8, 0.2, 0.3, 0.1], [R] * 5)
+    a.scale = 1.0
+    monkeypatch.setattr(predict, "classify_fields", lambda model, images, bxs, batch=256: [
+        np.stack([probs(RBC=1.0)] * len(bxs[0]))])
+    (res,) = a.analyze_arrays([image], ["f.png"])
+    assert a.detector.calls == [({"RBC": 0.05, "WBC": 0.3, "Platelets": 0.4}, 0.3)]
+    low = [c for c in res.cells if c.detector.get("below_threshold")]
+    assert [c.box for c in low] == [list(map(float, rbcs[1]))] and not low[0].review
+    assert res.counts["RBC"] == 3
 
 
 def test_wbc_rescue_leaves_a_box_the_classifier_doubts_and_is_off_by_default(monkeypatch):

@@ -74,7 +74,9 @@ function select(i) {
   const c = order[sel], t = $("cell-" + c.id);
   t.classList.add("sel"); t.scrollIntoView({block: "nearest"});
   $("current").textContent = `cell ${c.id} in ${c.image}: ${c.final_label}, group ${c.group}, score ${c.score}` +
-    (c.below_threshold ? " (the detector scored it under its threshold; the classifier is sure it is a WBC)"
+    (c.below_threshold ? (c.group === "WBC"
+      ? " (the detector scored it under its threshold; the classifier is sure it is a WBC)"
+      : " (the detector scored it under its threshold; kept where no other box covered the red cell)")
       : c.review ? " (the two stages disagree)" : "");
   if (!$("field-view").hidden) showField();
 }
