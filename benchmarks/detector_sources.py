@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         return int((kept.classes == GROUPS.index("RBC")).sum())
     scale = args.scale if args.scale == "auto" else float(args.scale)
     if args.rbc_rescue:
-        from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, with_rescued_rbcs
+        from smear.detector.coverage import detect_with_rescued_rbcs
 
         args.variant = f"{args.variant or model_name(args.weights)}+rbc-rescue"
 
@@ -174,9 +174,7 @@ def main(argv=None) -> int:
         """The field's detections at the operating thresholds (and, with --rbc-rescue, the RBCs it keeps under)."""
         if not args.rbc_rescue:
             return det.predict([image], conf=thresholds, scale=scale)[0]
-        found = det.predict([image], conf={**thresholds, "RBC": RBC_RESCUE_MIN_SCORE}, scale=scale,
-                            measure_conf=min(thresholds.values()))[0]
-        return with_rescued_rbcs(image, found, thresholds["RBC"])
+        return detect_with_rescued_rbcs(det, image, thresholds, scale)
     stamp = run_stamp(args.variant or model_name(args.weights), device="cpu")
     fields = [f for f in list_fields(resolve_path(args.shared)) if args.split in ("all", f.split)
               and f.source in args.sources]

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     from smear.configs.paths import resolve_path
     from smear.data.images import read_image
-    from smear.detector.coverage import RBC_RESCUE_MIN_SCORE, with_rescued_rbcs
+    from smear.detector.coverage import detect_with_rescued_rbcs
     from smear.detector.predict import Detector, drop_edge_fragments
     from smear.pipeline.config import PipelineConfig
 
@@ -56,12 +56,8 @@ def main(argv=None) -> int:
         for k in args.factors:
             im = img if k == 1 else cv2.resize(img, None, fx=k, fy=k,
                                                interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR)
-            if args.rbc_rescue:
-                d = det.predict([im], conf={**thresholds, "RBC": RBC_RESCUE_MIN_SCORE}, scale="auto",
-                                measure_conf=min(thresholds.values()))[0]
-                d = with_rescued_rbcs(im, d, thresholds["RBC"])
-            else:
-                d = det.predict([im], conf=thresholds, scale="auto")[0]
+            d = (detect_with_rescued_rbcs(det, im, thresholds) if args.rbc_rescue
+                 else det.predict([im], conf=thresholds, scale="auto")[0])
             d = drop_edge_fragments(d, (im.shape[1], im.shape[0]), cfg.edge_fragment_min)
             rows.append({"split": args.split, "image": name, "factor": k, "width": im.shape[1], "height": im.shape[0],
                          "scale": round(d.scale, 4), "warning": d.warning or "",

@@ -224,14 +224,13 @@ def save_subtype_stage_adapted(model: ClassifierModel, net: torch.nn.Module, out
     stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "machine": machine_description("cpu")}
     base_ref = {"folder": str(model.folder), "date": model.card.get("date"), "commit": model.card.get("commit"),
                 "subtype_stage_replaced": model.card["subtyper"]["weights"]}
-    keep = CARD_KEYS_KEPT
     output = Path(output)
     save_model_folder(output / SUBTYPE_STAGE, net, {
-        **{k: v for k, v in model.subtyper.card.items() if k in keep},
+        **{k: v for k, v in model.subtyper.card.items() if k in CARD_KEYS_KEPT},
         "title": f"Subtype stage of {output.name}", "base_model": {**base_ref, "folder": str(model.subtyper.folder)},
         "batchnorm_adaptation": summary, **stamp})
     save_model_folder(output, model.net, {
-        **{k: v for k, v in model.card.items() if k in keep},
+        **{k: v for k, v in model.card.items() if k in CARD_KEYS_KEPT},
         "title": f"Classifier adapted from {model.folder.name} (batch-norm statistics of its subtype stage)",
         "summary": (f"{model.folder.name} with its subtype stage's batch-norm statistics re-estimated on "
                     f"{summary.get('wbcs')} WBCs of {summary.get('fields')} unlabelled fields of the lab; the group "

@@ -21,7 +21,8 @@ from smear.configs.errors import SmearError
 from smear.configs.paths import git_commit, machine_description
 from smear.configs.runtime import ONNX_FILE, TORCH_FILE, export_record
 
-from .model import load_network, resolve_model_folder, write_model_card
+from .model import (CellClassifierEnsemble, ensemble_size, load_network, read_card, resolve_model_folder,
+                    save_model_folder, write_model_card)
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,6 @@ def make_ensemble(members: list[str | Path], output: str | Path) -> Path:
         SmearError: fewer than two members, a member without weights or card, members that differ in
             architecture, crop or classes, or an existing ``output``.
     """
-    from .model import CellClassifierEnsemble, ensemble_size, read_card, save_model_folder
-
     folders = [resolve_model_folder(m, "", "classifier model", "'smear classifier train'") for m in members]
     if len(folders) < 2:
         raise SmearError("an ensemble needs at least two model folders")

@@ -16,7 +16,7 @@ import numpy as np
 from smear.data.images import cell_mask
 from smear.data.taxonomy import GROUPS
 
-from .predict import Detections, concat_detections
+from .predict import Detections, Detector, concat_detections
 
 RBC = GROUPS.index("RBC")
 #: rbc_rescue: the lowest detector score of an RBC box it may keep
@@ -47,6 +47,16 @@ def _paint(mask: np.ndarray, boxes: np.ndarray) -> None:
         mask[y1:y2, x1:x2] = True
 
 
+def _red_and_boxed(cells: np.ndarray, boxes: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The red-cell pixels (``cells`` outside WBC and platelet boxes) and the pixels inside RBC boxes."""
+    classes = np.asarray(classes).reshape(-1)
+    boxes = np.asarray(boxes, float).reshape(-1, 4)
+    rbc, other = np.zeros(cells.shape, bool), np.zeros(cells.shape, bool)
+    _paint(rbc, boxes[classes == RBC])
+    _paint(other, boxes[classes != RBC])
+    return cells & ~other, rbc
+
+
 def rbc_coverage(image_rgb: np.ndarray, boxes: np.ndarray, classes: np.ndarray,
                  cells: np.ndarray | None = None) -> float | None:
     """Share of red-cell pixels inside RBC boxes; None for a field without red-cell pixels. ``cells``: the field's
@@ -56,13 +66,7 @@ def rbc_coverage(image_rgb: np.ndarray, boxes: np.ndarray, classes: np.ndarray,
         >>> rbc_coverage(image, det.boxes, det.classes)
         0.93
     """
-    cells = red_cell_pixels(image_rgb) if cells is None else cells
-    classes = np.asarray(classes).reshape(-1)
-    rbc, other = np.zeros(cells.shape, bool), np.zeros(cells.shape, bool)
-    boxes = np.asarray(boxes, float).reshape(-1, 4)
-    _paint(rbc, boxes[classes == RBC])
-    _paint(other, boxes[classes != RBC])
-    red = cells & ~other
+    red, rbc = _red_and_boxed(red_cell_pixels(image_rgb) if cells is None else cells, boxes, classes)
     n = int(red.sum())
     return round(float((red & rbc).sum()) / n, 4) if n else None
 
@@ -88,16 +92,11 @@ def rescue_rbcs(image_rgb: np.ndarray, kept: Detections, candidates: Detections,
     """
     if not len(candidates):
         return candidates
-    cells = red_cell_pixels(image_rgb) if cells is None else cells
-    h, w = cells.shape
-    covered, other = np.zeros((h, w), bool), np.zeros((h, w), bool)
-    _paint(covered, kept.boxes[kept.classes == RBC])
-    _paint(other, kept.boxes[kept.classes != RBC])
-    red = cells & ~other
+    red, covered = _red_and_boxed(red_cell_pixels(image_rgb) if cells is None else cells, kept.boxes, kept.classes)
+    h, w = red.shape
     n_red = int(red.sum())
     if not n_red:
         return candidates.subset(np.zeros(len(candidates), bool))
-    covered |= other  # pixels of other cells are never new red-cell pixels
     inside = int((red & covered).sum())
     take = np.zeros(len(candidates), bool)
     for i in np.argsort(-candidates.scores, kind="stable"):
@@ -124,3 +123,14 @@ def with_rescued_rbcs(image_rgb: np.ndarray, found: Detections, rbc_threshold: f
     """
     kept, low = low_rbc_candidates(found, rbc_threshold)
     return concat_detections(kept, rescue_rbcs(image_rgb, kept, low, cells=cells))
+
+
+def detect_with_rescued_rbcs(det: Detector, image_rgb: np.ndarray, thresholds: dict[str, float],
+                             scale: float | str = "auto") -> Detections:
+    """One field detected at ``thresholds`` as ``smear analyze`` does with ``rbc_rescue``: RBC boxes down to
+    :data:`RBC_RESCUE_MIN_SCORE` (the scale measured on the boxes that reach their thresholds), then
+    :func:`with_rescued_rbcs`. For benchmarks that score the detector alone.
+    """
+    found = det.predict([image_rgb], conf={**thresholds, "RBC": RBC_RESCUE_MIN_SCORE}, scale=scale,
+                        measure_conf=min(thresholds.values()))[0]
+    return with_rescued_rbcs(image_rgb, found, thresholds["RBC"])
