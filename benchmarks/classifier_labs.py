@@ -104,19 +104,37 @@ def write_cells(rows, model, folder: Path, image_transform=None) -> None:
         cv2.imwrite(str(d / f"{i:05d}.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
 
 
-def adabn_model(model, rows, seed: int):
-    """``model`` with its trained batch-norm statistics re-estimated on the crops of ``rows`` (a subtype stage: the
-    nucleated cells only, as the cascade hands it only likely WBCs)."""
-    import dataclasses
-
-    from smear.classifier.adapt import recalibrate_batchnorm
+def unlabelled_cells(model, rows) -> list:
+    """``(image, box)`` of ``rows`` as a lab's unlabelled cells (a subtype stage: the nucleated cells only, as the
+    cascade hands it only likely WBCs; their classes are not used)."""
     from smear.data.crops import ImageCache
 
     if model.card.get("task") == "wbc-subtypes":
         rows = [r for r in rows if nucleated(r.label) and r.label != "WBC"]
     cache = ImageCache()
-    net = recalibrate_batchnorm(model, [(cache.get(r.image), r.box) for r in rows], seed=seed)
-    print(f"batch-norm statistics re-estimated on {len(rows)} crops")
+    return [(cache.get(r.image), r.box) for r in rows]
+
+
+def adabn_model(model, rows, seed: int):
+    """``model`` with its trained batch-norm statistics re-estimated on the crops of ``rows``."""
+    import dataclasses
+
+    from smear.classifier.adapt import recalibrate_batchnorm
+
+    cells = unlabelled_cells(model, rows)
+    net = recalibrate_batchnorm(model, cells, seed=seed)
+    print(f"batch-norm statistics re-estimated on {len(cells)} crops")
+    return dataclasses.replace(model, net=net)
+
+
+def self_trained_model(model, rows, seed: int):
+    """``model`` after the statistics and class-balanced self-training on the crops of ``rows`` (labels unused)."""
+    import dataclasses
+
+    from smear.classifier.adapt import AdaptConfig, self_train
+
+    net, used = self_train(model, unlabelled_cells(model, rows), AdaptConfig(seed=seed))
+    print(f"self-trained on {used['cells']} crops; pseudo-labels kept: {used['pseudo_labelled']}")
     return dataclasses.replace(model, net=net)
 
 
@@ -149,6 +167,9 @@ def main(argv=None) -> int:
                     help="also score the model with its trained batch-norm layers' statistics re-estimated on this "
                          "split's cells of the source (no labels used but which crops are nucleated cells, for a "
                          "subtype stage; every crop for a model of all classes); never a scored split")
+    ap.add_argument("--self-train", action="store_true",
+                    help="with --adapt-bn-from: also self-train after the statistics on the same cells (their "
+                         "classes unused) and score that model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", help="run name (default: the model folder's name)")
     ap.add_argument("--out", type=Path, default=results_csv("classifier_labs"))
@@ -166,6 +187,8 @@ def main(argv=None) -> int:
     rows = read_training_rows(ClassifierConfig(manifest=args.manifests))
     want = {"all": ("train", "val", "test"), "val+test": ("val", "test"), "train+val": ("train", "val")}.get(
         args.split, (args.split,))
+    if args.self_train and not args.adapt_bn_from:
+        ap.error("--self-train needs --adapt-bn-from SPLIT (the unlabelled cells)")
     if args.adapt_bn_from in want:
         ap.error(f"--adapt-bn-from {args.adapt_bn_from} is among the scored splits ({args.split})")
     variant = args.variant or model_name(args.weights)
@@ -190,6 +213,9 @@ def main(argv=None) -> int:
             lab_rows = [r for r in rows if r.source == s and r.split == args.adapt_bn_from]
             runs.append((f"{variant}+adabn-{args.adapt_bn_from}", adabn_model(model, lab_rows, args.seed), [],
                          args.seed, 0))
+            if args.self_train:
+                runs.append((f"{variant}+selftrain-{args.adapt_bn_from}", self_trained_model(model, lab_rows, args.seed),
+                             [], args.seed, 0))
         pool = [r for r in rows if r.source == s and r.split == args.adapt_from and r.label in model.classes
                 and (nucleated(r.label) or (args.adapt_groups and r.label in ("RBC", "Platelets")))]
         for k in args.adapt:

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from smear.data.images import IMAGE_SUFFIXES, read_image
 from smear.data.taxonomy import _canonical_label
 
 from .model import ClassifierModel, load_classifier, save_model_folder
-from .predict import crop_from_cell_image, predict_crops, to_tensor
+from .predict import crop_from_cell_image, crops_from_boxes, predict_crops, to_tensor
 from .train import augmented_crop, set_valued_loss
 
 log = logging.getLogger(__name__)
@@ -101,37 +102,8 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
     t0 = time.time()
     model.net.eval()
     base_probs = predict_crops(model, [crop_from_cell_image(model, im) for im in images])  # runs in inference mode
-    net = copy.deepcopy(model.net)
-    net.freeze_backbone(cfg.unfreeze_fraction)
-    net.train()
-    net.set_frozen_bn_eval()
-    anchors = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    labelled = torch.tensor([c in files for c in classes])
-    allowed = torch.tensor([[c == lab for c in classes] for lab in labels])
-    base_t = torch.from_numpy(base_probs)
-    rng = random.Random(cfg.seed)
-    per_class = {c: [i for i, lab in enumerate(labels) if lab == c] for c in files}
-    train_cfg = _crop_config(model)
-    for step in range(cfg.steps):
-        idx = [rng.choice(per_class[rng.choice(list(per_class))]) for _ in range(cfg.batch)]  # balanced classes
-        x = to_tensor([augmented_crop(images[i], (0, 0, images[i].shape[1], images[i].shape[0]), train_cfg, rng)
-                       for i in idx])
-        logits = net(x)
-        loss = set_valued_loss(logits, allowed[idx], cfg.label_smoothing)
-        if cfg.distill and not bool(labelled.all()):
-            # keep the base model's opinion among the classes the lab did not label
-            logp = torch.log_softmax(logits[:, ~labelled], 1)
-            target = base_t[idx][:, ~labelled]
-            target = target / target.sum(1, keepdim=True).clamp_min(1e-8)
-            loss = loss + cfg.distill * -(target * logp).sum(1).mean()
-        if cfg.l2sp:
-            loss = loss + cfg.l2sp * sum(((p - anchors[n]) ** 2).sum() for n, p in net.named_parameters()
-                                         if p.requires_grad)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    net = fine_tune(model.net, [(im, (0, 0, im.shape[1], im.shape[0])) for im in images], labels, classes,
+                    base_probs, cfg, _crop_config(model))
     groups_labelled = bool({"RBC", "Platelets"} & set(files))
     card = {**{k: v for k, v in model.card.items() if k in CARD_KEYS_KEPT},
             "title": f"Classifier adapted from {model.folder.name}",
@@ -163,6 +135,70 @@ def adapt(cells_dir: Path, output: Path, base: str | Path | None = None, cfg: Ad
     return output
 
 
+def fine_tune(net: torch.nn.Module, cells: Sequence[tuple[np.ndarray, tuple[float, float, float, float]]],
+              labels: Sequence[str], classes: Sequence[str], base_probs: np.ndarray, cfg: AdaptConfig,
+              crop_cfg) -> torch.nn.Module:
+    """A copy of ``net`` fine-tuned on ``cells`` (``(image, box)`` pairs) labelled ``labels``: the head and the
+    deepest ``cfg.unfreeze_fraction`` of the backbone, ``cfg.steps`` batches with the classes drawn evenly, crops
+    through ``crop_cfg``'s training augmentation, pulled back towards ``net``'s weights (L2-SP), and ``base_probs``
+    (``net``'s own predictions on the cells) distilled for the classes no cell is labelled with."""
+    rng = random.Random(cfg.seed)
+    net = copy.deepcopy(net)
+    net.freeze_backbone(cfg.unfreeze_fraction)
+    net.train()
+    net.set_frozen_bn_eval()
+    anchors = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    labelled = torch.tensor([c in set(labels) for c in classes])
+    allowed = torch.tensor([[c == lab for c in classes] for lab in labels])
+    base_t = torch.from_numpy(np.asarray(base_probs, np.float32))
+    per_class = {c: [i for i, lab in enumerate(labels) if lab == c] for c in dict.fromkeys(labels)}
+    with torch.random.fork_rng():  # dropout drawn from the seed; the caller's generator is left as it was
+        torch.manual_seed(cfg.seed)
+        for _ in range(cfg.steps):
+            idx = [rng.choice(per_class[rng.choice(list(per_class))]) for _ in range(cfg.batch)]  # balanced classes
+            logits = net(to_tensor([augmented_crop(*cells[i], crop_cfg, rng) for i in idx]))
+            loss = set_valued_loss(logits, allowed[idx], cfg.label_smoothing)
+            if cfg.distill and not bool(labelled.all()):
+                # keep the base model's opinion among the classes no cell is labelled with
+                logp = torch.log_softmax(logits[:, ~labelled], 1)
+                target = base_t[idx][:, ~labelled]
+                target = target / target.sum(1, keepdim=True).clamp_min(1e-8)
+                loss = loss + cfg.distill * -(target * logp).sum(1).mean()
+            if cfg.l2sp:
+                loss = loss + cfg.l2sp * sum(((p - anchors[n]) ** 2).sum() for n, p in net.named_parameters()
+                                             if p.requires_grad)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    return net
+
+
+def self_train(model: ClassifierModel, cells: Sequence[tuple[np.ndarray, tuple[float, float, float, float]]],
+               cfg: AdaptConfig | None = None, keep: float = 0.5) -> tuple[torch.nn.Module, dict]:
+    """``model``'s network moved towards a lab by its unlabelled ``cells`` (``(image, box)`` pairs): batch-norm
+    statistics re-estimated (:func:`recalibrate_batchnorm`), then class-balanced self-training (Zou et al. 2018):
+    each cell named once by the re-estimated network, the most confident ``keep`` share of each predicted class (at
+    least one cell) taken as labels, and :func:`fine_tune` on them. Returns the network and what was used."""
+    cfg = cfg or AdaptConfig()
+    net = recalibrate_batchnorm(model, cells, seed=cfg.seed)
+    recalibrated = dataclasses.replace(model, net=net)
+    probs = predict_crops(recalibrated, [crops_from_boxes(model, image, [box])[0] for image, box in cells])
+    called = probs.argmax(1)
+    chosen: list[int] = []
+    for k in np.unique(called):
+        of = np.flatnonzero(called == k)
+        chosen += of[np.argsort(-probs[of, k], kind="stable")][:max(1, round(keep * len(of)))].tolist()
+    labels = [model.classes[called[i]] for i in chosen]
+    tuned = fine_tune(net, [cells[i] for i in chosen], labels, list(model.classes), probs[chosen], cfg,
+                      training_config(model))
+    for p in tuned.parameters():
+        p.requires_grad = False
+    return tuned, {"cells": len(cells), "pseudo_labelled": dict(sorted(Counter(labels).items())), "keep": keep,
+                   "config": dataclasses.asdict(cfg)}
+
+
 def recalibrate_batchnorm(model: ClassifierModel, cells: Sequence[tuple[np.ndarray, tuple[float, float, float, float]]],
                           crop_cfg=None, min_inputs: int = 512, seed: int = 0) -> torch.nn.Module:
     """A copy of ``model``'s network whose trained batch-norm layers have statistics re-estimated on ``cells``
@@ -176,16 +212,11 @@ def recalibrate_batchnorm(model: ClassifierModel, cells: Sequence[tuple[np.ndarr
     Raises:
         SmearError: when no cell is given, or the network runs under ONNX Runtime.
     """
-    from smear.configs.loader import build_known_config
-
-    from .config import ClassifierConfig
-
     if not cells:
         raise SmearError("no cell to re-estimate the batch-norm statistics on")
     if not isinstance(model.net, torch.nn.Module):
         raise SmearError(f"{model.folder}: re-estimating statistics needs the torch network (weights.pt)")
-    cfg = crop_cfg or build_known_config(ClassifierConfig, model.card.get("config") or {},
-                                         source=f"{model.folder}/card.json")
+    cfg = crop_cfg or training_config(model)
     net = copy.deepcopy(model.net)
     net.freeze_backbone(cfg.unfreeze_fraction)
     net.eval()
@@ -240,12 +271,17 @@ def save_subtype_stage_adapted(model: ClassifierModel, net: torch.nn.Module, out
     return output
 
 
-def _crop_config(model: ClassifierModel):
-    """The augmentation settings of the base model's training (its card's config), with no margin: a lab's cell
-    images are already cropped around the cell, as ``smear classify`` reads them."""
+def training_config(model: ClassifierModel):
+    """The settings ``model`` was trained with (its card's config): crop size, margin and augmentation."""
     from smear.configs.loader import build_known_config
 
     from .config import ClassifierConfig
 
-    cfg = build_known_config(ClassifierConfig, model.card.get("config") or {}, source=f"{model.folder}/card.json")
+    return build_known_config(ClassifierConfig, model.card.get("config") or {}, source=f"{model.folder}/card.json")
+
+
+def _crop_config(model: ClassifierModel):
+    """The augmentation settings of the base model's training, with no margin: a lab's cell images are already
+    cropped around the cell, as ``smear classify`` reads them."""
+    cfg = training_config(model)
     return dataclasses.replace(cfg, crop_margin=0.0, margin_jitter=min(cfg.margin_jitter, 0.05))
