@@ -144,6 +144,8 @@ def fine_tune(net: torch.nn.Module, cells: Sequence[tuple[np.ndarray, tuple[floa
     (``net``'s own predictions on the cells) distilled for the classes no cell is labelled with."""
     rng = random.Random(cfg.seed)
     net = copy.deepcopy(net)
+    for p in net.parameters():  # a network handed over frozen (recalibrate_batchnorm's) trains as any other
+        p.requires_grad = True
     net.freeze_backbone(cfg.unfreeze_fraction)
     net.train()
     net.set_frozen_bn_eval()

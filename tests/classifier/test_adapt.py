@@ -279,3 +279,34 @@ def test_a_wbc_neighbourhood_gives_the_crops_the_whole_field_gives():
     for kwargs in ({}, {"angle_deg": 45.0, "zoom": 0.85, "shift": (0.08, -0.08)}):
         whole, near = (crop_cell(image, b, 0.3, 64, **kwargs).astype(int) for image, b in ((field, box), (part, inner)))
         assert np.abs(whole - near).max() <= 1  # a grey level of rounding in the sub-pixel sampling, at most
+
+
+def test_self_training_keeps_the_confident_half_of_each_called_class_and_tunes_only_the_deep_layers(tiny_classifier):
+    """Self-training after the statistics: each unlabelled cell named once by the re-estimated network, the more
+    confident half of each called class taken as labels, then the deep stages and the head tuned on them; frozen
+    stages keep their weights, and the result is a network in eval mode that needs no gradient."""
+    import dataclasses
+
+    from smear.classifier.adapt import AdaptConfig, recalibrate_batchnorm, self_train
+    from smear.classifier.model import load_classifier
+    from smear.classifier.predict import crops_from_boxes, predict_crops
+
+    model = load_classifier(tiny_classifier, with_refiner=False)
+    rng = np.random.default_rng(1)
+    cells = []
+    for k in range(9):
+        img = np.full((40, 40, 3), 220, np.uint8)
+        cv2.circle(img, (20, 20), 6 + k, tuple(int(v) for v in rng.integers(40, 200, 3)), -1)
+        cells.append((img, (4.0, 4.0, 36.0, 36.0)))
+    cfg = AdaptConfig(steps=3, batch=4, threads=1, seed=3)
+    net, used = self_train(model, cells, cfg)
+    recalibrated = dataclasses.replace(model, net=recalibrate_batchnorm(model, cells, seed=cfg.seed))
+    called = predict_crops(recalibrated, [crops_from_boxes(model, im, [b])[0] for im, b in cells]).argmax(1)
+    expected = {model.classes[k]: max(1, round(0.5 * n)) for k, n in zip(*np.unique(called, return_counts=True))}
+    assert used["cells"] == 9 and used["pseudo_labelled"] == dict(sorted(expected.items()))
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    before, after = model.net.state_dict(), net.state_dict()
+    frozen = [k for k in before if k.startswith("features.0.") and not k.endswith(("running_mean", "running_var",
+                                                                                    "num_batches_tracked"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("head"))
