@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     thresholds = cfg.thresholds(det.info.card)
     root = resolve_path(args.bccd)
     names = (root / "ImageSets" / "Main" / f"{args.split}.txt").read_text().split()
-    stamp = run_stamp(args.variant or model_name(args.weights) + ("+rbc-rescue" if args.rbc_rescue else ""))
+    stamp = run_stamp((args.variant or model_name(args.weights)) + ("+rbc-rescue" if args.rbc_rescue else ""))
     rows = []
     for name in names:
         img = read_image(root / "JPEGImages" / f"{name}.jpg")
