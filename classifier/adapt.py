@@ -8,6 +8,9 @@ lab's cells as a second target for the classes the lab did not label (distillati
 Forgetting). The result is an ordinary model folder whose card names the base model and the cells used per class.
 When the lab labelled WBCs only, the folder is a two-stage cascade: the base network keeps deciding RBC / WBC /
 platelet and the adapted one (``subtypes/``) names the subtype of likely WBCs, as the shipped BCCD cascade does.
+
+Without labels: :func:`recalibrate_batchnorm` (``adapt --fields``), and :func:`self_train`, measured by
+``benchmarks/classifier_labs.py --self-train`` and not offered by the command (its rule failed: docs/models.md).
 """
 
 from __future__ import annotations
