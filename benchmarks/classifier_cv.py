@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 
 from _results import STANDARD, append_rows, latest_run, read_rows, results_csv, run_stamp
-from classifier_labs import MIN_SUPPORT
+from classifier_labs import MIN_SUPPORT, balanced_accuracy_supported
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -40,10 +40,9 @@ def summarize(rows: list[dict]) -> dict:
         per_fold[f] = classification_report([r["true"] for r in fr], [r["pred"] for r in fr], CELL_CLASSES).get(
             "subtype", {}).get("accuracy")
     sub = rep.get("subtype") or {}
-    # as classifier_labs.py reports it: BCCD's 1 basophil swings a 5-class balanced accuracy by 0.2 on its own
-    steady = [v for c, v in sub.get("recall", {}).items() if sub["support"].get(c, 0) >= MIN_SUPPORT]
     return {"groups_accuracy": rep["groups"]["accuracy"], "accuracy": rep["accuracy"], "subtype": rep.get("subtype"),
-            f"subtype_balanced_accuracy_support{MIN_SUPPORT}": round(sum(steady) / len(steady), 4) if steady else None,
+            f"subtype_balanced_accuracy_support{MIN_SUPPORT}": balanced_accuracy_supported(sub.get("recall", {}),
+                                                                                           sub.get("support", {})),
             "subtype_accuracy_per_fold": per_fold}
 
 

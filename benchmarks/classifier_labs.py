@@ -38,6 +38,13 @@ MANIFESTS = "runs/prepared/bccd/crops/manifest.csv,runs/prepared/pbc/manifest.cs
 MIN_SUPPORT = 5
 
 
+def balanced_accuracy_supported(recall: dict[str, float], support: dict[str, int]) -> float | None:
+    """Mean recall over the classes with at least :data:`MIN_SUPPORT` cells (None without one): a class of a cell or
+    two swings a balanced accuracy by 1/n_classes on its own (BCCD has 1 basophil)."""
+    steady = [v for c, v in recall.items() if support.get(c, 0) >= MIN_SUPPORT]
+    return round(float(np.mean(steady)), 4) if steady else None
+
+
 def views_suffix(views: int) -> str:
     """The run-name suffix of a model scored over ``views`` rotations and reflections (none for 1)."""
     return f"+views{views}" if views > 1 else ""
@@ -65,9 +72,7 @@ def summarise(rows: list[dict], classes: list[str]) -> dict:
            "accuracy": round(sum(r["pred"] == r["true"] for r in named) / len(named), 4) if named else None,
            "balanced_accuracy": round(float(np.mean(list(recall.values()))), 4) if recall else None,
            "recall": recall, "support": {c: sum(r["true"] == c for r in named) for c in recall}}
-    # a class with a cell or two swings the balanced accuracy by 1/n_classes on its own (BCCD has 1 basophil)
-    steady = [v for c, v in recall.items() if out["support"][c] >= MIN_SUPPORT]
-    out[f"balanced_accuracy_support{MIN_SUPPORT}"] = round(float(np.mean(steady)), 4) if steady else None
+    out[f"balanced_accuracy_support{MIN_SUPPORT}"] = balanced_accuracy_supported(recall, out["support"])
     out["group_accuracy"] = round(sum(group_of(r["pred"]) == group_of(r["true"]) for r in rows) / len(rows), 4) \
         if rows else None
     allc = [r for r in rows if r["true"] != "WBC"]
